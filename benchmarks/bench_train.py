@@ -1,0 +1,209 @@
+"""Training throughput of the seed1d and zhang2d models with the fused vs the reference attention.
+
+Each training step (forward, cross-entropy, backward, Adam step) runs on the same seeded synthetic
+feature batches (log-mel 64 x ~300 frames for seed1d, spectrogram 200 x ~300 for zhang2d, ragged
+lengths) from the same initial weights for both backends, interleaved so both see the same load.
+Throughput = batch size / median step time. `--demo-epoch` also times one epoch of the demo
+configuration end to end through the real command line (corpus generation, feature extraction,
+training, validation and the test after fit), first with an empty cache, then again warm.
+
+    python benchmarks/bench_train.py [--device cpu|cuda] [--quick] [--demo-epoch] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common import (CPU_MEMORY_NOTE, environment, format_table, goal, interleaved_medians, peak_memory_bytes,
+                    print_environment, print_goals, resolve_device, set_threads, write_json)
+from ser_lightning.models.seed1d import Seed1D
+from ser_lightning.ops import fused, fused_available
+from ser_lightning.models.zhang2d import Zhang2D
+
+NUM_CLASSES = 4
+FEATURES = {"seed1d": 64, "zhang2d": 200}  # log-mel bands / spectrogram bins
+BACKENDS = ("reference", "fused")
+
+
+def make_batches(arch: str, batch_size: int, frames: int, count: int, device: torch.device, seed: int) -> list[dict]:
+    """`count` seeded batches of zero-padded features with ragged lengths around `frames`."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        lengths = torch.randint(int(0.8 * frames), int(1.2 * frames) + 1, (batch_size,), generator=g)
+        features = torch.randn(batch_size, FEATURES[arch], int(lengths.max()), generator=g)
+        features *= (torch.arange(features.shape[-1]) < lengths[:, None, None]).float()
+        labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=g)
+        batches.append({"features": features.to(device), "lengths": lengths.to(device), "labels": labels.to(device)})
+    return batches
+
+
+def make_model(arch: str, backend: str, zhang_width: float, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)  # same initial weights for every backend
+    if arch == "seed1d":
+        model = Seed1D(FEATURES[arch], NUM_CLASSES, backend=backend)
+    else:
+        model = Zhang2D(FEATURES[arch], NUM_CLASSES, width=zhang_width, backend=backend)
+    return model.to(device).train()
+
+
+def step_fn(model: nn.Module, batches: list[dict]) -> Callable[[], None]:
+    """One Adam training step per call, cycling through the batches."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    cycle = itertools.cycle(batches)
+
+    def step() -> None:
+        batch = next(cycle)
+        optimizer.zero_grad(set_to_none=True)
+        output = model(batch["features"], batch["lengths"])
+        F.cross_entropy(output.logits, batch["labels"]).backward()
+        optimizer.step()
+
+    return step
+
+
+def bench_arch(arch: str, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    batches = make_batches(arch, args.batch_size, args.frames, args.batches, device, args.seed)
+    models = {backend: make_model(arch, backend, args.zhang_width, device) for backend in args.backends}
+    with torch.no_grad():
+        positions = int(models["reference"](batches[0]["features"], batches[0]["lengths"]).alpha.shape[1])
+    steps = {backend: step_fn(model, batches) for backend, model in models.items()}
+    medians = interleaved_medians(steps, device, args.min_run_time, args.repeats, args.rounds)
+    result: dict[str, Any] = {"arch": arch, "batch_size": args.batch_size, "features": FEATURES[arch],
+                              "frames_mean": float(torch.cat([b["lengths"] for b in batches]).float().mean()),
+                              "attention_positions_max": positions, "backends": {}}
+    if arch == "zhang2d":
+        result["width"] = args.zhang_width
+    for backend in args.backends:
+        result["backends"][backend] = {
+            "step_s": medians[backend][0],
+            "step_min_s": medians[backend][1],
+            "utterances_per_s": args.batch_size / medians[backend][0],
+            "memory_bytes": peak_memory_bytes(steps[backend], device),
+        }
+    ref, fused = result["backends"]["reference"], result["backends"].get("fused")
+    result["throughput_ratio"] = fused["utterances_per_s"] / ref["utterances_per_s"] if fused else None
+    result["memory_ratio"] = fused["memory_bytes"] / ref["memory_bytes"] if fused else None
+    return result
+
+
+def demo_epoch(args: argparse.Namespace) -> dict[str, Any]:
+    """One epoch of configs/demo.yaml through the command line, cold (empty cache) then warm."""
+    from ser_lightning.cli import run_lightning
+
+    extra = []
+    if args.quick:  # a small corpus so the smoke test stays short
+        extra = ["--data.synthetic_actors=6", "--data.num_folds=3", "--data.num_val_speakers=1"]
+    times = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in ("cold", "warm"):
+            cli_args = ["fit", "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp}/{run}",
+                        f"--data.cache_dir={tmp}/cache", "--trainer.enable_progress_bar=false",
+                        "--trainer.enable_model_summary=false", f"--model.backend={args.demo_backend}", *extra]
+            print(f"... demo epoch ({run}): python -m ser_lightning {' '.join(cli_args[:2] + cli_args[4:])}", flush=True)
+            start = time.perf_counter()
+            with mock.patch.object(sys, "argv", sys.argv[:1]):  # the CLI must not see this script's options
+                cli = run_lightning(cli_args)
+            times[run] = time.perf_counter() - start
+            data = cli.datamodule
+    return {"config": "configs/demo.yaml", "extra_args": extra, "backend": args.demo_backend,
+            "utterances": len(data.utterances), "cold_s": times["cold"], "warm_s": times["warm"],
+            "includes": "corpus generation (cold only), feature extraction (cold only), 1 training epoch, "
+                        "validation, test after fit"}
+
+
+def print_results(results: list[dict[str, Any]], device: torch.device) -> None:
+    rows = []
+    for r in results:
+        shape = f"{r['batch_size']}x{r['features']}x~{r['frames_mean']:.0f}"
+        for backend, e in r["backends"].items():
+            fused = backend == "fused"
+            ratio = r["throughput_ratio"] if fused else 1.0
+            memory = r["memory_ratio"] if fused else 1.0
+            rows.append([r["arch"] + (f" (width {r['width']})" if "width" in r else ""), shape,
+                         r["attention_positions_max"], backend, f"{e['step_s'] * 1e3:.1f}", f"{e['step_min_s'] * 1e3:.1f}",
+                         f"{e['utterances_per_s']:.1f}", "-" if ratio is None else f"{ratio:.2f}",
+                         f"{e['memory_bytes'] / 2**20:.1f}", "-" if memory is None else f"{memory:.2f}"])
+    print(format_table(["model", "batch (BxFxN)", "attn L", "backend", "step ms", "best ms", "utt/s", "x reference",
+                        "mem MiB", "mem x ref"], rows))
+    print("step ms = median, best ms = fastest timed block (less sensitive to other load); "
+          "x reference = fused throughput / reference throughput (from medians); "
+          + (CPU_MEMORY_NOTE + ", for one training step" if device.type == "cpu"
+             else "CUDA memory = torch.cuda.max_memory_allocated during one training step"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--archs", nargs="+", choices=("seed1d", "zhang2d"), default=["seed1d", "zhang2d"])
+    parser.add_argument("--quick", action="store_true", help="smoke test: short timing runs")
+    parser.add_argument("--zhang-width", type=float, default=None,
+                        help="zhang2d channel multiplier (default 0.25 on CPU, 1.0 on CUDA)")
+    parser.add_argument("--batch-size", type=int, default=32, help="utterances per step (default 32, as the demo)")
+    parser.add_argument("--frames", type=int, default=300, help="typical frames per utterance (lengths 0.8x-1.2x)")
+    parser.add_argument("--batches", type=int, default=4, help="distinct batches cycled through")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--min-run-time", type=float, default=None,
+                        help="CPU: seconds of timing per backend, split over the rounds (default 4.0, --quick 0.5)")
+    parser.add_argument("--repeats", type=int, default=None, help="CUDA: timed steps (default 50, --quick 10)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 4, --quick 2)")
+    parser.add_argument("--demo-epoch", action="store_true",
+                        help="also time one epoch of the demo config through the CLI, cold and warm "
+                             "(with --quick: on a 6-actor corpus)")
+    parser.add_argument("--demo-backend", choices=("auto", "fused", "reference"), default="auto",
+                        help="attention backend of the demo epoch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    set_threads(args.threads)
+    for name, quick, full in (("min_run_time", 0.5, 4.0), ("repeats", 10, 50), ("rounds", 2, 4)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    if args.zhang_width is None:
+        args.zhang_width = 0.25 if device.type == "cpu" else 1.0
+    for option in ("batch_size", "frames", "batches"):
+        if getattr(args, option) < 1:
+            raise SystemExit(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+
+    env = environment(device)
+    print_environment(env)
+    args.backends = list(BACKENDS)
+    if not fused_available(device):
+        print(f"fused: unavailable ({fused.LOAD_ERROR or 'the extension has no kernel for ' + device.type})")
+        args.backends.remove("fused")
+    results = []
+    for arch in args.archs:
+        print(f"... {arch}", flush=True)
+        results.append(bench_arch(arch, device, args))
+    print()
+    print_results(results, device)
+    demo = demo_epoch(args) if args.demo_epoch else None
+    if demo:
+        print(f"\ndemo epoch ({demo['utterances']} utterances, backend {demo['backend']}): "
+              f"cold {demo['cold_s']:.1f} s, warm {demo['warm_s']:.1f} s ({demo['includes']})")
+    goals = []
+    if device.type == "cpu":
+        seed = next((r for r in results if r["arch"] == "seed1d"), None)
+        goals.append(goal("CPU training: seed1d fused >= 1.3x reference throughput",
+                          seed["throughput_ratio"] if seed else None, 1.3))
+        print_goals(goals)
+    write_json(args.json, {"benchmark": "train", "quick": args.quick, "environment": env, "results": results,
+                           "demo_epoch": demo, "memory_measure": CPU_MEMORY_NOTE if device.type == "cpu"
+                           else "torch.cuda.max_memory_allocated", "goals": goals})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Helpers shared by the benchmark scripts: environment, timing, memory accounting, tables, goals, JSON."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils import benchmark
+
+CPU_MEMORY_NOTE = "CPU memory = bytes saved for backward (storages deduplicated, inputs included)"
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, else platform.processor()."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What the numbers depend on: printed at the top of every run and stored in the JSON."""
+    return {
+        "device": device.type,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "command": " ".join(["python", *sys.argv]),
+    }
+
+
+def print_environment(env: dict[str, Any]) -> None:
+    print(f"device: {env['device']} ({env['device_name']}), torch {env['torch']}, "
+          f"threads {env['threads']}, python {env['python']}")
+    print(f"command: {env['command']}")
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device cpu|cuda; a clear error when CUDA is asked for but absent."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    return torch.device(name)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], Any]], device: torch.device, min_run_time: float,
+                        repeats: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """(median, minimum) seconds per call of each function, measured in `rounds` interleaved rounds.
+
+    Interleaving (A, B, C, A, B, C, ...) exposes every contender to the same machine load, so ratios stay
+    fair on a shared machine. CPU: torch.utils.benchmark blocked_autorange (min_run_time / rounds per
+    round, current thread count), over all blocks of all rounds. CUDA: CUDA events around
+    each call (repeats / rounds per round) after warm-up, synchronising after each call.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():  # warm-up
+        for _ in range(3 if device.type == "cuda" else 1):
+            fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                times[name] += _cuda_event_times(fn, device, max(1, repeats // rounds))
+            else:
+                timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+                times[name] += timer.blocked_autorange(min_run_time=min_run_time / rounds).times
+    return {name: (statistics.median(values), min(values)) for name, values in times.items()}
+
+
+def _cuda_event_times(fn: Callable[[], Any], device: torch.device, repeats: int) -> list[float]:
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def saved_tensor_bytes(fn: Callable[[], Any]) -> int:
+    """Bytes of the tensors autograd saves for backward while `fn` runs (each storage counted once)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """CUDA: torch.cuda.max_memory_allocated during `fn` (inputs included); CPU: see CPU_MEMORY_NOTE."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    return saved_tensor_bytes(fn)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain fixed-width text table."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def goal(name: str, value: float | None, threshold: float, higher_is_better: bool = True) -> dict[str, Any]:
+    """One goal of the checklist; `passed` is None when the value could not be measured."""
+    if value is None:
+        passed = None
+    else:
+        passed = value >= threshold if higher_is_better else value <= threshold
+    return {"goal": name, "value": value, "threshold": threshold,
+            "comparison": ">=" if higher_is_better else "<=", "passed": passed}
+
+
+def print_goals(goals: Sequence[dict[str, Any]]) -> None:
+    print("\ngoals:")
+    for g in goals:
+        status = {True: "PASS", False: "FAIL", None: "N/A "}[g["passed"]]
+        value = "not measured" if g["value"] is None else f"{g['value']:.3g}"
+        print(f"  [{status}] {g['goal']}: {value} (goal {g['comparison']} {g['threshold']:g})")
+
+
+def write_json(path: Path | None, payload: dict[str, Any]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2))
+        print(f"\nwrote {path}")

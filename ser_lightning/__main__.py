@@ -1,0 +1,4 @@
+from ser_lightning.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""On-disk cache of per-file features, keyed by (file, size, mtime, feature configuration)."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class FeatureCache:
+    """Stores one tensor per (source file, feature configuration) under ``cache_dir``.
+
+    Writes are atomic (temporary file + ``os.replace``). An entry that cannot be read, does not
+    match its source (path, size, mtime), has the wrong shape or holds non-finite values is
+    recomputed and overwritten, with a warning; it is never used.
+    """
+
+    def __init__(self, cache_dir: str | Path, config_key: str) -> None:
+        self.config_key = config_key
+        digest = hashlib.sha256(config_key.encode()).hexdigest()[:16]
+        self.dir = Path(cache_dir).expanduser() / "features" / digest
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _source_id(path: Path) -> dict:
+        stat = path.stat()
+        return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+    def entry_path(self, path: str | Path) -> Path:
+        """Cache file for the current version of ``path``."""
+        source = self._source_id(Path(path))
+        key = f"{source['source']}|{source['size']}|{source['mtime_ns']}|{self.config_key}"
+        return self.dir / f"{hashlib.sha256(key.encode()).hexdigest()}.pt"
+
+    def _load(self, entry: Path, source: dict, num_features: int | None) -> torch.Tensor | None:
+        """The cached tensor, or None (with a warning when an entry exists but is unusable)."""
+        if not entry.exists():
+            return None
+        try:
+            data = torch.load(entry, map_location="cpu", weights_only=True)
+            features = data["features"]
+            problem = None
+            if any(data.get(k) != v for k, v in source.items()) or data.get("config") != self.config_key:
+                problem = "it belongs to another version of the file or configuration"
+            elif not isinstance(features, torch.Tensor) or features.dim() != 2:
+                problem = "it does not hold a (features, frames) tensor"
+            elif num_features is not None and features.shape[0] != num_features:
+                problem = f"it has {features.shape[0]} features instead of {num_features}"
+            elif not torch.isfinite(features).all():
+                problem = "it holds non-finite values"
+        except Exception as err:  # any unreadable entry (truncated, garbage, wrong format) is rebuilt
+            problem = f"it cannot be read ({type(err).__name__}: {err})"
+        if problem:
+            log.warning("rebuilding cache entry %s for %s: %s", entry, source["source"], problem)
+            return None
+        return features
+
+    def _save(self, entry: Path, source: dict, features: torch.Tensor) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".pt")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                torch.save({**source, "config": self.config_key, "features": features.contiguous()}, handle)
+            os.replace(tmp, entry)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get_or_compute(
+        self, path: str | Path, compute: Callable[[], torch.Tensor], num_features: int | None = None
+    ) -> torch.Tensor:
+        """Cached features of ``path``, or ``compute()`` stored for next time."""
+        path = Path(path)
+        source = self._source_id(path)
+        entry = self.entry_path(path)
+        features = self._load(entry, source, num_features)
+        if features is not None:
+            self.hits += 1
+            return features
+        self.misses += 1
+        features = compute()
+        self._save(entry, source, features)
+        return features

@@ -1,0 +1,264 @@
+"""Acoustic features (torchaudio transforms), normalisation and SpecAugment.
+
+Three features, chosen by ``FeatureConfig.name`` (the ``data.feature`` YAML section):
+
+- ``logmel``: log-mel spectrogram, defaults 16 kHz, 25 ms window, 10 ms hop, 64 mel bands.
+- ``spectrogram``: log-magnitude STFT with a Hamming window as in Zhang et al. 2018; defaults
+  40 ms window, 10 ms hop, 50 ms DFT (800 points at 16 kHz), lowest 200 bins (0-4 kHz at 16 kHz).
+- ``seed_contour``: the "Emotion in Motion" input: 44.1 kHz audio from 0.5 s to 3.5 s (zero-padded
+  when shorter, never dropped), librosa-style slaney mel power spectrogram (2048-point FFT, hop 512,
+  centred frames with reflect padding as in librosa 0.8, 128 bands up to 8 kHz) in dB (ref 1, amin 1e-10, top_db 80), averaged over the mel bands: a 1 x 259
+  loudness contour. It requires sample_rate 44100 (the default for this feature).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torchaudio.transforms as T
+from torch import nn
+
+FEATURE_NAMES = ("logmel", "spectrogram", "seed_contour")
+NORMALIZATION_MODES = ("global", "utterance", "none")
+LOG_FLOOR = 1e-6
+"""Added before the log so that silence gives a finite floor instead of -inf."""
+STD_FLOOR = 1e-5
+SEED_OFFSET_S, SEED_WINDOW_S = 0.5, 3.0
+
+
+@dataclass(frozen=True)
+class ResolvedFeatures:
+    """A FeatureConfig with every default filled in (see ``FeatureConfig.resolved``)."""
+
+    name: str
+    sample_rate: int
+    win_length: int
+    hop_length: int
+    n_fft: int
+    n_mels: int
+    n_bins: int
+    f_max: float
+    trim_silence: bool
+
+    @property
+    def num_features(self) -> int:
+        return {"logmel": self.n_mels, "spectrogram": self.n_bins, "seed_contour": 1}[self.name]
+
+
+@dataclass
+class FeatureConfig:
+    """Feature choice and parameters; None means the feature's default (see the module docstring).
+
+    sample_rate: audio is resampled to this rate (logmel/spectrogram 16000, seed_contour 44100).
+    win_ms / hop_ms: analysis window and hop in milliseconds (fixed 2048/512 samples for seed_contour).
+    n_mels: mel bands (logmel 64; seed_contour 128). n_fft: DFT size (logmel: next power of two of
+    the window; spectrogram: 50 ms = 800 points at 16 kHz; seed_contour 2048). n_bins: lowest STFT
+    bins kept (spectrogram). f_max: highest mel frequency (logmel: Nyquist; seed_contour 8000).
+    trim_silence: cut leading/trailing silence before the feature (off by default).
+    """
+
+    name: Literal["logmel", "spectrogram", "seed_contour"] = "logmel"
+    sample_rate: int | None = None
+    win_ms: float | None = None
+    hop_ms: float | None = None
+    n_mels: int | None = None
+    n_fft: int | None = None
+    n_bins: int = 200
+    f_max: float | None = None
+    trim_silence: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name not in FEATURE_NAMES:
+            raise ValueError(f"data.feature.name: unknown feature '{self.name}'; choose from {list(FEATURE_NAMES)}")
+        for option in ("sample_rate", "win_ms", "hop_ms", "n_mels", "n_fft", "n_bins", "f_max"):
+            value = getattr(self, option)
+            if value is not None and not value > 0:
+                raise ValueError(f"data.feature.{option}: must be positive, got {value}")
+        r = self.resolved()
+        if r.name == "seed_contour":
+            if r.sample_rate != 44100:
+                raise ValueError(
+                    f"data.feature.sample_rate: seed_contour reproduces the seed at 44100 Hz, got {r.sample_rate}"
+                )
+            return
+        if r.win_length > r.n_fft:
+            raise ValueError(f"data.feature.n_fft: {r.n_fft} is smaller than the window ({r.win_length} samples)")
+        if r.hop_length < 1:
+            raise ValueError(f"data.feature.hop_ms: {self.hop_ms} ms is shorter than one sample")
+        if r.name == "spectrogram" and r.n_bins > r.n_fft // 2 + 1:
+            raise ValueError(f"data.feature.n_bins: {r.n_bins} exceeds the {r.n_fft // 2 + 1} bins of an {r.n_fft}-point DFT")
+        if r.name == "logmel" and r.f_max > r.sample_rate / 2:
+            raise ValueError(f"data.feature.f_max: {r.f_max} Hz is above the Nyquist frequency {r.sample_rate / 2} Hz")
+
+    def resolved(self) -> ResolvedFeatures:
+        """The parameters actually used, every None replaced by the feature's default."""
+        if self.name == "seed_contour":
+            return ResolvedFeatures(
+                self.name, self.sample_rate or 44100, 2048, 512, 2048, self.n_mels or 128, self.n_bins,
+                float(self.f_max or 8000.0), self.trim_silence,
+            )
+        sr = self.sample_rate or 16000
+        win_ms = self.win_ms or (25.0 if self.name == "logmel" else 40.0)
+        win, hop = round(sr * win_ms / 1000), round(sr * (self.hop_ms or 10.0) / 1000)
+        if self.n_fft:
+            n_fft = self.n_fft
+        elif self.name == "spectrogram":
+            n_fft = max(win, round(sr * 0.050))
+        else:
+            n_fft = 2 ** math.ceil(math.log2(max(win, 2)))
+        return ResolvedFeatures(
+            self.name, sr, win, hop, n_fft, self.n_mels or 64, self.n_bins, float(self.f_max or sr / 2),
+            self.trim_silence,
+        )
+
+    @property
+    def num_features(self) -> int:
+        """Feature dimension F of the (F, N) output."""
+        return self.resolved().num_features
+
+    def key(self) -> str:
+        """A stable text key of the resolved parameters (for the feature cache)."""
+        return repr(sorted(asdict(self.resolved()).items()))
+
+
+class FeatureExtractor(nn.Module):
+    """Waveform (T,) or (B, T) at ``cfg.sample_rate`` -> features (F, N) or (B, F, N)."""
+
+    def __init__(self, cfg: FeatureConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = (cfg or FeatureConfig()).resolved()
+        c = self.cfg
+        self.sample_rate: int = c.sample_rate
+        self.hop_length = c.hop_length
+        if c.name == "logmel":
+            self.transform = T.MelSpectrogram(
+                sample_rate=c.sample_rate, n_fft=c.n_fft, win_length=c.win_length, hop_length=self.hop_length,
+                f_max=c.f_max, n_mels=c.n_mels, power=2.0, center=True, pad_mode="constant",
+            )
+        elif c.name == "spectrogram":
+            self.transform = T.Spectrogram(
+                n_fft=c.n_fft, win_length=c.win_length, hop_length=self.hop_length,
+                window_fn=torch.hamming_window, power=1.0, center=True, pad_mode="constant",
+            )
+        else:
+            self.transform = T.MelSpectrogram(
+                sample_rate=c.sample_rate, n_fft=2048, win_length=2048, hop_length=512, f_min=0.0, f_max=c.f_max,
+                n_mels=c.n_mels, power=2.0, center=True, pad_mode="reflect", norm="slaney", mel_scale="slaney",
+            )
+            self.to_db = T.AmplitudeToDB(stype="power", top_db=80.0)
+            self.window_samples = round(SEED_WINDOW_S * c.sample_rate)
+            self.offset_samples = round(SEED_OFFSET_S * c.sample_rate)
+
+    @property
+    def num_features(self) -> int:
+        return self.cfg.num_features
+
+    @property
+    def hop_seconds(self) -> float:
+        return self.hop_length / self.sample_rate
+
+    def frames(self, num_samples: int | torch.Tensor) -> int | torch.Tensor:
+        """Number of feature frames for a waveform of ``num_samples`` samples."""
+        if self.cfg.name == "seed_contour":
+            frames = 1 + self.window_samples // self.hop_length
+            return torch.full_like(num_samples, frames) if isinstance(num_samples, torch.Tensor) else frames
+        return 1 + num_samples // self.hop_length
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        if wave.dim() not in (1, 2):
+            raise ValueError(f"FeatureExtractor expects a waveform (T,) or (B, T), got shape {tuple(wave.shape)}")
+        wave = wave.float()
+        if self.cfg.name == "seed_contour":
+            return self._seed_contour(wave)
+        spec = self.transform(wave)
+        if self.cfg.name == "spectrogram":
+            spec = spec[..., : self.cfg.n_bins, :]
+        return torch.log(spec + LOG_FLOOR)
+
+    def _seed_contour(self, wave: torch.Tensor) -> torch.Tensor:
+        window = wave[..., self.offset_samples : self.offset_samples + self.window_samples]
+        window = nn.functional.pad(window, (0, self.window_samples - window.shape[-1]))
+        power = self.transform(window)  # (..., n_mels, N)
+        # AmplitudeToDB applies top_db per (channel-packed) item: give each utterance its own channel axis.
+        db = self.to_db(power.unsqueeze(-3)).squeeze(-3)
+        return db.mean(dim=-2, keepdim=True)
+
+
+def frame_mask(lengths: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(B,) lengths -> (B, N) boolean mask of valid frames."""
+    return torch.arange(num_frames, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def feature_stats(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std (F,) over all frames of a list of (F, N) tensors (float64 sums)."""
+    if not features:
+        raise ValueError("feature_stats needs at least one utterance")
+    total = sum(f.shape[1] for f in features)
+    s1 = sum(f.double().sum(dim=1) for f in features)
+    s2 = sum(f.double().pow(2).sum(dim=1) for f in features)
+    mean = s1 / total
+    var = (s2 / total - mean.pow(2)).clamp_min(0.0)
+    return mean.float(), var.sqrt().clamp_min(STD_FLOOR).float()
+
+
+def normalize(
+    x: torch.Tensor,
+    lengths: torch.Tensor,
+    mode: Literal["global", "utterance", "none"],
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean/variance normalisation of (B, F, N) over valid frames; padded frames come back exactly 0.
+
+    ``global`` uses the given (F,) ``mean``/``std`` (training-split statistics); ``utterance`` uses
+    each utterance's own statistics over its valid frames; ``none`` only zeroes the padding.
+    """
+    mask = frame_mask(lengths, x.shape[-1]).unsqueeze(1).to(x.dtype)  # (B, 1, N)
+    if mode == "global":
+        if mean is None or std is None:
+            raise ValueError("normalize(mode='global') needs the training-split mean and std")
+        x = (x - mean[None, :, None]) / std.clamp_min(STD_FLOOR)[None, :, None]
+    elif mode == "utterance":
+        count = mask.sum(dim=-1, keepdim=True).clamp_min(1.0)
+        mu = (x * mask).sum(dim=-1, keepdim=True) / count
+        var = ((x - mu).pow(2) * mask).sum(dim=-1, keepdim=True) / count
+        x = (x - mu) / var.sqrt().clamp_min(STD_FLOOR)
+    elif mode != "none":
+        raise ValueError(f"data.normalization: unknown mode '{mode}'; choose from {list(NORMALIZATION_MODES)}")
+    return x * mask
+
+
+@dataclass
+class SpecAugmentConfig:
+    """SpecAugment-style masking for training batches (``data.augment``; omit it to disable).
+
+    freq_mask_param / time_mask_param: maximum width of one mask in feature bins / frames;
+    num_masks: masks of each kind per utterance.
+    """
+
+    freq_mask_param: int = 8
+    time_mask_param: int = 20
+    num_masks: int = 2
+
+    def __post_init__(self) -> None:
+        for option in ("freq_mask_param", "time_mask_param", "num_masks"):
+            if getattr(self, option) < 0:
+                raise ValueError(f"data.augment.{option}: must be >= 0, got {getattr(self, option)}")
+
+
+class SpecAugment(nn.Module):
+    """Applies frequency and time masks to one utterance (F, N) (its valid frames only)."""
+
+    def __init__(self, cfg: SpecAugmentConfig) -> None:
+        super().__init__()
+        self.num_masks = cfg.num_masks
+        self.freq = T.FrequencyMasking(cfg.freq_mask_param)
+        self.time = T.TimeMasking(cfg.time_mask_param)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = features.clone()
+        for _ in range(self.num_masks):
+            x = self.time(self.freq(x))
+        return x

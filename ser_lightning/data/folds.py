@@ -1,0 +1,205 @@
+"""Cross-validation fold plans: speaker-independent (default) or random (speaker-dependent)."""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from .records import Utterance
+
+PROTOCOLS = ("speaker_independent", "random")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class FoldPlan:
+    """Which utterances (indices into the utterance list) train, validate and test one fold."""
+
+    fold: int
+    num_folds: int
+    protocol: str
+    seed: int
+    train: list[int]
+    val: list[int]
+    test: list[int]
+    train_speakers: list[str]
+    val_speakers: list[str]
+    test_speakers: list[str]
+    counts: dict[str, dict[str, int]]
+
+    @property
+    def speaker_dependent(self) -> bool:
+        """True for the random protocol: test speakers also appear in training."""
+        return self.protocol == "random"
+
+    def split(self, name: str) -> list[int]:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split '{name}'; choose from {list(SPLITS)}")
+        return getattr(self, name)
+
+
+def _speakers_of(utterances: Sequence[Utterance], indices: list[int]) -> list[str]:
+    return sorted({utterances[i].speaker for i in indices})
+
+
+def _counts(utterances: Sequence[Utterance], indices: list[int], class_names: Sequence[str]) -> dict[str, int]:
+    counter = Counter(utterances[i].emotion for i in indices)
+    return {name: counter.get(name, 0) for name in class_names}
+
+
+def assign_speaker_folds(utterances: Sequence[Utterance], num_folds: int, seed: int) -> dict[str, int]:
+    """Deal speakers into ``num_folds`` groups balanced by speaker count, sex and class counts.
+
+    Speakers are taken sex by sex (in a seeded random order, larger speakers first) and each goes
+    to the group with the fewest speakers, then the fewest of that sex, then the lowest load on the
+    speaker's classes relative to the corpus, ties broken by the seeded generator.
+    """
+    rng = random.Random(seed)
+    per_speaker: dict[str, Counter] = {}
+    sex: dict[str, str] = {}
+    for u in utterances:
+        per_speaker.setdefault(u.speaker, Counter())[u.emotion] += 1
+        sex[u.speaker] = u.sex or "unknown"
+    totals = Counter(u.emotion for u in utterances)
+    order = sorted(per_speaker)
+    rng.shuffle(order)
+    order.sort(key=lambda s: (sex[s], -sum(per_speaker[s].values())))  # stable: keeps the shuffle within ties
+
+    sizes = [0] * num_folds
+    sex_sizes = [Counter() for _ in range(num_folds)]
+    loads = [Counter() for _ in range(num_folds)]
+    assignment: dict[str, int] = {}
+    for speaker in order:
+        counts = per_speaker[speaker]
+
+        def cost(k: int) -> tuple:
+            load = max((loads[k][c] + n) / totals[c] for c, n in counts.items())
+            return sizes[k], sex_sizes[k][sex[speaker]], load, rng.random()
+
+        k = min(range(num_folds), key=cost)
+        assignment[speaker] = k
+        sizes[k] += 1
+        sex_sizes[k][sex[speaker]] += 1
+        loads[k].update(counts)
+    return assignment
+
+
+def _pick_validation_speakers(
+    candidates: list[str], sex: dict[str, str], count: int, rng: random.Random
+) -> list[str]:
+    """``count`` speakers alternating between the sexes (seeded order)."""
+    by_sex: dict[str, list[str]] = {}
+    for s in candidates:
+        by_sex.setdefault(sex[s], []).append(s)
+    queues = [sorted(group) for _, group in sorted(by_sex.items())]
+    for q in queues:
+        rng.shuffle(q)
+    rng.shuffle(queues)
+    picked: list[str] = []
+    while len(picked) < count:
+        for q in queues:
+            if q and len(picked) < count:
+                picked.append(q.pop())
+    return sorted(picked)
+
+
+def make_fold_plan(
+    utterances: Sequence[Utterance],
+    class_names: Sequence[str],
+    *,
+    num_folds: int = 5,
+    fold: int = 0,
+    protocol: Literal["speaker_independent", "random"] = "speaker_independent",
+    seed: int = 0,
+    num_val_speakers: int = 2,
+) -> FoldPlan:
+    """Build the train/val/test split of fold ``fold`` of ``num_folds``; deterministic for a seed.
+
+    speaker_independent: the speakers are dealt into ``num_folds`` balanced groups; group ``fold``
+    is the test set and ``num_val_speakers`` of the remaining speakers (balanced by sex) validate.
+    random: a class-stratified random split of utterances (the seed project's protocol; speakers
+    leak between splits), with a stratified validation part of the same relative size.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"data.protocol: unknown protocol '{protocol}'; choose from {list(PROTOCOLS)}")
+    speakers = sorted({u.speaker for u in utterances})
+    if num_folds < 2:
+        raise ValueError(f"data.num_folds={num_folds}: at least 2 folds are needed")
+    if protocol == "speaker_independent" and num_folds > len(speakers):
+        raise ValueError(f"data.num_folds={num_folds} but the corpus has {len(speakers)} speakers")
+    if protocol == "random" and num_folds > len(utterances):
+        raise ValueError(f"data.num_folds={num_folds} but the corpus has {len(utterances)} utterances")
+    if not 0 <= fold < num_folds:
+        raise ValueError(f"data.fold={fold} is out of range for data.num_folds={num_folds} (use 0..{num_folds - 1})")
+    if num_val_speakers < 1:
+        raise ValueError(f"data.num_val_speakers={num_val_speakers}: at least 1 validation speaker is needed")
+
+    if protocol == "speaker_independent":
+        assignment = assign_speaker_folds(utterances, num_folds, seed)
+        test_speakers = sorted(s for s, k in assignment.items() if k == fold)
+        rest = [s for s in speakers if s not in test_speakers]
+        if num_val_speakers >= len(rest):
+            raise ValueError(
+                f"data.num_val_speakers={num_val_speakers} leaves no training speakers: fold {fold} keeps "
+                f"{len(rest)} speakers outside its test set"
+            )
+        sex = {u.speaker: u.sex or "unknown" for u in utterances}
+        val_speakers = _pick_validation_speakers(rest, sex, num_val_speakers, random.Random(seed * 1000 + fold))
+        split_of = {s: "test" for s in test_speakers} | {s: "val" for s in val_speakers}
+        splits: dict[str, list[int]] = {name: [] for name in SPLITS}
+        for i, u in enumerate(utterances):
+            splits[split_of.get(u.speaker, "train")].append(i)
+    else:
+        splits = _random_splits(utterances, class_names, num_folds, fold, seed, num_val_speakers / len(speakers))
+
+    return FoldPlan(
+        fold=fold, num_folds=num_folds, protocol=protocol, seed=seed,
+        train=splits["train"], val=splits["val"], test=splits["test"],
+        train_speakers=_speakers_of(utterances, splits["train"]),
+        val_speakers=_speakers_of(utterances, splits["val"]),
+        test_speakers=_speakers_of(utterances, splits["test"]),
+        counts={name: _counts(utterances, splits[name], class_names) for name in SPLITS},
+    )
+
+
+def _random_splits(
+    utterances: Sequence[Utterance], class_names: Sequence[str], num_folds: int, fold: int, seed: int,
+    val_fraction: float,
+) -> dict[str, list[int]]:
+    """Class-stratified random folds; a stratified ``val_fraction`` of the corpus validates."""
+    rng = random.Random(seed)
+    splits: dict[str, list[int]] = {name: [] for name in SPLITS}
+    for name in class_names:
+        members = [i for i, u in enumerate(utterances) if u.emotion == name]
+        rng.shuffle(members)
+        test = members[fold::num_folds]
+        rest = [i for i in members if i not in set(test)]
+        n_val = min(len(rest) - 1, max(1, round(val_fraction * len(members)))) if len(rest) > 1 else 0
+        splits["test"] += test
+        splits["val"] += rest[:n_val]
+        splits["train"] += rest[n_val:]
+    return {name: sorted(indices) for name, indices in splits.items()}
+
+
+def format_fold_plan(plan: FoldPlan, class_names: Sequence[str]) -> str:
+    """A readable table: speakers and class counts per split."""
+    if plan.speaker_dependent:
+        title = (
+            f"Fold {plan.fold} of {plan.num_folds} (protocol: random, seed {plan.seed}) -- SPEAKER-DEPENDENT: "
+            "test speakers also appear in training; results are inflated by speaker leakage"
+        )
+    else:
+        title = f"Fold {plan.fold} of {plan.num_folds} (protocol: speaker_independent, seed {plan.seed})"
+    width = max(8, *(len(c) for c in class_names))
+    header = f"{'split':<6} " + " ".join(f"{c:>{width}}" for c in class_names) + f" {'total':>6}  speakers"
+    lines = [title, header]
+    for name in SPLITS:
+        counts = plan.counts[name]
+        speakers = getattr(plan, f"{name}_speakers")
+        lines.append(
+            f"{name:<6} " + " ".join(f"{counts[c]:>{width}}" for c in class_names)
+            + f" {sum(counts.values()):>6}  {len(speakers)}: {' '.join(speakers)}"
+        )
+    return "\n".join(lines)

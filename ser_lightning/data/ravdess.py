@@ -1,0 +1,136 @@
+"""RAVDESS file-name parsing and folder scanning.
+
+Names look like ``MM-VV-EE-II-SS-RR-AA.wav``: modality (01 full-AV, 02 video-only, 03 audio-only),
+vocal channel (01 speech, 02 song), emotion (01-08), intensity (01 normal, 02 strong), statement
+(01, 02), repetition (01, 02) and actor (01-24; odd actors are male, even female).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .records import EMOTIONS, CorpusError, Utterance
+
+AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg"})
+EMOTION_CODES = {f"{i:02d}": name for i, name in enumerate(EMOTIONS, start=1)}
+MODALITY_CODES = {"01": "audio-video", "02": "video-only", "03": "audio-only"}
+VOCAL_CHANNEL_CODES = {"01": "speech", "02": "song"}
+INTENSITY_CODES = {"01": "normal", "02": "strong"}
+STATEMENT_CODES = {"01": 1, "02": 2}  # "Kids are talking by the door", "Dogs are sitting by the door"
+REPETITION_CODES = {"01": 1, "02": 2}
+
+
+@dataclass(frozen=True)
+class RavdessName:
+    """The fields encoded in one RAVDESS file name."""
+
+    modality: str
+    vocal_channel: str
+    emotion: str
+    intensity: str
+    statement: int
+    repetition: int
+    actor: int
+    sex: str
+
+    @property
+    def speaker(self) -> str:
+        return f"{self.actor:02d}"
+
+
+@dataclass
+class ScanResult:
+    """Utterances found in a corpus folder and the files skipped (path, reason)."""
+
+    utterances: list[Utterance]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def _decode(code: str, table: dict, what: str, path: Path):
+    if code not in table:
+        raise CorpusError(f"{path}: unknown {what} code '{code}' (expected one of {sorted(table)})")
+    return table[code]
+
+
+def parse_ravdess_name(path: str | Path) -> RavdessName:
+    """Parse a RAVDESS file name; raise CorpusError naming the file if it is malformed."""
+    path = Path(path)
+    parts = path.stem.split("-")
+    if len(parts) != 7 or not all(len(p) == 2 and p.isdigit() for p in parts):
+        raise CorpusError(
+            f"{path}: not a RAVDESS name (expected seven two-digit fields MM-VV-EE-II-SS-RR-AA, e.g. 03-01-05-02-01-01-12.wav)"
+        )
+    modality, channel, emotion, intensity, statement, repetition, actor = parts
+    name = RavdessName(
+        modality=_decode(modality, MODALITY_CODES, "modality", path),
+        vocal_channel=_decode(channel, VOCAL_CHANNEL_CODES, "vocal channel", path),
+        emotion=_decode(emotion, EMOTION_CODES, "emotion", path),
+        intensity=_decode(intensity, INTENSITY_CODES, "intensity", path),
+        statement=_decode(statement, STATEMENT_CODES, "statement", path),
+        repetition=_decode(repetition, REPETITION_CODES, "repetition", path),
+        actor=int(actor),
+        sex="male" if int(actor) % 2 == 1 else "female",
+    )
+    if name.actor < 1:
+        raise CorpusError(f"{path}: actor code '{actor}' must be 01 or higher")
+    if name.emotion == "neutral" and name.intensity == "strong":
+        raise CorpusError(f"{path}: RAVDESS has no strong intensity for neutral (intensity code 02 with emotion 01)")
+    return name
+
+
+def iter_audio_files(root: Path) -> list[Path]:
+    """All audio files under ``root`` (any nesting), sorted; hidden files are ignored."""
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in AUDIO_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
+
+
+def scan_ravdess(
+    root: str | Path,
+    emotions: Sequence[str],
+    *,
+    vocal_channel: Literal["speech", "song"] = "speech",
+    lenient: bool = False,
+) -> ScanResult:
+    """Find the RAVDESS files of the wanted emotions and vocal channel under ``root``.
+
+    Non-audio files are ignored. A malformed name raises CorpusError, or with ``lenient`` is
+    skipped and listed in ``ScanResult.skipped``. An empty selection always raises CorpusError.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise CorpusError(f"data.root: '{root}' is not a folder")
+    wanted = set(emotions)
+    utterances: list[Utterance] = []
+    skipped: list[tuple[Path, str]] = []
+    for path in iter_audio_files(root):
+        try:
+            name = parse_ravdess_name(path)
+        except CorpusError as err:
+            if not lenient:
+                raise CorpusError(f"{err} (set data.lenient=true to skip such files)") from None
+            skipped.append((path, str(err)))
+            continue
+        if name.vocal_channel != vocal_channel or name.emotion not in wanted:
+            continue
+        utterances.append(
+            Utterance(
+                path=path.resolve(),
+                emotion=name.emotion,
+                speaker=name.speaker,
+                sex=name.sex,
+                corpus="ravdess",
+                fields=asdict(name),
+            )
+        )
+    if not utterances:
+        raise CorpusError(
+            f"no RAVDESS {vocal_channel} files with emotions {sorted(wanted)} found under '{root}' "
+            f"(looked for audio files named like 03-01-05-02-01-01-12.wav in any subfolder)"
+        )
+    utterances.sort(key=lambda u: str(u.path))
+    return ScanResult(utterances, skipped)

@@ -1,0 +1,267 @@
+"""The `predict` and `export` commands of `python -m ser_lightning`.
+
+`python -m ser_lightning predict --ckpt_path CKPT PATH [PATH ...]` classifies audio files; PATHs are
+files, folders (searched recursively for .wav .flac .ogg .aiff .aif .au) or glob patterns. It prints
+a table, writes ``--output results.csv`` or ``results.json``, and with ``--plot-dir DIR`` one PNG per
+file (features with the attention over them, class probabilities, and the window probabilities over
+time for long recordings). A file that cannot be used gets an error row and the others go on; the
+exit status is 1 when any file failed.
+
+CSV columns, one ``window=all`` row per file plus one row per window of a long recording:
+
+- ``path``: the file; ``status``: ``ok`` or ``error``; ``error``: the reason when status is error;
+- ``note``: warnings (e.g. a clip shorter than the model's receptive field was zero-padded);
+- ``duration_s``: duration of the recording in seconds;
+- ``window``: ``all`` for the utterance-level row, else the window index 0, 1, ...;
+- ``start_s`` / ``end_s``: the span the row covers (0 and the duration for ``all``);
+- ``emotion``: the predicted emotion; ``p_<class>``: the probability of each class (for ``all``
+  the mean of the window probabilities when the recording was split into windows).
+
+JSON: a list with one object per file: ``path``, ``status``, ``error``, ``note``, ``duration_s``,
+``emotion``, ``probabilities`` ({class: p}), ``windows`` (a list of {``start_s``, ``end_s``,
+``emotion``, ``probabilities``}) and ``plot`` (the PNG written, or null).
+
+`python -m ser_lightning export --ckpt_path CKPT --format onnx OUT.onnx`: see ``ser_lightning.inference.export``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ser_lightning.inference.recognizer import CheckpointError, EmotionRecognizer, Prediction
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".au")
+"""Extensions searched for in folders (what soundfile reads); files named explicitly are tried whatever their name."""
+
+
+@dataclass
+class FileResult:
+    """The outcome for one input path: a prediction, or the reason it failed."""
+
+    path: str
+    prediction: Prediction | None = None
+    error: str = ""
+    plot: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.prediction is not None and not self.error
+
+
+def expand_paths(paths: Iterable[str]) -> list[tuple[str, str | None]]:
+    """Files from PATH arguments as (path, problem) pairs; problem says why a PATH gave no file (else None)."""
+    found: list[tuple[str, str | None]] = []
+    seen: set[str] = set()
+
+    def add(path: Path) -> None:
+        if str(path) not in seen:
+            seen.add(str(path))
+            found.append((str(path), None))
+
+    for arg in paths:
+        path = Path(arg)
+        if path.exists():
+            matches = [path]
+        else:
+            matches = [Path(p) for p in sorted(glob.glob(arg, recursive=True))]
+            if not matches:
+                found.append((arg, "no such file, folder or matching pattern"))
+                continue
+        for match in matches:
+            if match.is_dir():
+                files = sorted(p for p in match.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+                if not files:
+                    found.append((str(match), f"the folder contains no audio files ({', '.join(AUDIO_EXTENSIONS)})"))
+                for file in files:
+                    add(file)
+            else:
+                add(match)
+    return found
+
+
+def _error_text(error: Exception, path: str) -> str:
+    """The exception message, naming the file exactly once."""
+    text = str(error) or type(error).__name__
+    return text if path in text else f"{path}: {text}"
+
+
+def predict_paths(
+    recognizer: EmotionRecognizer, paths: Sequence[tuple[str, str | None]], plot_dir: Path | None = None
+) -> list[FileResult]:
+    """Predict every file; any failure becomes that file's error and the others go on."""
+    from tqdm import tqdm
+
+    results = []
+    plot_names: set[str] = set()
+    bar = tqdm(paths, desc="predict", unit="file", file=sys.stderr, disable=len(paths) <= 1)
+    for path, problem in bar:
+        if problem is not None:
+            results.append(FileResult(path, error=f"{path}: {problem}"))
+            continue
+        try:
+            result = FileResult(path, recognizer.predict_file(path))
+        except Exception as error:  # one bad file never stops the others
+            results.append(FileResult(path, error=_error_text(error, path)))
+            continue
+        if plot_dir is not None:
+            try:
+                result.plot = str(_write_plot(recognizer, result.prediction, plot_dir, plot_names))
+            except Exception as error:
+                result.error = f"{path}: plot failed ({type(error).__name__}: {error})"
+        results.append(result)
+    return results
+
+
+def _write_plot(recognizer: EmotionRecognizer, prediction: Prediction, plot_dir: Path, used: set[str]) -> Path:
+    from ser_lightning.inference.figures import prediction_figure
+
+    stem = Path(prediction.path or "waveform").stem
+    name, k = f"{stem}.png", 1
+    while name in used:
+        k += 1
+        name = f"{stem}_{k}.png"
+    used.add(name)
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    out = plot_dir / name
+    prediction_figure(prediction, recognizer.arch, recognizer.module.model.min_input_frames).savefig(out, dpi=100)
+    return out
+
+
+# ----------------------------------------------------------------- output
+def csv_columns(class_names: Sequence[str]) -> list[str]:
+    return ["path", "status", "error", "note", "duration_s", "window", "start_s", "end_s", "emotion",
+            *(f"p_{name}" for name in class_names)]
+
+
+def csv_rows(results: Sequence[FileResult], class_names: Sequence[str]) -> list[dict[str, str]]:
+    """The documented CSV rows (module docstring) as dicts keyed by column."""
+    rows = []
+    for result in results:
+        p = result.prediction
+        status = "ok" if result.ok else "error"
+        base = {"path": result.path, "status": status, "error": result.error, "note": p.note if p else ""}
+        if p is None:
+            rows.append({**base, "window": "all"})
+            continue
+        duration = f"{p.duration:.3f}"
+        spans = [("all", 0.0, p.duration, p.label, p.probabilities)]
+        spans += [(str(i), w.start, w.end, w.label, w.probabilities) for i, w in enumerate(p.windows)]
+        for window, start, end, label, probs in spans:
+            rows.append({**base, "duration_s": duration, "window": window, "start_s": f"{start:.3f}",
+                         "end_s": f"{end:.3f}", "emotion": label,
+                         **{f"p_{name}": f"{probs[name]:.6f}" for name in class_names}})
+    return rows
+
+
+def json_records(results: Sequence[FileResult]) -> list[dict]:
+    """The documented JSON objects, one per file."""
+    records = []
+    for result in results:
+        p = result.prediction
+        records.append({
+            "path": result.path,
+            "status": "ok" if result.ok else "error",
+            "error": result.error or None,
+            "note": p.note if p else "",
+            "duration_s": p.duration if p else None,
+            "emotion": p.label if p else None,
+            "probabilities": p.probabilities if p else None,
+            "windows": [{"start_s": w.start, "end_s": w.end, "emotion": w.label, "probabilities": w.probabilities}
+                        for w in p.windows] if p else [],
+            "plot": result.plot,
+        })
+    return records
+
+
+def write_results(results: Sequence[FileResult], output: Path, class_names: Sequence[str]) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.suffix.lower() == ".json":
+        output.write_text(json.dumps(json_records(results), indent=2) + "\n")
+        return
+    with output.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=csv_columns(class_names), restval="")
+        writer.writeheader()
+        writer.writerows(csv_rows(results, class_names))
+
+
+def format_table(results: Sequence[FileResult]) -> str:
+    """A fixed-width table: path, emotion, top probability, duration, status."""
+    lines = [("path", "emotion", "p", "duration", "status")]
+    for r in results:
+        p = r.prediction
+        if p is None:
+            lines.append((r.path, "-", "-", "-", f"error: {r.error}"))
+            continue
+        status = ("ok" if r.ok else f"error: {r.error}") + (f" ({len(p.windows)} windows)" if p.windows else "")
+        status += f"; {p.note}" if p.note else ""
+        lines.append((r.path, p.label, f"{p.probabilities[p.label]:.2f}", f"{p.duration:.2f} s", status))
+    widths = [max(len(row[i]) for row in lines) for i in range(4)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4] for row in lines)
+
+
+# ----------------------------------------------------------------- commands
+def _add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", required=True, type=Path,
+                        help="checkpoint written by `python -m ser_lightning fit`")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+
+
+def predict_main(argv: list[str]) -> None:
+    """Predict the emotion of audio files with a trained checkpoint."""
+    parser = argparse.ArgumentParser(
+        prog="python -m ser_lightning predict", description=predict_main.__doc__,
+        epilog="Lightning's own predict over the datamodule's test split: `python -m ser_lightning predict-split`.",
+    )
+    _add_checkpoint_options(parser)
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="audio files, folders (recursive) or glob patterns")
+    parser.add_argument("--output", type=Path, help="write results to a .csv or .json file")
+    parser.add_argument("--plot-dir", type=Path, help="write one attention/probability PNG per file here")
+    parser.add_argument("--window-seconds", type=float, default=4.0,
+                        help="recordings longer than this are split into windows (default 4)")
+    parser.add_argument("--hop-seconds", type=float, help="step between windows (default: half a window, 2)")
+    parser.add_argument("--batch-size", type=int, default=16, help="windows classified at once (default 16)")
+    args = parser.parse_args(argv)
+    if args.output is not None and args.output.suffix.lower() not in (".csv", ".json"):
+        parser.error(f"--output: expected a .csv or .json file name, got {args.output}")
+    try:
+        recognizer = EmotionRecognizer.from_checkpoint(
+            args.ckpt_path, device=args.device, window_seconds=args.window_seconds,
+            hop_seconds=args.hop_seconds, batch_size=args.batch_size,
+        )
+    except (CheckpointError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    results = predict_paths(recognizer, expand_paths(args.paths), args.plot_dir)
+    print(format_table(results))
+    if args.output is not None:
+        write_results(results, args.output, recognizer.class_names)
+        print(f"results written to {args.output}")
+    failed = sum(not r.ok for r in results)
+    print(f"{len(results)} files: {len(results) - failed} predicted, {failed} failed")
+    if failed:
+        raise SystemExit(1)
+
+
+def export_main(argv: list[str]) -> None:
+    """Export a trained checkpoint's model to ONNX and check it against PyTorch with onnxruntime."""
+    from ser_lightning.inference.export import export_onnx
+
+    parser = argparse.ArgumentParser(prog="python -m ser_lightning export", description=export_main.__doc__)
+    _add_checkpoint_options(parser)
+    parser.add_argument("--format", choices=("onnx",), default="onnx", help="export format (only onnx)")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="maximum allowed |onnxruntime - PyTorch| difference (default 1e-4)")
+    parser.add_argument("output", type=Path, metavar="OUT.onnx")
+    args = parser.parse_args(argv)
+    try:
+        recognizer = EmotionRecognizer.from_checkpoint(args.ckpt_path, device=args.device)
+        report = export_onnx(recognizer.module, args.output, feature=recognizer.feature, tolerance=args.tolerance)
+    except (CheckpointError, ValueError, RuntimeError) as error:
+        raise SystemExit(f"error: {error}") from None
+    print(report)

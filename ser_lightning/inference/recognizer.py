@@ -1,0 +1,374 @@
+"""Emotion recognition on new recordings with a trained checkpoint.
+
+``EmotionRecognizer.from_checkpoint(path)`` rebuilds the model (``SERModule``, eval mode) and the
+feature extractor the checkpoint was trained with, and predicts files or in-memory waveforms:
+
+- A recording no longer than ``window_seconds`` is decoded whole (``load_audio``, exactly as in
+  training) and classified at once; ``Prediction.windows`` is then empty.
+- A longer recording is streamed from disk in blocks (``iter_audio_blocks``; never held whole in
+  memory) and cut into windows of ``window_seconds`` (default 4 s) every ``hop_seconds`` (default
+  half a window). When the last regular window stops short of the end, one more window is aligned
+  to the end of the recording, so every window has the full length. Each window's features are
+  computed from that window alone; windows are classified ``batch_size`` at a time. The utterance-level probabilities are the mean of the
+  window probabilities; the attention (and the features kept for plots) are those of the window
+  with the highest probability for the predicted emotion (``Prediction.attention_span``).
+- A clip shorter than the model's receptive field (``min_input_frames``) is zero-padded to it by
+  the model, and ``Prediction.note`` says so. An empty file, an undecodable one, one with more than
+  1 % NaN/Inf samples or one that is digital silence (every sample 0) raises ``AudioError``.
+- Silence trimming (``data.feature.trim_silence``) applies to whole-file predictions only, not to
+  windows of long recordings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchaudio.functional as AF
+from torch import Tensor
+
+from ser_lightning.data.audio import AudioError, audio_duration, iter_audio_blocks, load_audio
+from ser_lightning.data.features import FeatureConfig, FeatureExtractor
+
+__all__ = ["CheckpointError", "EmotionRecognizer", "Prediction", "WindowPrediction"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or disagrees with its own feature configuration."""
+
+
+@dataclass(frozen=True)
+class WindowPrediction:
+    """Prediction for one window of a long recording (times in seconds from the start)."""
+
+    start: float
+    end: float
+    label: str
+    probabilities: dict[str, float]
+
+
+@dataclass
+class Prediction:
+    """Prediction for one recording or waveform.
+
+    label / probabilities: the utterance-level result (mean over windows for long audio).
+    duration: seconds of audio at the model's sample rate.
+    attention: the attention weights over the model's valid positions, (L,); for a 2-D model they
+        are flattened time-major and ``attention_grid`` = (F', T') gives their layout (None for 1-D).
+    windows: per-window predictions of a long recording (empty for a recording within one window).
+    features: the (F, N) input features the attention refers to (before normalisation).
+    attention_span: (start, end) seconds covered by ``features`` and ``attention``.
+    note: warnings (e.g. padding of a clip shorter than the receptive field); empty when none.
+    """
+
+    path: str | None
+    label: str
+    probabilities: dict[str, float]
+    duration: float
+    attention: np.ndarray = field(repr=False)
+    attention_grid: tuple[int, int] | None
+    windows: list[WindowPrediction] = field(default_factory=list)
+    features: np.ndarray | None = field(default=None, repr=False)
+    attention_span: tuple[float, float] = (0.0, 0.0)
+    note: str = ""
+
+
+@dataclass
+class _Segment:
+    """Model output for one stretch of audio."""
+
+    probabilities: Tensor  # (K,)
+    attention: np.ndarray
+    grid: tuple[int, int] | None
+    features: Tensor  # (F, N)
+    padded: bool
+
+
+def _feature_config(value: Any) -> FeatureConfig:
+    """The datamodule's saved ``feature`` hyper-parameter (dict, dataclass or Namespace) as a FeatureConfig."""
+    if isinstance(value, FeatureConfig):
+        return value
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    elif hasattr(value, "as_dict"):  # jsonargparse Namespace
+        value = value.as_dict()
+    elif hasattr(value, "__dict__") and not isinstance(value, Mapping):
+        value = vars(value)
+    if not isinstance(value, Mapping):
+        raise CheckpointError(f"cannot read the feature configuration {value!r}")
+    value = {k: v for k, v in value.items() if k != "__path__"}  # jsonargparse's note of a config file
+    unknown = sorted(set(value) - {f.name for f in dataclasses.fields(FeatureConfig)})
+    if unknown:
+        raise CheckpointError(f"unknown data.feature options {unknown}")
+    return FeatureConfig(**value)
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises many types for corrupt files
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(error).__name__}: {error})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise CheckpointError(f"checkpoint {path}: not a Lightning checkpoint of SERModule (no hyper_parameters)")
+    return checkpoint
+
+
+def check_compatible(model_hparams: Mapping[str, Any], feature: FeatureConfig, data_hparams: Mapping[str, Any]) -> None:
+    """Raise CheckpointError naming the option when the model and the feature/data configuration disagree."""
+    extractor_features = feature.num_features
+    if model_hparams.get("num_features") != extractor_features:
+        raise CheckpointError(
+            f"model.num_features is {model_hparams.get('num_features')} but data.feature "
+            f"(name={feature.name}) gives {extractor_features} features: the model was not trained on this feature "
+            "configuration"
+        )
+    names = model_hparams.get("class_names")
+    if not names or len(names) != model_hparams.get("num_classes"):
+        raise CheckpointError(
+            f"model.class_names is {names!r} but model.num_classes is {model_hparams.get('num_classes')}: "
+            "class names are needed to report predictions"
+        )
+    data_norm, model_norm = data_hparams.get("normalization"), model_hparams.get("normalization")
+    if data_norm is not None and data_norm != model_norm:
+        raise CheckpointError(f"model.normalization is {model_norm!r} but data.normalization is {data_norm!r}")
+
+
+class EmotionRecognizer:
+    """A trained model plus its feature extractor, ready to classify recordings."""
+
+    def __init__(
+        self,
+        module: Any,
+        feature: FeatureConfig,
+        *,
+        window_seconds: float = 4.0,
+        hop_seconds: float | None = None,
+        batch_size: int = 16,
+    ) -> None:
+        hop_seconds = window_seconds / 2 if hop_seconds is None else hop_seconds
+        if not window_seconds > 0:
+            raise ValueError(f"window_seconds must be > 0, got {window_seconds}")
+        if not 0 < hop_seconds <= window_seconds:
+            raise ValueError(f"hop_seconds must be in (0, window_seconds={window_seconds}], got {hop_seconds}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_compatible(module.hparams, feature, {})
+        self.module = module.eval()
+        self.device = module.device
+        self.extractor = FeatureExtractor(feature).to(self.device)
+        self.feature = feature
+        self.class_names: list[str] = list(module.hparams["class_names"])
+        self.arch: str = module.hparams["arch"]
+        self.sample_rate = self.extractor.sample_rate
+        self.window_samples = round(window_seconds * self.sample_rate)
+        self.hop_samples = max(1, round(hop_seconds * self.sample_rate))
+        self.window_seconds, self.hop_seconds = window_seconds, hop_seconds
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        *,
+        window_seconds: float = 4.0,
+        hop_seconds: float | None = None,
+        batch_size: int = 16,
+        feature: FeatureConfig | Mapping[str, Any] | None = None,
+    ) -> EmotionRecognizer:
+        """Load a checkpoint written by ``python -m ser_lightning fit``.
+
+        Recordings longer than ``window_seconds`` are split into windows every ``hop_seconds``
+        (default: half a window). The feature configuration comes from the checkpoint's datamodule hyper-parameters; pass
+        ``feature`` to give it explicitly (e.g. for a checkpoint trained without the datamodule).
+        Raises CheckpointError naming the file, or the mismatching option with both values.
+        """
+        from ser_lightning.models.module import SERModule
+
+        path = Path(path)
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine")
+        checkpoint = _read_checkpoint(path)
+        data_hparams = checkpoint.get("datamodule_hyper_parameters") or {}
+        if feature is None:
+            if "feature" not in data_hparams:
+                raise CheckpointError(
+                    f"checkpoint {path}: no data.feature configuration saved; pass feature=FeatureConfig(...)"
+                )
+            feature = data_hparams["feature"]
+        try:
+            feature_config = _feature_config(feature)
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"checkpoint {path}: invalid data.feature configuration: {error}") from None
+        try:
+            check_compatible(checkpoint["hyper_parameters"], feature_config, data_hparams)
+        except CheckpointError as error:
+            raise CheckpointError(f"checkpoint {path}: {error}") from None
+        try:
+            module = SERModule.load_from_checkpoint(path, map_location=torch.device(device), weights_only=False)
+        except Exception as error:
+            raise CheckpointError(
+                f"checkpoint {path}: cannot rebuild the model ({type(error).__name__}: {error})"
+            ) from None
+        return cls(
+            module, feature_config, window_seconds=window_seconds, hop_seconds=hop_seconds, batch_size=batch_size
+        )
+
+    # ----------------------------------------------------------------- model
+    @torch.no_grad()
+    def _classify(self, waves: Sequence[Tensor]) -> list[_Segment]:
+        """Features of each waveform, padded into batches of ``batch_size``; one result per waveform."""
+        results: list[_Segment] = []
+        min_frames = self.module.model.min_input_frames
+        for first in range(0, len(waves), self.batch_size):
+            feats = [self.extractor(w.to(self.device)) for w in waves[first : first + self.batch_size]]
+            lengths = torch.tensor([f.shape[-1] for f in feats], dtype=torch.int64, device=self.device)
+            batch = torch.nn.utils.rnn.pad_sequence([f.transpose(0, 1) for f in feats], batch_first=True)
+            output = self.module(batch.transpose(1, 2), lengths)
+            probabilities = output.logits.float().softmax(dim=1).cpu()
+            for k, feat in enumerate(feats):
+                positions = int(output.positions[k])
+                alpha = output.alpha[k, :positions].float().cpu().numpy()
+                grid = None if output.grid is None else (output.grid[0], positions // output.grid[0])
+                results.append(_Segment(probabilities[k], alpha, grid, feat.cpu(), feat.shape[-1] < min_frames))
+        return results
+
+    def _named(self, probabilities: Tensor) -> tuple[str, dict[str, float]]:
+        probs = {name: float(p) for name, p in zip(self.class_names, probabilities)}
+        return self.class_names[int(probabilities.argmax())], probs
+
+    def _whole(self, path: str | None, wave: Tensor) -> Prediction:
+        return self._single(path, wave.numel(), self._classify([wave])[0])
+
+    def _single(self, path: str | None, num_samples: int, segment: _Segment) -> Prediction:
+        label, probs = self._named(segment.probabilities)
+        duration = num_samples / self.sample_rate
+        note = ""
+        if segment.padded:
+            note = (
+                f"shorter than the model's receptive field ({segment.features.shape[-1]} < "
+                f"{self.module.model.min_input_frames} frames): zero-padded"
+            )
+        return Prediction(path, label, probs, duration, segment.attention, segment.grid, [],
+                          segment.features.numpy(), (0.0, duration), note)
+
+    # ----------------------------------------------------------------- windows
+    def _windows(self, blocks: Iterable[Tensor]) -> Iterator[tuple[int, Tensor]]:
+        """(start sample, window) pairs over a stream of blocks, holding at most a window plus a block."""
+        window, hop = self.window_samples, self.hop_samples
+        buffer, offset, start, last_end = torch.zeros(0), 0, 0, 0
+        for block in blocks:
+            buffer = torch.cat([buffer, block])
+            while start + window <= offset + buffer.numel():
+                yield start, buffer[start - offset : start - offset + window]
+                last_end = start + window
+                buffer, offset = buffer[start - offset :], start  # keep the last window: it may serve the end
+                start += hop
+        total = offset + buffer.numel()
+        if 0 < last_end < total:  # align one more window to the end of the recording
+            yield total - window, buffer[buffer.numel() - window :]
+
+    def _predict_windows(self, path: str | None, blocks: Iterable[Tensor]) -> Prediction | None:
+        """Classify a long recording window by window; None when it fits within one window."""
+        windows: list[WindowPrediction] = []
+        best: dict[int, tuple[float, _Segment, int]] = {}  # class k -> the window with the highest p_k so far
+        probability_sum: Tensor | None = None
+        total, peak, padded = 0, 0.0, False
+        pending: list[tuple[int, Tensor]] = []
+
+        def flush() -> None:
+            nonlocal probability_sum, padded
+            for (start, _), segment in zip(pending, self._classify([w for _, w in pending])):
+                label, probs = self._named(segment.probabilities)
+                end = start + self.window_samples
+                windows.append(WindowPrediction(start / self.sample_rate, end / self.sample_rate, label, probs))
+                p = segment.probabilities
+                probability_sum = p if probability_sum is None else probability_sum + p
+                for k in range(len(p)):
+                    if k not in best or float(p[k]) > best[k][0]:
+                        best[k] = (float(p[k]), segment, start)
+                padded |= segment.padded
+            pending.clear()
+
+        def counted(stream: Iterable[Tensor]) -> Iterator[Tensor]:
+            nonlocal total, peak
+            for block in stream:
+                total += block.numel()
+                if block.numel():
+                    peak = max(peak, float(block.abs().max()))
+                yield block
+
+        for start, wave in self._windows(counted(blocks)):
+            pending.append((start, wave.clone()))  # a copy: the view would keep the stream buffer alive
+            if len(pending) == self.batch_size:
+                flush()
+        flush()
+        if not windows:
+            return None
+        if peak == 0.0:
+            raise AudioError(f"{path or 'waveform'}: the recording is digital silence (every sample is 0)")
+        mean = probability_sum / len(windows)
+        label, probs = self._named(mean)
+        _, segment, start = best[int(mean.argmax())]
+        span = (start / self.sample_rate, (start + self.window_samples) / self.sample_rate)
+        note = ""
+        if padded:
+            note = f"windows of {self.window_seconds} s are shorter than the model's receptive field: zero-padded"
+        return Prediction(path, label, probs, total / self.sample_rate, segment.attention, segment.grid, windows,
+                          segment.features.numpy(), span, note)
+
+    # ----------------------------------------------------------------- public API
+    def predict_file(self, path: str | Path) -> Prediction:
+        """Classify one audio file (any rate / channel count / format soundfile reads).
+
+        Raises AudioError naming the file when it cannot be used.
+        """
+        path = Path(path)
+        if audio_duration(path) > self.window_seconds:
+            block_seconds = self.hop_seconds
+            prediction = self._predict_windows(str(path), iter_audio_blocks(path, self.sample_rate, block_seconds))
+            if prediction is not None:
+                return prediction
+        wave = load_audio(path, self.sample_rate, trim_silence=self.feature.trim_silence)
+        _check_not_silent(wave, str(path))
+        return self._whole(str(path), wave)
+
+    def predict_batch(self, waveforms: Sequence[Tensor | np.ndarray], sample_rate: int) -> list[Prediction]:
+        """Classify in-memory mono waveforms (T,) sampled at ``sample_rate``.
+
+        Waveforms within one window are classified together in padded batches; longer ones are
+        split into windows like files. Per-sample results equal those of single calls.
+        """
+        waves = [self._prepare(w, sample_rate, k) for k, w in enumerate(waveforms)]
+        short = [k for k, w in enumerate(waves) if w.numel() <= self.window_samples]
+        segments = dict(zip(short, self._classify([waves[k] for k in short])))
+        results: list[Prediction] = []
+        for k, wave in enumerate(waves):
+            if k in segments:
+                results.append(self._single(None, wave.numel(), segments[k]))
+            else:
+                results.append(self._predict_windows(None, wave.split(self.hop_samples)))
+        return results
+
+    def _prepare(self, wave: Tensor | np.ndarray, sample_rate: int, index: int) -> Tensor:
+        wave = torch.as_tensor(wave).detach().to("cpu", torch.float32)
+        if wave.dim() != 1:
+            raise ValueError(f"waveform {index}: expected a mono (T,) waveform, got shape {tuple(wave.shape)}")
+        if wave.numel() == 0:
+            raise ValueError(f"waveform {index}: no samples")
+        if not bool(torch.isfinite(wave).all()):
+            raise ValueError(f"waveform {index}: contains NaN or infinite samples")
+        _check_not_silent(wave, f"waveform {index}")
+        return wave if sample_rate == self.sample_rate else AF.resample(wave, sample_rate, self.sample_rate)
+
+
+def _check_not_silent(wave: Tensor, name: str) -> None:
+    if not bool(wave.abs().max() > 0):
+        raise AudioError(f"{name}: the recording is digital silence (every sample is 0)")

@@ -1,0 +1,59 @@
+"""Pure-PyTorch attention pooling: the reference the fused operator is checked against."""
+
+import torch
+from torch import Tensor
+
+
+def check_attention_inputs(
+    a: Tensor, weight: Tensor, bias: Tensor, u: Tensor, lam: float, lengths: Tensor | None
+) -> None:
+    """Raise ValueError naming the argument when shapes, devices or values do not fit."""
+    if a.dim() != 3:
+        raise ValueError(f"attention_pool: `a` must be (B, L, C), got shape {tuple(a.shape)}")
+    batch, positions, channels = a.shape
+    if batch < 1 or positions < 1 or channels < 1:
+        raise ValueError(f"attention_pool: `a` must have B, L, C >= 1, got shape {tuple(a.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != channels:
+        raise ValueError(f"attention_pool: `weight` must be (D, C={channels}), got shape {tuple(weight.shape)}")
+    dim = weight.shape[0]
+    if bias.shape != (dim,):
+        raise ValueError(f"attention_pool: `bias` must be (D={dim},), got shape {tuple(bias.shape)}")
+    if u.shape != (dim,):
+        raise ValueError(f"attention_pool: `u` must be (D={dim},), got shape {tuple(u.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("u", u)):
+        if t.device != a.device:
+            raise ValueError(f"attention_pool: `{name}` is on {t.device} but `a` is on {a.device}")
+        if t.dtype != a.dtype:
+            raise ValueError(f"attention_pool: `{name}` has dtype {t.dtype} but `a` has {a.dtype}")
+    if not float(lam) > 0:
+        raise ValueError(f"attention_pool: `lam` must be > 0, got {lam}")
+    if lengths is not None:
+        if lengths.shape != (batch,) or lengths.dtype != torch.int64:
+            raise ValueError(
+                f"attention_pool: `lengths` must be int64 of shape ({batch},), "
+                f"got {lengths.dtype} of shape {tuple(lengths.shape)}"
+            )
+        if lengths.device != a.device:
+            raise ValueError(f"attention_pool: `lengths` is on {lengths.device} but `a` is on {a.device}")
+        if not torch.compiler.is_compiling():
+            low, high = int(lengths.min()), int(lengths.max())
+            if low < 1 or high > positions:
+                raise ValueError(f"attention_pool: `lengths` must lie in 1..L={positions}, got values in {low}..{high}")
+
+
+def attention_pool_reference(
+    a: Tensor, weight: Tensor, bias: Tensor, u: Tensor, lam: float, lengths: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Attention pooling over positions: returns (context (B, C), alpha (B, L)).
+
+    e_i = u . tanh(weight @ a_i + bias); alpha = softmax(lam * e) over the first lengths[b]
+    positions of row b (alpha is exactly 0 elsewhere); context = sum_i alpha_i a_i.
+    """
+    check_attention_inputs(a, weight, bias, u, lam, lengths)
+    scores = lam * (torch.tanh(a @ weight.t() + bias) @ u)  # (B, L); |scores| <= lam * |u|_1
+    if lengths is not None:
+        positions = torch.arange(a.shape[1], device=a.device)
+        scores = scores.masked_fill(positions >= lengths.unsqueeze(1), float("-inf"))
+    alpha = torch.softmax(scores, dim=1)
+    context = torch.bmm(alpha.unsqueeze(1), a).squeeze(1)
+    return context, alpha

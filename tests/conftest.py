@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny synthetic corpora and utterance lists generated on the fly."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ser_lightning.data.records import Utterance
+from ser_lightning.data.synth import synthesize_corpus
+
+TINY_EMOTIONS = ("neutral", "happy", "sad", "angry")
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """A RAVDESS-layout synthetic corpus: 6 actors x 4 emotions (28 files per actor), 16 kHz."""
+    root = tmp_path_factory.mktemp("tiny_corpus")
+    synthesize_corpus(root, actors=6, emotions=TINY_EMOTIONS, sample_rate=16000, seed=0)
+    return root
+
+
+def make_utterances(num_speakers: int = 24, emotions=TINY_EMOTIONS, per_class: int = 8) -> list[Utterance]:
+    """Utterance records without audio (for fold tests): odd speakers male, even female."""
+    return [
+        Utterance(
+            path=Path(f"/corpus/Actor_{s:02d}/{e}_{k}.wav"),
+            emotion=e,
+            speaker=f"{s:02d}",
+            sex="male" if s % 2 else "female",
+            corpus="test",
+        )
+        for s in range(1, num_speakers + 1)
+        for e in emotions
+        for k in range(per_class // 2 if e == "neutral" else per_class)
+    ]
+
+
+@pytest.fixture
+def utterance_factory():
+    return make_utterances
+
+
+def train_tiny_checkpoint(corpus: Path, root: Path, *extra: str) -> Path:
+    """One epoch of `python -m ser_lightning fit` on a tiny corpus; returns the last checkpoint."""
+    from ser_lightning.cli import main
+
+    main([
+        "fit", f"--data.root={corpus}", f"--data.cache_dir={root / 'cache'}", "--data.num_folds=3",
+        "--data.num_val_speakers=1", f"--trainer.default_root_dir={root}", "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.max_epochs=1",
+        "--test_after_fit=false", *extra,
+    ])
+    return root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def seed1d_checkpoint(tiny_corpus, tmp_path_factory) -> Path:
+    """A seed1d/logmel checkpoint trained for one epoch through the real CLI."""
+    return train_tiny_checkpoint(tiny_corpus, tmp_path_factory.mktemp("seed1d_run"))
+
+
+@pytest.fixture(scope="session")
+def zhang2d_checkpoint(tiny_corpus, tmp_path_factory) -> Path:
+    """A small zhang2d/spectrogram checkpoint trained for one epoch through the real CLI."""
+    return train_tiny_checkpoint(
+        tiny_corpus, tmp_path_factory.mktemp("zhang2d_run"),
+        "--model.arch=zhang2d", "--data.feature.name=spectrogram", "--model.width=0.125",
+    )

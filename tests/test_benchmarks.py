@@ -1,0 +1,109 @@
+"""Smoke tests of the benchmark scripts: each runs with --quick and writes JSON of the documented structure.
+
+They check structure and sanity (positive times, finite ratios), never speed: speed depends on the machine.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, tmp_path: Path, *args: str) -> tuple[dict, str]:
+    """Run benchmarks/<name> with --quick --json and return (the JSON, stdout)."""
+    out = tmp_path / f"{name}.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), "--quick", "--json", str(out), *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(out.read_text()), proc.stdout
+
+
+def check_environment(env: dict) -> None:
+    assert env["device"] in ("cpu", "cuda")
+    assert env["device_name"] and env["torch"]
+    assert env["threads"] >= 1
+
+
+def check_goals(goals: list[dict], expected: int) -> None:
+    assert len(goals) == expected
+    for g in goals:
+        assert set(g) == {"goal", "value", "threshold", "comparison", "passed"}
+        if g["value"] is None:
+            assert g["passed"] is None
+        else:
+            assert isinstance(g["passed"], bool) and math.isfinite(g["value"])
+
+
+@pytest.mark.slow
+def test_bench_attention_quick(tmp_path):
+    data, stdout = run_script("bench_attention.py", tmp_path, "--device", "cpu")
+    assert data["benchmark"] == "attention" and data["quick"] is True
+    (run,) = data["runs"]
+    check_environment(run["environment"])
+    assert "saved for backward" in run["memory_measure"]
+    assert [r["shape"] for r in run["results"]] == ["seed1d", "logmel-1d"]
+    for r in run["results"]:
+        expected = {"eager", "compiled", "fused"} - set(run["skipped"])
+        assert set(r["contenders"]) == expected and "eager" in expected and "compiled" in expected
+        assert 1 <= r["lengths_mean"] <= r["L"]
+        for label, e in r["contenders"].items():
+            assert e["forward_s"] > 0 and e["forward_backward_s"] > 0 and e["memory_bytes"] > 0
+            assert e["max_abs_diff_vs_eager"] < 1e-3, f"{label} disagrees with eager at {r['shape']}"
+            assert math.isclose(e["forward_backward_x_eager"],
+                                r["contenders"]["eager"]["forward_backward_s"] / e["forward_backward_s"])
+        assert r["contenders"]["compiled"]["compile_forward_s"] > 0
+        assert r["contenders"]["eager"]["forward_x_eager"] == 1.0
+    check_goals(run["goals"], 4)  # >= 3x eager and >= 1x compiled at both quick shapes
+    assert "goals:" in stdout and "CPU memory = bytes saved for backward" in stdout
+    if "fused" in run["skipped"]:
+        assert "fused: unavailable (" in stdout
+
+
+@pytest.mark.slow
+def test_bench_train_quick(tmp_path):
+    data, stdout = run_script("bench_train.py", tmp_path, "--batch-size", "4", "--frames", "120")
+    assert data["benchmark"] == "train"
+    check_environment(data["environment"])
+    assert [r["arch"] for r in data["results"]] == ["seed1d", "zhang2d"]
+    for r in data["results"]:
+        assert "reference" in r["backends"]
+        for e in r["backends"].values():
+            assert e["utterances_per_s"] > 0 and e["memory_bytes"] > 0
+            assert math.isclose(e["utterances_per_s"], 4 / e["step_s"])
+        if "fused" in r["backends"]:
+            assert r["throughput_ratio"] > 0 and r["memory_ratio"] > 0
+        else:
+            assert r["throughput_ratio"] is None
+    assert data["demo_epoch"] is None
+    check_goals(data["goals"], 1)
+    assert "utt/s" in stdout
+
+
+@pytest.mark.slow
+def test_bench_predict_quick(tmp_path):
+    data, stdout = run_script("bench_predict.py", tmp_path)
+    assert data["benchmark"] == "predict"
+    check_environment(data["environment"])
+    assert data["files"] == 12 and data["audio_s"] > 12
+    assert data["checkpoint"].startswith("1-epoch demo model")
+    assert len(data["modes"]) == 3
+    for m in data["modes"].values():
+        assert m["wall_s"] > 0 and math.isclose(m["rtf"], data["audio_s"] / m["wall_s"])
+    check_goals(data["goals"], 3)
+    assert "real-time factor" in stdout
+
+
+def test_help_documents_options():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for name, option in (("bench_attention.py", "--no-compile"), ("bench_train.py", "--demo-epoch"),
+                         ("bench_predict.py", "--ckpt")):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), "--help"], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and option in proc.stdout and "--quick" in proc.stdout

@@ -1,0 +1,71 @@
+"""`python -m ser_lightning export --format onnx`: dynamic shapes and onnxruntime parity with PyTorch."""
+
+import json
+import re
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import soundfile as sf
+import torch
+from torch import nn
+
+from ser_lightning import EmotionRecognizer
+from ser_lightning.cli import main
+from ser_lightning.inference.export import UnfoldMaxPool
+
+TOLERANCE = 1e-4
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool1d(3, 2), nn.MaxPool2d(3, 2), nn.MaxPool1d(5, 3)])
+def test_unfold_max_pool_equals_max_pool(pool):
+    shape = (2, 3, 41) if isinstance(pool, nn.MaxPool1d) else (2, 3, 17, 40)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(UnfoldMaxPool(pool)(x), pool(x))
+
+
+@pytest.mark.parametrize("arch", ["seed1d", "zhang2d"])
+def test_onnx_export_matches_pytorch_on_real_features(arch, request, tiny_corpus, tmp_path, capsys):
+    checkpoint = request.getfixturevalue(f"{arch}_checkpoint")
+    out = tmp_path / f"{arch}.onnx"
+    main(["export", "--ckpt_path", str(checkpoint), "--format", "onnx", str(out)])
+    printed = capsys.readouterr().out
+    reported = float(re.search(r"max abs diff (\S+)", printed).group(1))
+    assert reported <= TOLERANCE
+
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model)
+    metadata = {p.key: p.value for p in model.metadata_props}
+    assert metadata["arch"] == arch
+    assert json.loads(metadata["class_names"]) == ["neutral", "happy", "sad", "angry"]
+    assert json.loads(metadata["feature"])["name"] == ("logmel" if arch == "seed1d" else "spectrogram")
+
+    # independent check on real features: utterances of different lengths, batched with padding
+    recognizer = EmotionRecognizer.from_checkpoint(checkpoint)
+    waves = [torch.from_numpy(sf.read(p, dtype="float32")[0]) for p in sorted(tiny_corpus.rglob("*.wav"))[:3]]
+    waves.append(torch.cat(waves))  # a longer one, so lengths vary a lot
+    feats = [recognizer.extractor(w) for w in waves]
+    lengths = torch.tensor([f.shape[-1] for f in feats])
+    batch = torch.zeros(len(feats), feats[0].shape[0], int(lengths.max()))
+    for k, f in enumerate(feats):
+        batch[k, :, : f.shape[-1]] = f
+    with torch.no_grad():
+        output = recognizer.module(batch, lengths)
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for rows in ([0], [1, 2], [0, 1, 2, 3]):  # dynamic batch and length axes
+        n = int(lengths[rows].max())
+        feeds = {"features": batch[rows, :, :n].numpy(), "lengths": lengths[rows].numpy()}
+        probabilities, alpha = session.run(None, feeds)
+        torch_alpha = output.alpha[rows]
+        assert probabilities.shape == (len(rows), 4)
+        np.testing.assert_allclose(probabilities, output.logits[rows].softmax(dim=1).numpy(), atol=TOLERANCE, rtol=0)
+        width = alpha.shape[1]  # the batch padded to fewer frames has fewer attention positions
+        assert bool((torch_alpha[:, width:] == 0).all())
+        np.testing.assert_allclose(alpha, torch_alpha[:, :width].numpy(), atol=TOLERANCE, rtol=0)
+
+
+def test_export_rejects_a_missing_checkpoint(tmp_path):
+    with pytest.raises(SystemExit) as error:
+        main(["export", "--ckpt_path", str(tmp_path / "none.ckpt"), "--format", "onnx", str(tmp_path / "m.onnx")])
+    assert "none.ckpt" in str(error.value.code) and "no such file" in str(error.value.code)

@@ -1,0 +1,92 @@
+"""Fold plans: speaker-independent grouping, validation speakers, random protocol, errors."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from ser_lightning.data.folds import format_fold_plan, make_fold_plan
+
+CLASSES = ["neutral", "happy", "sad", "angry"]  # the classes of the utterance_factory fixture
+
+
+def plans(utterances, num_folds=5, seed=0, protocol="speaker_independent", num_val_speakers=2):
+    return [
+        make_fold_plan(utterances, CLASSES, num_folds=num_folds, fold=k, protocol=protocol, seed=seed,
+                       num_val_speakers=num_val_speakers)
+        for k in range(num_folds)
+    ]
+
+
+@pytest.mark.parametrize("num_speakers, num_folds", [(24, 5), (24, 4), (10, 10), (7, 3)])
+def test_speaker_independent_folds_partition_the_speakers(num_speakers, num_folds, utterance_factory):
+    utterances = utterance_factory(num_speakers)
+    all_plans = plans(utterances, num_folds=num_folds, num_val_speakers=1)
+    test_counts = Counter(s for p in all_plans for s in p.test_speakers)
+    assert sorted(test_counts) == sorted({u.speaker for u in utterances})
+    assert set(test_counts.values()) == {1}  # every speaker in exactly one test fold
+    sizes = [len(p.test_speakers) for p in all_plans]
+    assert max(sizes) - min(sizes) <= 1
+    for p in all_plans:
+        assert not p.speaker_dependent
+        train, val, test = set(p.train_speakers), set(p.val_speakers), set(p.test_speakers)
+        assert not (train & val or train & test or val & test)  # no speaker in two splits
+        assert len(val) == 1
+        assert sorted(p.train + p.val + p.test) == list(range(len(utterances)))
+        for split in ("train", "val", "test"):
+            indices = p.split(split)
+            assert {utterances[i].speaker for i in indices} == set(getattr(p, f"{split}_speakers"))
+            assert sum(p.counts[split].values()) == len(indices)
+
+
+def test_folds_are_balanced_by_sex(utterance_factory):
+    for p in plans(utterance_factory(24), num_folds=4):
+        sexes = Counter("male" if int(s) % 2 else "female" for s in p.test_speakers)
+        assert sexes["male"] == sexes["female"] == 3
+        val_sexes = Counter("male" if int(s) % 2 else "female" for s in p.val_speakers)
+        assert val_sexes["male"] == val_sexes["female"] == 1
+
+
+def test_deterministic_per_seed(utterance_factory):
+    utterances = utterance_factory(24)
+    assert plans(utterances, seed=3) == plans(utterances, seed=3)
+    assert [p.test_speakers for p in plans(utterances, seed=3)] != [p.test_speakers for p in plans(utterances, seed=4)]
+
+
+def test_random_protocol_differs_and_mixes_speakers(utterance_factory):
+    utterances = utterance_factory(12)
+    independent = plans(utterances, num_folds=4)
+    random_plans = plans(utterances, num_folds=4, protocol="random")
+    assert [p.test for p in random_plans] != [p.test for p in independent]
+    test_counts = Counter(i for p in random_plans for i in p.test)
+    assert set(test_counts.values()) == {1} and len(test_counts) == len(utterances)
+    for p in random_plans:
+        assert p.speaker_dependent
+        assert set(p.test_speakers) & set(p.train_speakers)  # speakers leak: the point of the protocol
+        assert sorted(p.train + p.val + p.test) == list(range(len(utterances)))
+        assert p.val and all(p.counts["val"][c] > 0 for c in CLASSES)  # stratified
+        per_class = [p.counts["test"][c] / sum(1 for u in utterances if u.emotion == c) for c in CLASSES]
+        assert max(per_class) - min(per_class) < 0.1
+    assert plans(utterances, protocol="random", seed=1) == plans(utterances, protocol="random", seed=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"num_folds": 30}, "data.num_folds=30 but the corpus has 24 speakers"),
+     ({"num_folds": 1}, "data.num_folds=1"), ({"fold": 5}, "data.fold=5"), ({"fold": -1}, "data.fold=-1"),
+     ({"num_val_speakers": 19}, "data.num_val_speakers=19"), ({"num_val_speakers": 0}, "data.num_val_speakers=0"),
+     ({"protocol": "leave_one_out"}, "data.protocol")],
+)
+def test_errors_name_the_option(kwargs, message, utterance_factory):
+    args = {"num_folds": 5, "fold": 0, "protocol": "speaker_independent", "seed": 0, "num_val_speakers": 2} | kwargs
+    with pytest.raises(ValueError, match=message):
+        make_fold_plan(utterance_factory(24), CLASSES, **args)
+
+
+def test_format_fold_plan(utterance_factory):
+    utterances = utterance_factory(12)
+    text = format_fold_plan(plans(utterances, num_folds=3)[1], CLASSES)
+    assert "Fold 1 of 3" in text and "speaker_independent" in text and "SPEAKER-DEPENDENT" not in text
+    assert all(c in text for c in CLASSES) and "test" in text and "val" in text
+    random_text = format_fold_plan(plans(utterances, num_folds=3, protocol="random")[0], CLASSES)
+    assert "SPEAKER-DEPENDENT" in random_text

@@ -1,0 +1,269 @@
+"""`python -m ser_lightning predict` and the EmotionRecognizer API on generated recordings."""
+
+import csv
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+from ser_lightning import EmotionRecognizer
+from ser_lightning.cli import main
+from ser_lightning.inference.recognizer import CheckpointError
+
+CLASSES = ("neutral", "happy", "sad", "angry")
+CSV_COLUMNS = ["path", "status", "error", "note", "duration_s", "window", "start_s", "end_s", "emotion",
+               *(f"p_{name}" for name in CLASSES)]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def speech(tiny_corpus) -> tuple[np.ndarray, int]:
+    """One synthetic utterance (mono float32) and its sample rate."""
+    path = sorted(tiny_corpus.rglob("*.wav"))[0]
+    wave, rate = sf.read(path, dtype="float32")
+    return wave, rate
+
+
+def resample(wave: np.ndarray, orig: int, new: int) -> np.ndarray:
+    return AF.resample(torch.from_numpy(wave), orig, new).numpy()
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames), list(reader)
+
+
+def write_mixed_folder(folder: Path, wave: np.ndarray, rate: int) -> tuple[set[str], dict[str, str]]:
+    """Good recordings and broken ones; returns the good names and, per broken name, a word its error must contain."""
+    folder.mkdir()
+    sub = folder / "nested"
+    sub.mkdir()
+    sf.write(folder / "good.wav", wave, rate)
+    sf.write(sub / "good.flac", wave, rate)
+    stereo_8k = resample(wave, rate, 8000)
+    sf.write(folder / "stereo_8k.wav", np.stack([stereo_8k, 0.5 * stereo_8k], axis=1), 8000)
+    sf.write(folder / "rate_96k.wav", resample(wave, rate, 96000), 96000)
+    sf.write(folder / "short.wav", wave[: rate // 4], rate)  # shorter than the receptive field: padded
+    header = (folder / "good.wav").read_bytes()
+    (folder / "truncated.wav").write_bytes(header[:30])
+    (folder / "zero_bytes.wav").write_bytes(b"")
+    (folder / "text.wav").write_text("this is not audio\n" * 50)
+    sf.write(folder / "silence.wav", np.zeros(2 * rate, dtype=np.float32), rate)
+    sf.write(folder / "nan.wav", np.full(rate, np.nan, dtype=np.float32), rate, subtype="FLOAT")
+    sf.write(folder / "empty.wav", np.zeros(0, dtype=np.float32), rate)
+    (folder / "notes.txt").write_text("not searched: wrong extension")
+    good = {"good.wav", "good.flac", "stereo_8k.wav", "rate_96k.wav", "short.wav"}
+    broken = {"truncated.wav": "cannot read", "zero_bytes.wav": "cannot read", "text.wav": "cannot read",
+              "silence.wav": "silence", "nan.wav": "NaN", "empty.wav": "no samples"}
+    return good, broken
+
+
+def test_folder_with_broken_files_gives_error_rows_and_exit_1(seed1d_checkpoint, speech, tmp_path, capsys):
+    wave, rate = speech
+    good, broken = write_mixed_folder(tmp_path / "mixed", wave, rate)
+    out = tmp_path / "results.csv"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--ckpt_path", str(seed1d_checkpoint), str(tmp_path / "mixed"), "--output", str(out)])
+    assert exit_info.value.code == 1
+    printed = capsys.readouterr().out
+    assert f"{len(good) + len(broken)} files: {len(good)} predicted, {len(broken)} failed" in printed
+
+    columns, rows = read_csv(out)
+    assert columns == CSV_COLUMNS
+    by_name = {Path(row["path"]).name: row for row in rows}
+    assert set(by_name) == good | set(broken)
+    for name in good:
+        row = by_name[name]
+        assert row["status"] == "ok" and row["error"] == "" and row["window"] == "all"
+        assert row["emotion"] in CLASSES
+        assert sum(float(row[f"p_{c}"]) for c in CLASSES) == pytest.approx(1.0, abs=1e-5)
+    assert "zero-padded" in by_name["short.wav"]["note"]
+    assert float(by_name["rate_96k.wav"]["duration_s"]) == pytest.approx(len(wave) / rate, abs=0.01)
+    for name, reason in broken.items():
+        row = by_name[name]
+        assert row["status"] == "error" and row["emotion"] == ""
+        assert name in row["error"] and reason in row["error"], row["error"]
+
+
+def test_all_good_files_exit_0_with_documented_json(seed1d_checkpoint, speech, tmp_path, capsys):
+    wave, rate = speech
+    sf.write(tmp_path / "a.wav", wave, rate)
+    sf.write(tmp_path / "long.wav", np.concatenate([wave] * 4), rate)
+    out = tmp_path / "results.json"
+    main(["predict", "--ckpt_path", str(seed1d_checkpoint), str(tmp_path / "*.wav"), "--output", str(out)])
+    assert "2 files: 2 predicted, 0 failed" in capsys.readouterr().out
+    records = {Path(r["path"]).name: r for r in json.loads(out.read_text())}
+    assert set(records) == {"a.wav", "long.wav"}
+    for record in records.values():
+        assert set(record) == {"path", "status", "error", "note", "duration_s", "emotion", "probabilities",
+                               "windows", "plot"}
+        assert record["status"] == "ok" and record["error"] is None
+        assert list(record["probabilities"]) == list(CLASSES)
+    assert records["a.wav"]["windows"] == []
+    windows = records["long.wav"]["windows"]
+    assert len(windows) >= 3
+    assert set(windows[0]) == {"start_s", "end_s", "emotion", "probabilities"}
+    assert windows[-1]["end_s"] == pytest.approx(records["long.wav"]["duration_s"], abs=1e-3)
+
+
+def test_python_api_agrees_with_cli(seed1d_checkpoint, speech, tmp_path):
+    wave, rate = speech
+    files = [tmp_path / "short.wav", tmp_path / "long.wav"]
+    sf.write(files[0], wave, rate)
+    sf.write(files[1], np.concatenate([wave, -wave, wave, 0.5 * wave]), rate)
+    out = tmp_path / "results.csv"
+    main(["predict", "--ckpt_path", str(seed1d_checkpoint), *map(str, files), "--output", str(out),
+          "--window-seconds=3", "--hop-seconds=1.5", "--batch-size=3"])
+    _, rows = read_csv(out)
+    recognizer = EmotionRecognizer.from_checkpoint(seed1d_checkpoint, window_seconds=3, hop_seconds=1.5)
+    for path in files:
+        prediction = recognizer.predict_file(path)
+        file_rows = [row for row in rows if row["path"] == str(path)]
+        spans = [prediction.probabilities] + [w.probabilities for w in prediction.windows]
+        labels = [prediction.label] + [w.label for w in prediction.windows]
+        assert [row["window"] for row in file_rows] == ["all", *map(str, range(len(prediction.windows)))]
+        for row, probabilities, label in zip(file_rows, spans, labels):
+            assert row["emotion"] == label
+            for name in CLASSES:
+                assert float(row[f"p_{name}"]) == pytest.approx(probabilities[name], abs=1e-6)
+    long = recognizer.predict_file(files[1])
+    assert len(long.windows) > 1 and long.windows[-1].end == pytest.approx(long.duration)
+    mean = {c: np.mean([w.probabilities[c] for w in long.windows]) for c in CLASSES}
+    assert long.probabilities == pytest.approx(mean, abs=1e-6)
+
+
+def test_predict_batch_matches_single_calls(seed1d_checkpoint, speech):
+    wave, rate = speech
+    recognizer = EmotionRecognizer.from_checkpoint(seed1d_checkpoint, device="cpu", batch_size=4)
+    waves = [wave, wave[: rate // 5], np.tile(wave, 3), torch.from_numpy(wave[: len(wave) // 2] * 0.3)]
+    batched = recognizer.predict_batch(waves, rate)
+    assert len(batched) == len(waves)
+    for wave_k, result in zip(waves, batched):
+        single = recognizer.predict_batch([wave_k], rate)[0]
+        assert result.label == single.label
+        assert result.probabilities == pytest.approx(single.probabilities, abs=1e-6)
+        np.testing.assert_allclose(result.attention, single.attention, atol=1e-6)
+        assert result.attention.sum() == pytest.approx(1.0, abs=1e-5)
+        assert result.attention_grid is None
+    assert "zero-padded" in batched[1].note
+    assert batched[0].windows == [] and len(batched[2].windows) > 1
+    with pytest.raises(ValueError, match="waveform 0"):
+        recognizer.predict_batch([np.full(100, np.nan, dtype=np.float32)], rate)
+
+
+def test_plot_dir_writes_valid_pngs(seed1d_checkpoint, zhang2d_checkpoint, speech, tmp_path):
+    wave, rate = speech
+    sf.write(tmp_path / "short.wav", wave, rate)
+    sf.write(tmp_path / "long.wav", np.tile(wave, 3), rate)
+    for name, ckpt in (("seed1d", seed1d_checkpoint), ("zhang2d", zhang2d_checkpoint)):
+        plots = tmp_path / f"plots_{name}"
+        out = tmp_path / f"{name}.json"
+        main(["predict", "--ckpt_path", str(ckpt), str(tmp_path / "short.wav"), str(tmp_path / "long.wav"),
+              "--plot-dir", str(plots), "--output", str(out)])
+        written = sorted(p.name for p in plots.iterdir())
+        assert written == ["long.png", "short.png"]
+        for png in plots.iterdir():
+            assert png.read_bytes()[:8] == PNG_MAGIC
+            image = matplotlib.image.imread(png)
+            assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+            assert image.std() > 0.01  # not a blank canvas
+        assert all(record["plot"] for record in json.loads(out.read_text()))
+
+
+def test_zhang2d_prediction_has_a_time_frequency_grid(zhang2d_checkpoint, speech, tmp_path):
+    wave, rate = speech
+    sf.write(tmp_path / "a.wav", wave, rate)
+    prediction = EmotionRecognizer.from_checkpoint(zhang2d_checkpoint).predict_file(tmp_path / "a.wav")
+    freq, time = prediction.attention_grid
+    assert prediction.attention.shape == (freq * time,) and freq > 1 and time > 1
+    assert prediction.attention.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_mismatched_or_broken_checkpoint_is_rejected(seed1d_checkpoint, speech, tmp_path, capsys):
+    checkpoint = torch.load(seed1d_checkpoint, map_location="cpu", weights_only=False)
+    checkpoint["datamodule_hyper_parameters"]["feature"]["n_mels"] = 32
+    mismatched = tmp_path / "mismatched.ckpt"
+    torch.save(checkpoint, mismatched)
+    with pytest.raises(CheckpointError, match=r"model.num_features is 64 but data.feature .* gives 32"):
+        EmotionRecognizer.from_checkpoint(mismatched)
+    with pytest.raises(CheckpointError, match=r"model.num_features is 64 .* gives 200"):
+        EmotionRecognizer.from_checkpoint(seed1d_checkpoint, feature={"name": "spectrogram"})
+
+    wave, rate = speech
+    sf.write(tmp_path / "a.wav", wave, rate)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--ckpt_path", str(mismatched), str(tmp_path / "a.wav")])
+    assert "num_features" in str(exit_info.value.code) and "mismatched.ckpt" in str(exit_info.value.code)
+
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(seed1d_checkpoint.read_bytes()[:1000])
+    for path, reason in ((tmp_path / "missing.ckpt", "no such file"), (corrupt, "cannot be read")):
+        with pytest.raises(CheckpointError, match=reason) as error:
+            EmotionRecognizer.from_checkpoint(path)
+        assert str(path) in str(error.value)
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys
+    from ser_lightning import EmotionRecognizer
+
+    recognizer = EmotionRecognizer.from_checkpoint(sys.argv[1], batch_size=16)
+    recognizer.predict_file(sys.argv[2])  # warm-up on a 30 s file: the same code path, allocator pools filled
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    prediction = recognizer.predict_file(sys.argv[3])
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(before, after, len(prediction.windows), prediction.duration, prediction.windows[-1].end)
+    """
+)
+
+
+@pytest.mark.slow
+def test_ten_minute_file_is_streamed_in_windows_with_bounded_memory(seed1d_checkpoint, tmp_path):
+    """Peak RSS may not grow by a fraction of what holding the whole file would take."""
+    rate, minutes = 22050, 10  # resampled to 16 kHz block by block
+    rng = np.random.default_rng(0)
+    t = np.arange(rate) / rate
+    second = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2).astype(np.float32)
+    long, warm = tmp_path / "ten_minutes.wav", tmp_path / "warm.wav"
+    for path, seconds in ((long, 60 * minutes), (warm, 30)):
+        with sf.SoundFile(path, "w", samplerate=rate, channels=1, subtype="PCM_16") as handle:
+            for _ in range(seconds):
+                handle.write(second + 0.01 * rng.standard_normal(rate).astype(np.float32))
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(seed1d_checkpoint), str(warm), str(long)],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    before, after, windows, duration, last_end = result.stdout.split()
+    growth_mb = (int(after) - int(before)) / 1024  # ru_maxrss is in KiB on Linux
+    whole_file_mb = 60 * minutes * (rate + 16000) * 4 / 2**20  # decoded + resampled float32 copies: ~87 MB
+    print(f"peak RSS growth {growth_mb:.1f} MB for 10 minutes of audio (whole-file arrays: {whole_file_mb:.0f} MB)")
+    assert growth_mb < whole_file_mb / 4
+    assert int(windows) == 1 + (60 * minutes - 4) // 2
+    assert float(duration) == pytest.approx(60 * minutes, abs=0.01)
+    assert float(last_end) == pytest.approx(float(duration), abs=1e-6)
+
+
+def test_predict_split_runs_lightnings_own_predict(seed1d_checkpoint, tiny_corpus, tmp_path):
+    """Lightning's predict over the datamodule's test split stays reachable as `predict-split`."""
+    main(["predict-split", f"--data.root={tiny_corpus}", f"--data.cache_dir={tmp_path / 'cache'}",
+          "--data.num_folds=3", "--data.num_val_speakers=1", f"--trainer.default_root_dir={tmp_path}",
+          "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", f"--ckpt_path={seed1d_checkpoint}"])
+    assert (tmp_path / "lightning_logs" / "version_0" / "config.yaml").exists()
+
+
+def test_import_stays_light():
+    code = "import sys, ser_lightning; assert 'torch' not in sys.modules; print(ser_lightning.EmotionRecognizer.__name__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0 and result.stdout.strip() == "EmotionRecognizer", result.stderr
