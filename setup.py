@@ -71,7 +71,10 @@ def extensions() -> tuple[list, dict]:
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17", "-fdiagnostics-color=always"]
+    # -fopenmp: at::parallel_for in the CPU kernels is OpenMP code inlined from ATen's headers (serial
+    # without it); the library resolves to the OpenMP runtime torch has already loaded (same soname).
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fdiagnostics-color=always"]
+    link_flags = ["-fopenmp"]
     if want_cuda():
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
         ext = CUDAExtension(
@@ -80,6 +83,7 @@ def extensions() -> tuple[list, dict]:
             include_dirs=[str(ROOT / "csrc")],
             define_macros=[("SER_LIGHTNING_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_link_args=link_flags,
             py_limited_api=True,
         )
     else:
@@ -88,6 +92,7 @@ def extensions() -> tuple[list, dict]:
             sources,
             include_dirs=[str(ROOT / "csrc")],
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
             py_limited_api=True,
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from common import (CPU_MEMORY_NOTE, environment, format_table, goal, interleaved_medians, peak_memory_bytes,
-                    print_environment, print_goals, resolve_device, set_threads, write_json)
+                    print_environment, print_goals, require_positive, resolve_device, set_threads, write_json)
 from ser_lightning.ops import attention_pool, attention_pool_reference
 
 SHAPES: dict[str, tuple[int, int, int, int]] = {  # name: (B, L, C, D)
@@ -122,6 +122,7 @@ def forward_backward_fn(fn: Contender, x: dict[str, Any]) -> Callable[[], Any]:
         context, alpha = fn(*params, LAM, x["lengths"])
         return torch.autograd.grad((context, alpha), params, (x["grad_context"], x["grad_alpha"]))
 
+    run.inputs = [*params, x["lengths"]]  # what the caller holds anyway (left out of the memory measure)
     return run
 
 
@@ -153,12 +154,13 @@ def print_profile(title: str, fn: Callable[[], Any], device: torch.device, calls
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with warnings.catch_warnings(), torch.profiler.profile(activities=activities) as prof:
-        warnings.simplefilter("ignore")
-        for _ in range(calls):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the profiler's notice about clearing events between cycles
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(calls):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"\nprofile: {title} ({calls} calls)")
     print(prof.key_averages().table(sort_by=sort_by, row_limit=12))
@@ -197,7 +199,7 @@ def bench_shape(name: str, shape: tuple[int, int, int, int], device: torch.devic
         for label, fn in forward_backward.items():
             print_profile(f"{name} {label} forward+backward", fn, device)
     for label, entry in result["contenders"].items():
-        entry["memory_bytes"] = peak_memory_bytes(forward_backward[label], device)
+        entry["memory_bytes"] = peak_memory_bytes(forward_backward[label], device, forward_backward[label].inputs)
         if device.type == "cuda":
             for key, backward in (("forward", False), ("forward_backward", True)):
                 gbs = minimal_bytes(shape, x["a"].element_size(), backward) / entry[f"{key}_s"] / 1e9
@@ -336,7 +338,7 @@ def main() -> None:
                              "(default 2.0, --quick 0.1)")
     parser.add_argument("--repeats", type=int, default=None, help="CUDA: timed calls (default 100, --quick 10)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="interleaved rounds over the contenders (default 5, --quick 2)")
+                        help="interleaved rounds over the contenders (default 20, --quick 4)")
     parser.add_argument("--peak-gbs", type=float, help="CUDA: the device's peak memory bandwidth in GB/s")
     parser.add_argument("--profile", nargs="+", choices=list(SHAPES), metavar="SHAPE",
                         help="also print torch.profiler's operator table of forward+backward at these shapes")
@@ -348,7 +350,8 @@ def main() -> None:
     if args.repeats is None:
         args.repeats = 10 if args.quick else 100
     if args.rounds is None:
-        args.rounds = 2 if args.quick else 5
+        args.rounds = 4 if args.quick else 20
+    require_positive(args, "min_run_time", "repeats", "rounds", "peak_gbs")
     set_threads(args.threads)
     torch._inductor.config.fx_graph_cache = False  # report the compile time, not a cache hit
     torch._functorch.config.enable_autograd_cache = False

@@ -28,7 +28,8 @@ from unittest import mock
 import soundfile as sf
 import torch
 
-from common import environment, format_table, goal, print_environment, print_goals, set_threads, write_json
+from common import (environment, format_table, goal, print_environment, print_goals, require_positive, set_threads,
+                    write_json)
 from ser_lightning.data.records import DEFAULT_EMOTIONS
 from ser_lightning.data.synth import synthesize_corpus
 from ser_lightning.inference.commands import predict_main
@@ -112,10 +113,7 @@ def main() -> None:
         raise SystemExit(f"--ckpt: no such file: {args.ckpt}")
     if args.actors < 4:
         raise SystemExit(f"--actors must be >= 4 (the 1-epoch model is trained on 3 speaker folds), got {args.actors}")
-    for option in ("files", "repeats", "batch_size"):
-        value = getattr(args, option)
-        if value is not None and value < 1:
-            raise SystemExit(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+    require_positive(args, "files", "repeats", "batch_size")
 
     env = environment(torch.device("cpu"))
     print_environment(env)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import (CPU_MEMORY_NOTE, environment, format_table, goal, interleaved_medians, peak_memory_bytes,
-                    print_environment, print_goals, resolve_device, set_threads, write_json)
+                    print_environment, print_goals, require_positive, resolve_device, set_threads, write_json)
 from ser_lightning.models.seed1d import Seed1D
 from ser_lightning.ops import fused, fused_available
 from ser_lightning.models.zhang2d import Zhang2D
@@ -91,7 +91,9 @@ def bench_arch(arch: str, device: torch.device, args: argparse.Namespace) -> dic
             "step_s": medians[backend][0],
             "step_min_s": medians[backend][1],
             "utterances_per_s": args.batch_size / medians[backend][0],
-            "memory_bytes": peak_memory_bytes(steps[backend], device),
+            "memory_bytes": peak_memory_bytes(
+                steps[backend], device, [*models[backend].parameters(), *(t for b in batches for t in b.values())]
+            ),
         }
     ref, fused = result["backends"]["reference"], result["backends"].get("fused")
     result["throughput_ratio"] = fused["utterances_per_s"] / ref["utterances_per_s"] if fused else None
@@ -158,7 +160,7 @@ def main() -> None:
     parser.add_argument("--min-run-time", type=float, default=None,
                         help="CPU: seconds of timing per backend, split over the rounds (default 4.0, --quick 0.5)")
     parser.add_argument("--repeats", type=int, default=None, help="CUDA: timed steps (default 50, --quick 10)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 4, --quick 2)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 10, --quick 2)")
     parser.add_argument("--demo-epoch", action="store_true",
                         help="also time one epoch of the demo config through the CLI, cold and warm "
                              "(with --quick: on a 6-actor corpus)")
@@ -169,14 +171,12 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     set_threads(args.threads)
-    for name, quick, full in (("min_run_time", 0.5, 4.0), ("repeats", 10, 50), ("rounds", 2, 4)):
+    for name, quick, full in (("min_run_time", 0.5, 4.0), ("repeats", 10, 50), ("rounds", 2, 10)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     if args.zhang_width is None:
         args.zhang_width = 0.25 if device.type == "cpu" else 1.0
-    for option in ("batch_size", "frames", "batches"):
-        if getattr(args, option) < 1:
-            raise SystemExit(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+    require_positive(args, "batch_size", "frames", "batches", "zhang_width", "min_run_time", "repeats", "rounds")
 
     env = environment(device)
     print_environment(env)

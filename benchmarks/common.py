@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import sys
@@ -13,7 +14,8 @@ from typing import Any
 import torch
 from torch.utils import benchmark
 
-CPU_MEMORY_NOTE = "CPU memory = bytes saved for backward (storages deduplicated, inputs included)"
+CPU_MEMORY_NOTE = ("memory = bytes kept beyond the inputs (every contender holds those): CPU, tensors saved for "
+                   "backward other than the inputs (storages deduplicated); CUDA, peak allocated minus allocated before")
 
 
 def cpu_name() -> str:
@@ -39,6 +41,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "command": " ".join(["python", *sys.argv]),
     }
 
@@ -47,6 +51,10 @@ def print_environment(env: dict[str, Any]) -> None:
     print(f"device: {env['device']} ({env['device_name']}), torch {env['torch']}, "
           f"threads {env['threads']}, python {env['python']}")
     print(f"command: {env['command']}")
+    load, cores = env["load_average_1min"], env["cpu_count"]
+    if load is not None and cores and load > 0.5 * cores:
+        print(f"warning: load average {load:.1f} on {cores} cores before the run: other processes compete for the "
+              "CPU, so timings are noisy (an intra-op parallel region can wait a whole scheduler time slice)")
 
 
 def set_threads(threads: int | None) -> None:
@@ -54,6 +62,14 @@ def set_threads(threads: int | None) -> None:
         if threads < 1:
             raise SystemExit(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+
+
+def require_positive(args: Any, *names: str) -> None:
+    """Exit with a message naming the option when a numeric option is not > 0 (None = unset, allowed)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be > 0, got {value}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -99,13 +115,16 @@ def _cuda_event_times(fn: Callable[[], Any], device: torch.device, repeats: int)
     return times
 
 
-def saved_tensor_bytes(fn: Callable[[], Any]) -> int:
-    """Bytes of the tensors autograd saves for backward while `fn` runs (each storage counted once)."""
+def saved_tensor_bytes(fn: Callable[[], Any], inputs: Sequence[torch.Tensor] = ()) -> int:
+    """Bytes of the tensors autograd saves for backward while `fn` runs, each storage counted once,
+    leaving out the storages of `inputs`."""
+    excluded = {t.untyped_storage().data_ptr() for t in inputs}
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -113,15 +132,16 @@ def saved_tensor_bytes(fn: Callable[[], Any]) -> int:
     return sum(storages.values())
 
 
-def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
-    """CUDA: torch.cuda.max_memory_allocated during `fn` (inputs included); CPU: see CPU_MEMORY_NOTE."""
+def peak_memory_bytes(fn: Callable[[], Any], device: torch.device, inputs: Sequence[torch.Tensor] = ()) -> int:
+    """Memory `fn` needs beyond its inputs (see CPU_MEMORY_NOTE)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         fn()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device)
-    return saved_tensor_bytes(fn)
+        return torch.cuda.max_memory_allocated(device) - before
+    return saved_tensor_bytes(fn, inputs)
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -147,7 +167,7 @@ def print_goals(goals: Sequence[dict[str, Any]]) -> None:
     print("\ngoals:")
     for g in goals:
         status = {True: "PASS", False: "FAIL", None: "N/A "}[g["passed"]]
-        value = "not measured" if g["value"] is None else f"{g['value']:.3g}"
+        value = "not measured" if g["value"] is None else f"{g['value']:.2f}"
         print(f"  [{status}] {g['goal']}: {value} (goal {g['comparison']} {g['threshold']:g})")
 
 

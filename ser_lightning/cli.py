@@ -79,20 +79,24 @@ def run_lightning(args: list[str] | None, run: bool = True) -> SERLightningCLI:
 
 
 def synth_main(argv: list[str]) -> None:
-    """`synth OUT_DIR`: write a synthetic corpus in RAVDESS layout."""
+    """`synth OUT_DIR`: write a synthetic corpus in the layout of RAVDESS (default) or another corpus."""
     from ser_lightning.data.records import resolve_emotions
-    from ser_lightning.data.synth import synthesize_corpus
+    from ser_lightning.data.synth import LAYOUTS, synthesize_corpus
 
     parser = argparse.ArgumentParser(prog="python -m ser_lightning synth", description=synth_main.__doc__)
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--actors", type=int, default=24, help="number of actors (1-24 keeps RAVDESS numbering)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="ravdess", help="file-name convention to write")
+    parser.add_argument(
+        "--actors", type=int, help="number of speakers (default: 24 for ravdess, the layout's own default otherwise)"
+    )
     parser.add_argument("--emotions", default="all", help="'all', 'default' or a comma-separated list of names")
     parser.add_argument("--sample-rate", type=int, default=16000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     emotions = resolve_emotions(args.emotions, option="--emotions")
     paths = synthesize_corpus(
-        args.out_dir, actors=args.actors, emotions=emotions, sample_rate=args.sample_rate, seed=args.seed
+        args.out_dir, actors=args.actors, emotions=emotions, sample_rate=args.sample_rate, seed=args.seed,
+        layout=args.layout,
     )
     print(f"wrote {len(paths)} files to {args.out_dir}")
 

@@ -9,16 +9,6 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ser_lightning.cli import main, run_lightning
-from ser_lightning.data.records import DEFAULT_EMOTIONS
-from ser_lightning.data.synth import synthesize_corpus
-
-
-@pytest.fixture(scope="module")
-def tiny_corpus(tmp_path_factory) -> Path:
-    """Six synthetic actors with the four default emotions (168 files)."""
-    root = tmp_path_factory.mktemp("tiny_corpus")
-    synthesize_corpus(root, actors=6, emotions=DEFAULT_EMOTIONS, seed=0)
-    return root
 
 
 def tiny_args(corpus: Path, tmp: Path, *extra: str) -> list[str]:

@@ -11,15 +11,6 @@ from pathlib import Path
 import pytest
 
 from ser_lightning.cli import main
-from ser_lightning.data.records import DEFAULT_EMOTIONS
-from ser_lightning.data.synth import synthesize_corpus
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cv_corpus")
-    synthesize_corpus(root, actors=6, emotions=DEFAULT_EMOTIONS, seed=1)
-    return root
 
 
 def cv_args(corpus: Path, out: Path, *extra: str) -> list[str]:
@@ -33,9 +24,9 @@ def cv_args(corpus: Path, out: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def full_run(corpus, tmp_path_factory) -> Path:
+def full_run(tiny_corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cv_full") / "out"
-    main(cv_args(corpus, out))
+    main(cv_args(tiny_corpus, out))
     return out
 
 
@@ -43,7 +34,7 @@ def metrics_of(report: dict) -> list:
     return [(f["fold"], f["metrics"], f["confusion_matrix"]) for f in report["folds"]]
 
 
-def test_report_files_are_consistent(full_run, corpus):
+def test_report_files_are_consistent(full_run, tiny_corpus):
     report = json.loads((full_run / "cv_report.json").read_text())
     assert report["complete"] and report["protocol"] == "speaker_independent"
     assert (full_run / "cv_report.md").read_text().count("| ") > 5
@@ -52,7 +43,7 @@ def test_report_files_are_consistent(full_run, corpus):
         values = [f["metrics"][name] for f in report["folds"]]
         assert report["mean"][name] == pytest.approx(sum(values) / len(values))
     tested = [path for f in report["folds"] for path in f["test_utterances"]]
-    all_files = sorted(str(p) for p in corpus.rglob("*.wav"))
+    all_files = sorted(str(p) for p in tiny_corpus.rglob("*.wav"))
     assert sorted(tested) == all_files  # every utterance tested exactly once
     assert report["num_test_utterances"] == len(all_files)
     assert sum(map(sum, report["confusion_matrix_sum"])) == len(all_files)
@@ -62,9 +53,9 @@ def test_report_files_are_consistent(full_run, corpus):
         assert list((full_run / f"fold_{fold}" / "run").glob("events.out.tfevents.*"))
 
 
-def test_only_runs_merge_into_the_full_report(full_run, corpus, tmp_path):
-    main(cv_args(corpus, tmp_path / "a", "--only=0,2"))
-    main(cv_args(corpus, tmp_path / "b", "--only=1"))
+def test_only_runs_merge_into_the_full_report(full_run, tiny_corpus, tmp_path):
+    main(cv_args(tiny_corpus, tmp_path / "a", "--only=0,2"))
+    main(cv_args(tiny_corpus, tmp_path / "b", "--only=1"))
     partial = json.loads((tmp_path / "a" / "cv_report.json").read_text())
     assert not partial["complete"] and partial["folds_missing"] == [1]
     main(["cv-report", str(tmp_path / "a"), str(tmp_path / "b"), f"--out={tmp_path / 'merged'}"])
@@ -75,17 +66,17 @@ def test_only_runs_merge_into_the_full_report(full_run, corpus, tmp_path):
     assert merged["mean"] == full["mean"] and merged["confusion_matrix_sum"] == full["confusion_matrix_sum"]
 
 
-def test_merge_refuses_different_configurations(corpus, tmp_path):
-    main(cv_args(corpus, tmp_path / "a", "--only=0"))
-    main(cv_args(corpus, tmp_path / "b", "--only=1", "--model.lr=0.01"))
+def test_merge_refuses_different_configurations(tiny_corpus, tmp_path):
+    main(cv_args(tiny_corpus, tmp_path / "a", "--only=0"))
+    main(cv_args(tiny_corpus, tmp_path / "b", "--only=1", "--model.lr=0.01"))
     with pytest.raises(ValueError, match="different configurations"):
         main(["cv-report", str(tmp_path / "a"), str(tmp_path / "b")])
 
 
-def test_killed_run_resumes_without_redoing_complete_folds(corpus, tmp_path):
+def test_killed_run_resumes_without_redoing_complete_folds(tiny_corpus, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ser_lightning", *cv_args(corpus, out)],
+        [sys.executable, "-m", "ser_lightning", *cv_args(tiny_corpus, out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     first = out / "fold_0" / "result.json"
@@ -96,7 +87,7 @@ def test_killed_run_resumes_without_redoing_complete_folds(corpus, tmp_path):
     proc.wait()
     assert first.exists(), "fold 0 did not complete before the kill"
     before = (first.read_bytes(), first.stat().st_mtime_ns)
-    main(cv_args(corpus, out))
+    main(cv_args(tiny_corpus, out))
     assert (first.read_bytes(), first.stat().st_mtime_ns) == before
     report = json.loads((out / "cv_report.json").read_text())
     assert report["complete"] and [f["fold"] for f in report["folds"]] == [0, 1, 2]

@@ -163,7 +163,6 @@ def test_compile_fullgraph_matches_eager():
             torch.testing.assert_close(x, y)
 
 
-@pytest.mark.slow
 def test_compile_inductor_fullgraph_matches_eager():
     torch._dynamo.reset()
     a, weight, bias, u, lengths = make_inputs((3, 7, 4, 5), torch.float32)

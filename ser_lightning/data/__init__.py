@@ -1,6 +1,6 @@
 """Data pipeline: corpora, robust audio loading, features, folds, cache and the DataModule."""
 from .audio import AudioError, load_audio
-from .corpora import scan_corpus
+from .corpora import CORPORA, corpus_classes, scan_corpus
 from .datamodule import SERDataModule, collate_utterances
 from .features import FeatureConfig, FeatureExtractor, SpecAugmentConfig, feature_stats, normalize
 from .folds import FoldPlan, format_fold_plan, make_fold_plan
@@ -8,8 +8,8 @@ from .records import DEFAULT_EMOTIONS, EMOTIONS, CorpusError, Utterance, resolve
 from .synth import ensure_synthetic_corpus, synthesize_corpus
 
 __all__ = [
-    "AudioError", "CorpusError", "DEFAULT_EMOTIONS", "EMOTIONS", "FeatureConfig", "FeatureExtractor", "FoldPlan",
-    "SERDataModule", "SpecAugmentConfig", "Utterance", "collate_utterances", "ensure_synthetic_corpus",
+    "AudioError", "CORPORA", "CorpusError", "DEFAULT_EMOTIONS", "EMOTIONS", "FeatureConfig", "FeatureExtractor", "FoldPlan",
+    "SERDataModule", "SpecAugmentConfig", "Utterance", "collate_utterances", "corpus_classes", "ensure_synthetic_corpus",
     "feature_stats", "format_fold_plan", "load_audio", "make_fold_plan", "normalize", "resolve_emotions",
     "scan_corpus", "synthesize_corpus",
 ]

@@ -1,4 +1,4 @@
-"""SERDataModule: corpus scanning, cached features, k-fold splits and padded batches."""
+"""SERDataModule: corpus scanning, cached features, k-fold or cross-corpus splits and padded batches."""
 from __future__ import annotations
 
 import logging
@@ -15,15 +15,26 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .audio import AudioError, load_audio
 from .cache import FeatureCache
-from .corpora import CORPORA, scan_corpus
+from .corpora import corpus_classes, corpus_info, scan_corpus
 from .features import NORMALIZATION_MODES, FeatureConfig, FeatureExtractor, SpecAugment, SpecAugmentConfig
 from .features import feature_stats as compute_feature_stats
-from .folds import PROTOCOLS, SPLITS, FoldPlan, format_fold_plan, make_fold_plan
+from .folds import PROTOCOLS, SPLITS, FoldPlan, format_fold_plan, make_cross_corpus_plan, make_fold_plan
 from .records import Utterance, resolve_emotions
 from .synth import default_cache_dir, ensure_synthetic_corpus
 
 log = logging.getLogger(__name__)
 SYNTHETIC_SAMPLE_RATE = 16000
+
+
+def _check_root(root: str | None, corpus: str, option: str) -> None:
+    """A manifest root must be an existing file, any other root an existing folder."""
+    if root is None:
+        return
+    path = Path(root).expanduser()
+    if corpus_info(corpus).root_is_file and not path.is_file():
+        raise ValueError(f"{option}: '{root}' is not an existing file (corpus '{corpus}' expects a CSV file)")
+    if not corpus_info(corpus).root_is_file and not path.is_dir():
+        raise ValueError(f"{option}: '{root}' is not an existing folder")
 
 
 @contextmanager
@@ -121,16 +132,33 @@ class BucketBatchSampler(Sampler[list[int]]):
 class SERDataModule(pl.LightningDataModule):
     """Speech emotion data: corpus scan, cached features, one cross-validation fold, padded batches.
 
+    Corpora (``corpus``): ravdess, cremad, tess, savee, emodb (folders, names per their conventions:
+    see ``ser_lightning.data.corpora``) and manifest (``root`` is a CSV file ``path,label,speaker``).
+    Asking for an emotion the corpus lacks (e.g. calm on cremad) is an error that lists its classes;
+    ``emotions: all`` means all of the corpus's classes. Speaker-independent folds need at least
+    ``num_val_speakers + 2`` speakers (a test, validation and training speaker per fold): TESS has
+    only 2, so on TESS use ``protocol: random`` (speaker-dependent) or test on it cross-corpus.
+
+    Cross-corpus evaluation: with ``test_root`` set, the whole of ``corpus``/``root`` trains and
+    validates (``num_val_speakers`` speakers held out for validation) and every file of
+    ``test_corpus``/``test_root`` tests; ``fold``, ``num_folds`` and ``protocol`` do not apply.
+    The classes are the requested emotions that both corpora have (those the test corpus lacks are
+    dropped with a warning); normalisation statistics come from the training split only.
+
     Args (the ``data:`` section of a config):
-        root: corpus folder (e.g. the extracted ``Audio_Speech_Actors_01-24``); None = built-in synthetic corpus.
-        corpus: file-name convention of ``root`` (``ravdess``).
-        emotions: ``default`` (neutral, happy, sad, angry), ``all`` (the 8) or a list of emotion names.
+        root: corpus folder (e.g. the extracted ``Audio_Speech_Actors_01-24``), or the CSV file for
+            ``corpus: manifest``; None = built-in synthetic corpus (RAVDESS layout).
+        corpus: file-name convention of ``root``: ravdess, cremad, tess, savee, emodb or manifest.
+        test_corpus: convention of ``test_root`` (default: same as ``corpus``).
+        test_root: a second corpus used only as the test set (cross-corpus evaluation); None = k-fold on ``root``.
+        emotions: ``default`` (neutral, happy, sad, angry), ``all`` (the corpus's classes) or a list of emotion names.
         feature: feature settings (name: logmel | spectrogram | seed_contour, and its parameters).
         normalization: ``global`` (training-split mean/std), ``utterance`` (per utterance) or ``none``; applied by the model.
         protocol: ``speaker_independent`` (speakers never shared between splits) or ``random`` (speaker-dependent, leaks).
         num_folds: number of cross-validation folds.
         fold: which fold (0 .. num_folds-1) is the test set.
-        num_val_speakers: speakers held out of training for validation (early stopping, checkpoint choice).
+        num_val_speakers: speakers held out of training for validation (early stopping, checkpoint choice);
+            with protocol random, the validation share is num_val_speakers / speakers of the utterances.
         seed: seed of the fold assignment and of the training-batch order.
         batch_size: utterances per batch.
         num_workers: DataLoader worker processes (0 = in the main process).
@@ -147,6 +175,8 @@ class SERDataModule(pl.LightningDataModule):
         self,
         root: str | None = None,
         corpus: str = "ravdess",
+        test_corpus: str | None = None,
+        test_root: str | None = None,
         emotions: str | list[str] = "default",
         feature: FeatureConfig = FeatureConfig(),
         normalization: Literal["global", "utterance", "none"] = "global",
@@ -171,9 +201,13 @@ class SERDataModule(pl.LightningDataModule):
         if isinstance(augment, dict):
             augment = SpecAugmentConfig(**augment)
         self.augment_config = augment
-        self._class_names = list(resolve_emotions(emotions))
+        self.test_corpus = test_corpus or corpus
+        corpus_info(corpus)
+        corpus_info(self.test_corpus, "data.test_corpus")
         checks = [
-            (corpus in CORPORA, f"data.corpus: unknown corpus '{corpus}'; choose from {sorted(CORPORA)}"),
+            (test_corpus is None or test_root is not None, f"data.test_corpus={test_corpus} needs data.test_root"),
+            (test_root is None or protocol == "speaker_independent",
+             f"data.protocol={protocol} does not apply to cross-corpus runs (data.test_root set): validation holds out speakers"),
             (normalization in NORMALIZATION_MODES, f"data.normalization: '{normalization}' is not one of {list(NORMALIZATION_MODES)}"),
             (protocol in PROTOCOLS, f"data.protocol: '{protocol}' is not one of {list(PROTOCOLS)}"),
             (num_folds >= 2, f"data.num_folds={num_folds}: at least 2 folds are needed"),
@@ -187,8 +221,14 @@ class SERDataModule(pl.LightningDataModule):
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        if root is not None and not Path(root).expanduser().is_dir():
-            raise ValueError(f"data.root: '{root}' is not an existing folder")
+        if root is None and corpus != "ravdess":
+            raise ValueError(
+                f"data.root: corpus '{corpus}' needs data.root (the built-in synthetic corpus has the RAVDESS layout; "
+                f"`python -m ser_lightning synth DIR --layout {corpus}` writes a synthetic one)"
+            )
+        _check_root(root, corpus, "data.root")
+        _check_root(test_root, self.test_corpus, "data.test_root")
+        self._class_names = self._select_classes(emotions)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.utterances: list[Utterance] = []
         self.features: list[torch.Tensor] = []
@@ -196,6 +236,35 @@ class SERDataModule(pl.LightningDataModule):
         self.skipped: list[tuple[Path, str]] = []
         self.fold_plan: FoldPlan | None = None
         self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _select_classes(self, emotions: str | list[str]) -> list[str]:
+        """The requested emotions, checked against the corpus (and intersected with the test corpus)."""
+        hp = self.hparams
+        requested = resolve_emotions(emotions)
+        available = corpus_classes(hp.corpus, hp.root)
+        title = corpus_info(hp.corpus).title
+        if isinstance(emotions, str) and emotions.strip().lower() == "all":
+            requested = tuple(e for e in requested if e in available)
+        missing = [e for e in requested if e not in available]
+        if missing:
+            raise ValueError(f"data.emotions: {title} has no {missing}; its classes are {list(available)}")
+        chosen = list(requested)
+        if hp.test_root is not None:
+            test_available = corpus_classes(self.test_corpus, hp.test_root)
+            dropped = [e for e in chosen if e not in test_available]
+            chosen = [e for e in chosen if e in test_available]
+            if dropped:
+                rank_zero_warn(
+                    f"data: the test corpus ({corpus_info(self.test_corpus).title}) has no {dropped}; "
+                    "they are left out of training and testing"
+                )
+            rank_zero_info(f"data: cross-corpus classes {chosen}")
+        if len(chosen) < 2:
+            raise ValueError(
+                f"data.emotions: fewer than two classes remain ({chosen}) after matching the requested "
+                f"emotions with the classes of the corpora"
+            )
+        return chosen
 
     # -- available before setup -------------------------------------------------------------
     @property
@@ -228,24 +297,48 @@ class SERDataModule(pl.LightningDataModule):
         if self.fold_plan is not None:
             return
         hp = self.hparams
-        scan = scan_corpus(hp.corpus, self._corpus_root(), self._class_names, lenient=hp.lenient)
-        plan_options = dict(
-            num_folds=hp.num_folds, fold=hp.fold, protocol=hp.protocol, seed=hp.seed,
-            num_val_speakers=hp.num_val_speakers,
-        )
-        make_fold_plan(scan.utterances, self._class_names, **plan_options)  # fail early, before decoding
-        utterances, features, skipped = self._load_features(scan.utterances)
-        self.skipped = scan.skipped + skipped
+        scans = [scan_corpus(hp.corpus, self._corpus_root(), self._class_names, lenient=hp.lenient)]
+        if hp.test_root is not None:
+            scans.append(scan_corpus(self.test_corpus, hp.test_root, self._class_names, lenient=hp.lenient))
+        self._plan([scan.utterances for scan in scans])  # fail early, before decoding
+        parts, self.skipped, self.features = [], [], []
+        for scan in scans:
+            utterances, features, skipped = self._load_features(scan.utterances)
+            parts.append(utterances)
+            self.features += features
+            self.skipped += scan.skipped + skipped
         if self.skipped:
             rank_zero_warn(f"data: skipped {len(self.skipped)} file(s), e.g. {self.skipped[0][1]}")
-        self.utterances, self.features = utterances, features
-        self.labels = [self._class_names.index(u.emotion) for u in utterances]
-        self.fold_plan = make_fold_plan(utterances, self._class_names, **plan_options)
+        self.utterances = [u for part in parts for u in part]
+        self.labels = [self._class_names.index(u.emotion) for u in self.utterances]
+        self.fold_plan = self._plan(parts)
         for split in SPLITS:
             if not self.fold_plan.split(split):
                 raise ValueError(f"data: the {split} split of fold {hp.fold} is empty; use fewer folds or more data")
         rank_zero_info(format_fold_plan(self.fold_plan, self._class_names))
-        self._stats = compute_feature_stats([features[i] for i in self.fold_plan.train])
+        self._stats = compute_feature_stats([self.features[i] for i in self.fold_plan.train])
+
+    def _plan(self, parts: list[list[Utterance]]) -> FoldPlan:
+        """The fold plan of [training corpus] or [training corpus, test corpus]."""
+        hp = self.hparams
+        if len(parts) == 2:
+            return make_cross_corpus_plan(
+                parts[0], parts[1], self._class_names, seed=hp.seed, num_val_speakers=hp.num_val_speakers
+            )
+        speakers = len({u.speaker for u in parts[0]})
+        if hp.protocol == "speaker_independent" and speakers < hp.num_val_speakers + 2:
+            title = corpus_info(hp.corpus).title
+            raise ValueError(
+                f"data.num_folds={hp.num_folds}: {title} has only {speakers} speakers, too few for speaker-independent "
+                f"folds with data.num_val_speakers={hp.num_val_speakers} (each fold needs a test speaker, "
+                f"{hp.num_val_speakers} validation speaker(s) and a training speaker). Use data.protocol=random "
+                f"(speaker-dependent: speakers leak between splits) or test on {title} with a model trained on "
+                f"another corpus (data.test_corpus, data.test_root)"
+            )
+        return make_fold_plan(
+            parts[0], self._class_names, num_folds=hp.num_folds, fold=hp.fold, protocol=hp.protocol, seed=hp.seed,
+            num_val_speakers=hp.num_val_speakers,
+        )
 
     def _load_features(
         self, utterances: list[Utterance]

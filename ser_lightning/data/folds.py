@@ -128,7 +128,10 @@ def make_fold_plan(
     if num_folds < 2:
         raise ValueError(f"data.num_folds={num_folds}: at least 2 folds are needed")
     if protocol == "speaker_independent" and num_folds > len(speakers):
-        raise ValueError(f"data.num_folds={num_folds} but the corpus has {len(speakers)} speakers")
+        raise ValueError(
+            f"data.num_folds={num_folds} but the corpus has {len(speakers)} speakers "
+            "(speaker-independent folds need at least one test speaker per fold)"
+        )
     if protocol == "random" and num_folds > len(utterances):
         raise ValueError(f"data.num_folds={num_folds} but the corpus has {len(utterances)} utterances")
     if not 0 <= fold < num_folds:
@@ -164,6 +167,43 @@ def make_fold_plan(
     )
 
 
+def make_cross_corpus_plan(
+    train_corpus: Sequence[Utterance],
+    test_corpus: Sequence[Utterance],
+    class_names: Sequence[str],
+    *,
+    seed: int = 0,
+    num_val_speakers: int = 2,
+) -> FoldPlan:
+    """Train and validate on one corpus, test on another (indices into ``train_corpus + test_corpus``).
+
+    ``num_val_speakers`` speakers of the training corpus (balanced by sex, seeded) validate; all
+    others train; every utterance of the test corpus tests.
+    """
+    speakers = sorted({u.speaker for u in train_corpus})
+    if not 1 <= num_val_speakers < len(speakers):
+        raise ValueError(
+            f"data.num_val_speakers={num_val_speakers}: the training corpus has {len(speakers)} speakers; "
+            f"use 1 to {len(speakers) - 1} so that some remain for training"
+        )
+    sex = {u.speaker: u.sex or "unknown" for u in train_corpus}
+    val_speakers = set(_pick_validation_speakers(speakers, sex, num_val_speakers, random.Random(seed)))
+    utterances = [*train_corpus, *test_corpus]
+    splits = {
+        "train": [i for i, u in enumerate(train_corpus) if u.speaker not in val_speakers],
+        "val": [i for i, u in enumerate(train_corpus) if u.speaker in val_speakers],
+        "test": list(range(len(train_corpus), len(utterances))),
+    }
+    return FoldPlan(
+        fold=0, num_folds=1, protocol="cross_corpus", seed=seed,
+        train=splits["train"], val=splits["val"], test=splits["test"],
+        train_speakers=_speakers_of(utterances, splits["train"]),
+        val_speakers=_speakers_of(utterances, splits["val"]),
+        test_speakers=_speakers_of(utterances, splits["test"]),
+        counts={name: _counts(utterances, splits[name], class_names) for name in SPLITS},
+    )
+
+
 def _random_splits(
     utterances: Sequence[Utterance], class_names: Sequence[str], num_folds: int, fold: int, seed: int,
     val_fraction: float,
@@ -190,6 +230,8 @@ def format_fold_plan(plan: FoldPlan, class_names: Sequence[str]) -> str:
             f"Fold {plan.fold} of {plan.num_folds} (protocol: random, seed {plan.seed}) -- SPEAKER-DEPENDENT: "
             "test speakers also appear in training; results are inflated by speaker leakage"
         )
+    elif plan.protocol == "cross_corpus":
+        title = f"Cross-corpus (seed {plan.seed}): train/val on one corpus, test on all of another"
     else:
         title = f"Fold {plan.fold} of {plan.num_folds} (protocol: speaker_independent, seed {plan.seed})"
     width = max(8, *(len(c) for c in class_names))

@@ -7,13 +7,13 @@ vocal channel (01 speech, 02 song), emotion (01-08), intensity (01 normal, 02 st
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from .records import EMOTIONS, CorpusError, Utterance
+from .records import EMOTIONS, CorpusError, ScanResult, Utterance, scan_folder
 
-AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg"})
+__all__ = ["RavdessName", "parse_ravdess_name", "ravdess_utterance", "scan_ravdess"]
 EMOTION_CODES = {f"{i:02d}": name for i, name in enumerate(EMOTIONS, start=1)}
 MODALITY_CODES = {"01": "audio-video", "02": "video-only", "03": "audio-only"}
 VOCAL_CHANNEL_CODES = {"01": "speech", "02": "song"}
@@ -38,14 +38,6 @@ class RavdessName:
     @property
     def speaker(self) -> str:
         return f"{self.actor:02d}"
-
-
-@dataclass
-class ScanResult:
-    """Utterances found in a corpus folder and the files skipped (path, reason)."""
-
-    utterances: list[Utterance]
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
 def _decode(code: str, table: dict, what: str, path: Path):
@@ -80,15 +72,6 @@ def parse_ravdess_name(path: str | Path) -> RavdessName:
     return name
 
 
-def iter_audio_files(root: Path) -> list[Path]:
-    """All audio files under ``root`` (any nesting), sorted; hidden files are ignored."""
-    return sorted(
-        p
-        for p in root.rglob("*")
-        if p.suffix.lower() in AUDIO_SUFFIXES and not p.name.startswith(".") and p.is_file()
-    )
-
-
 def scan_ravdess(
     root: str | Path,
     emotions: Sequence[str],
@@ -101,36 +84,16 @@ def scan_ravdess(
     Non-audio files are ignored. A malformed name raises CorpusError, or with ``lenient`` is
     skipped and listed in ``ScanResult.skipped``. An empty selection always raises CorpusError.
     """
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise CorpusError(f"data.root: '{root}' is not a folder")
-    wanted = set(emotions)
-    utterances: list[Utterance] = []
-    skipped: list[tuple[Path, str]] = []
-    for path in iter_audio_files(root):
-        try:
-            name = parse_ravdess_name(path)
-        except CorpusError as err:
-            if not lenient:
-                raise CorpusError(f"{err} (set data.lenient=true to skip such files)") from None
-            skipped.append((path, str(err)))
-            continue
-        if name.vocal_channel != vocal_channel or name.emotion not in wanted:
-            continue
-        utterances.append(
-            Utterance(
-                path=path.resolve(),
-                emotion=name.emotion,
-                speaker=name.speaker,
-                sex=name.sex,
-                corpus="ravdess",
-                fields=asdict(name),
-            )
-        )
-    if not utterances:
-        raise CorpusError(
-            f"no RAVDESS {vocal_channel} files with emotions {sorted(wanted)} found under '{root}' "
-            f"(looked for audio files named like 03-01-05-02-01-01-12.wav in any subfolder)"
-        )
-    utterances.sort(key=lambda u: str(u.path))
-    return ScanResult(utterances, skipped)
+    return scan_folder(
+        root, ravdess_utterance, emotions, lenient=lenient, corpus=f"RAVDESS {vocal_channel}",
+        example="03-01-05-02-01-01-12.wav", keep=lambda u: u.fields["vocal_channel"] == vocal_channel,
+    )
+
+
+def ravdess_utterance(path: Path) -> Utterance:
+    """The Utterance of one RAVDESS file (CorpusError if its name is malformed)."""
+    name = parse_ravdess_name(path)
+    return Utterance(
+        path=path.resolve(), emotion=name.emotion, speaker=name.speaker, sex=name.sex, corpus="ravdess",
+        fields=asdict(name),
+    )

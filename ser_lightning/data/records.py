@@ -1,13 +1,14 @@
 """Corpus-independent utterance record and the common emotion vocabulary."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 EMOTIONS: tuple[str, ...] = ("neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised")
 DEFAULT_EMOTIONS: tuple[str, ...] = ("neutral", "happy", "sad", "angry")
+AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg"})
 
 
 class CorpusError(ValueError):
@@ -24,6 +25,72 @@ class Utterance:
     sex: str | None
     corpus: str
     fields: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass
+class ScanResult:
+    """Utterances found in a corpus folder and the files skipped (path, reason)."""
+
+    utterances: list[Utterance]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+class NotInVocabulary(Exception):
+    """A well-formed file whose emotion has no counterpart in the common vocabulary (e.g. EmoDB boredom)."""
+
+
+def iter_audio_files(root: Path) -> list[Path]:
+    """All audio files under ``root`` (any nesting), sorted; hidden files are ignored."""
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in AUDIO_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
+
+
+def scan_folder(
+    root: str | Path,
+    parse: Callable[[Path], Utterance],
+    emotions: Sequence[str],
+    *,
+    lenient: bool,
+    corpus: str,
+    example: str,
+    keep: Callable[[Utterance], bool] | None = None,
+) -> ScanResult:
+    """Parse every audio file under ``root`` into an Utterance and keep the wanted emotions
+    (and, with ``keep``, only the utterances it accepts; the others are ignored silently).
+
+    ``parse`` raises CorpusError for a malformed name (fatal, or skipped and listed with
+    ``lenient``) and NotInVocabulary for a valid file whose emotion the vocabulary lacks (always
+    skipped and listed). An empty selection raises CorpusError naming the folder and an example name.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise CorpusError(f"data.root: '{root}' is not a folder")
+    wanted = set(emotions)
+    utterances: list[Utterance] = []
+    skipped: list[tuple[Path, str]] = []
+    for path in iter_audio_files(root):
+        try:
+            utterance = parse(path)
+        except NotInVocabulary as reason:
+            skipped.append((path, str(reason)))
+            continue
+        except CorpusError as err:
+            if not lenient:
+                raise CorpusError(f"{err} (set data.lenient=true to skip such files)") from None
+            skipped.append((path, str(err)))
+            continue
+        if utterance.emotion in wanted and (keep is None or keep(utterance)):
+            utterances.append(utterance)
+    if not utterances:
+        raise CorpusError(
+            f"no {corpus} files with emotions {sorted(wanted)} found under '{root}' "
+            f"(looked for audio files named like {example} in any subfolder)"
+        )
+    utterances.sort(key=lambda u: str(u.path))
+    return ScanResult(utterances, skipped)
 
 
 def resolve_emotions(spec: str | Sequence[str], option: str = "data.emotions") -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""A small signal-level speech-like synthesizer writing a corpus in RAVDESS layout.
+"""A small signal-level speech-like synthesizer writing a corpus in the layout of RAVDESS or another corpus.
 
 Each file is a glottal (Rosenberg) pulse train with an f0 contour, jitter, shimmer and aspiration
 noise; each syllable is shaped by an amplitude envelope and filtered by the formants of its vowel
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from . import cremad, emodb, savee, tess
 from .records import EMOTIONS
 
 log = logging.getLogger(__name__)
@@ -230,27 +231,129 @@ def ravdess_file_codes(emotions: Sequence[str]) -> list[tuple[str, str, int, int
     return codes
 
 
+LAYOUTS = ("ravdess", "cremad", "tess", "savee", "emodb", "manifest")
+LAYOUT_CLASSES = {
+    "ravdess": EMOTIONS, "cremad": cremad.CLASSES, "tess": tess.CLASSES, "savee": savee.CLASSES,
+    "emodb": emodb.CLASSES, "manifest": EMOTIONS,
+}
+DEFAULT_SPEAKERS = {"ravdess": 24, "cremad": 6, "tess": 2, "savee": 4, "emodb": 10, "manifest": 6}
+MAX_SPEAKERS = {"ravdess": 99, "cremad": 91, "tess": 2, "savee": 4, "emodb": 10, "manifest": 99}
+TAKES = 3
+"""Files per speaker and emotion in the non-RAVDESS layouts."""
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """One file of a synthetic corpus: where it goes and what it says."""
+
+    relpath: str
+    emotion: str
+    strong: bool
+    statement: int
+    take: int
+
+
+def layout_speakers(layout: str, count: int) -> list[tuple[str, str]]:
+    """The first ``count`` (speaker id, sex) pairs of a non-RAVDESS layout, as the corpus names them."""
+    alternating = ("male", "female")  # synthetic sexes where the corpus does not fix them
+    if layout == "cremad":
+        return [(str(cremad.ACTORS[j]), alternating[j % 2]) for j in range(count)]
+    if layout == "tess":
+        return [(name, "female") for name in sorted(tess.SPEAKERS)][:count]
+    if layout == "savee":
+        return [(name, "male") for name in savee.SPEAKERS][:count]
+    if layout == "emodb":
+        return sorted(emodb.SPEAKER_SEX.items())[:count]
+    return [(f"spk{j + 1:02d}", alternating[j % 2]) for j in range(count)]
+
+
+def layout_files(layout: str, speaker: str, emotions: Sequence[str]) -> list[PlannedFile]:
+    """The files one speaker records in a non-RAVDESS layout, named by the corpus's convention."""
+    files = []
+    for emotion in emotions:
+        for take in range(TAKES):
+            statement, strong = take % 2 + 1, take == 2 and emotion != "neutral"
+            if layout == "cremad":
+                code = next(c for c, e in cremad.EMOTION_CODES.items() if e == emotion)
+                sentence, level = ("DFA", "XX", "TIE", "XX", "IEO", "HI" if strong else "XX")[2 * take : 2 * take + 2]
+                rel = f"AudioWAV/{speaker}_{sentence}_{code}_{level}.wav"
+            elif layout == "tess":
+                word = ("back", "bar", "base")[take]
+                short = {"fearful": "fear", "surprised": "ps"}.get(emotion, emotion)
+                folder = {"fearful": "Fear", "surprised": "pleasant_surprised"}.get(emotion, emotion)
+                rel = f"{speaker}_{folder}/{speaker}_{word}_{short}.wav"
+            elif layout == "savee":
+                code = next(c for c, e in savee.EMOTION_CODES.items() if e == emotion)
+                rel = f"{speaker}/{code}{take + 1:02d}.wav"
+            elif layout == "emodb":
+                code = next(c for c, e in emodb.EMOTION_CODES.items() if e == emotion)
+                rel = f"wav/{speaker}{('a01', 'a02', 'b01')[take]}{code}a.wav"
+            else:
+                rel = f"audio/{speaker}/{emotion}_{take + 1:03d}.wav"
+            files.append(PlannedFile(rel, emotion, strong, statement, take))
+    return files
+
+
 def synthesize_corpus(
     out_dir: str | Path,
     *,
-    actors: int = 24,
+    actors: int | None = None,
     emotions: Sequence[str] = EMOTIONS,
     sample_rate: int = 16000,
     seed: int = 0,
+    layout: str = "ravdess",
 ) -> list[Path]:
-    """Write ``Actor_NN/03-01-EE-II-SS-RR-NN.wav`` (16-bit PCM) speech files; returns their paths.
+    """Write a synthetic corpus (16-bit PCM) in the file layout of ``layout``; returns the audio paths.
 
-    60 files per actor for all eight emotions (neutral has no strong intensity).
+    ravdess: ``Actor_NN/03-01-EE-II-SS-RR-NN.wav``, 60 files per actor for all eight emotions
+    (neutral has no strong intensity), 24 actors by default. The other layouts write three files
+    per speaker and emotion under the corpus's own names and speaker ids (``actors`` takes the
+    first speakers; defaults: cremad 6, tess 2, savee 4, emodb 10, manifest 6): cremad
+    ``AudioWAV/1001_DFA_ANG_XX.wav`` plus ``VideoDemographics.csv``; tess
+    ``OAF_angry/OAF_back_angry.wav``; savee ``DC/a01.wav``; emodb ``wav/03a01Wa.wav``; manifest
+    ``audio/spk01/angry_001.wav`` plus ``manifest.csv`` (path,label,speaker,sex,take). Emotions a
+    layout's corpus lacks (e.g. calm for cremad) are left out.
     """
-    if actors < 1 or actors > 99:
-        raise ValueError(f"actors: must be between 1 and 99, got {actors}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: unknown layout '{layout}'; choose from {list(LAYOUTS)}")
+    actors = DEFAULT_SPEAKERS[layout] if actors is None else actors
+    if not 1 <= actors <= MAX_SPEAKERS[layout]:
+        raise ValueError(f"actors: the {layout} layout takes 1 to {MAX_SPEAKERS[layout]} speakers, got {actors}")
     if sample_rate < 8000:
         raise ValueError(f"sample_rate: must be at least 8000 Hz, got {sample_rate}")
     unknown = [e for e in emotions if e not in EMOTIONS]
     if unknown or not emotions:
         raise ValueError(f"emotions: unknown or empty {list(emotions)}; valid names are {list(EMOTIONS)}")
-    emotions = [e for e in EMOTIONS if e in emotions]
+    emotions = [e for e in LAYOUT_CLASSES[layout] if e in emotions]
+    if not emotions:
+        raise ValueError(f"emotions: the {layout} layout has none of these; it has {list(LAYOUT_CLASSES[layout])}")
     out_dir = Path(out_dir)
+    if layout == "ravdess":
+        return _synthesize_ravdess(out_dir, actors, emotions, sample_rate, seed)
+    speakers = layout_speakers(layout, actors)
+    paths, rows = [], []
+    for j, (speaker, sex) in enumerate(speakers):
+        voice_index = 2 * j + (1 if sex == "male" else 2)  # actor_voice: odd male, even female
+        voice = actor_voice(seed, voice_index)
+        for f in layout_files(layout, speaker, emotions):
+            key = [seed, LAYOUTS.index(layout), voice_index, EMOTIONS.index(f.emotion), f.take]
+            wave = render_utterance(np.random.default_rng(key), voice, f.emotion, f.strong, f.statement, sample_rate)
+            path = out_dir / f.relpath
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sf.write(str(path), wave, sample_rate, subtype="PCM_16")
+            paths.append(path)
+            rows.append((f.relpath, f.emotion, speaker, sex, f.take + 1))
+    if layout == "cremad":
+        lines = ["ActorID,Sex", *(f"{speaker},{sex.capitalize()}" for speaker, sex in speakers)]
+        (out_dir / cremad.DEMOGRAPHICS).write_text("\n".join(lines) + "\n")
+    if layout == "manifest":
+        lines = ["path,label,speaker,sex,take", *(",".join(map(str, row)) for row in rows)]
+        (out_dir / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return paths
+
+
+def _synthesize_ravdess(out_dir: Path, actors: int, emotions: Sequence[str], sample_rate: int, seed: int) -> list[Path]:
+    """The RAVDESS layout (see ``synthesize_corpus``)."""
     paths = []
     for actor in range(1, actors + 1):
         voice = actor_voice(seed, actor)

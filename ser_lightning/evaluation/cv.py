@@ -104,7 +104,11 @@ def configured_num_folds(lightning_args: list[str]) -> int:
     """The data.num_folds of the configuration (parsing it also validates it before any training)."""
     from ser_lightning.cli import run_lightning
 
-    return int(run_lightning(lightning_args, run=False).config.data.num_folds)
+    data = run_lightning(lightning_args, run=False).config.data
+    if data.test_root is not None:
+        raise SystemExit("cv: data.test_root is set (cross-corpus evaluation has one train/test split, not folds); "
+                         "use `fit` for it")
+    return int(data.num_folds)
 
 
 def format_duration(seconds: float) -> str:
@@ -119,7 +123,8 @@ def cv_main(argv: list[str]) -> None:
     parser.add_argument("--only", help="comma-separated fold indices to run here (merge later with cv-report)")
     parser.add_argument("--out", type=Path, default=Path("cv_runs"), help="output folder (default: cv_runs)")
     args, lightning_args = parser.parse_known_args(argv)
-    num_folds = args.folds or configured_num_folds(lightning_args)
+    configured = configured_num_folds(lightning_args)  # also validates the configuration before any training
+    num_folds = args.folds or configured
     folds = parse_folds(args.only, num_folds)
     args.out.mkdir(parents=True, exist_ok=True)
 

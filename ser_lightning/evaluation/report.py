@@ -4,7 +4,7 @@ import io
 import json
 import os
 import statistics
-import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +19,12 @@ METRIC_TITLES = {"WA": "WA (accuracy)", "UA": "UA (balanced accuracy)", "F1": "m
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file in the same folder and rename, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

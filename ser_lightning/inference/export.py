@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -178,10 +179,12 @@ def export_onnx(module: nn.Module, path: str | Path, *, feature: Any = None, tol
         torch.tensor([export_min + 11, export_min], dtype=torch.int64),
     )
     batch, frames = torch.export.Dim("batch", min=1), torch.export.Dim("frames", min=export_min)
-    program = torch.onnx.export(
-        wrapper, example, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
-        dynamic_shapes={"features": {0: batch, 2: frames}, "lengths": {0: batch}}, dynamo=True, verbose=False,
-    )
+    with warnings.catch_warnings():  # features and lengths share the batch axis, which the exporter remarks on
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used", category=UserWarning)
+        program = torch.onnx.export(
+            wrapper, example, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+            dynamic_shapes={"features": {0: batch, 2: frames}, "lengths": {0: batch}}, dynamo=True, verbose=False,
+        )
     program.save(str(path), external_data=False)
     model = onnx.load(str(path))
     onnx.helper.set_model_props(model, _metadata(wrapper.module, feature))

@@ -244,9 +244,6 @@ class EmotionRecognizer:
         probs = {name: float(p) for name, p in zip(self.class_names, probabilities)}
         return self.class_names[int(probabilities.argmax())], probs
 
-    def _whole(self, path: str | None, wave: Tensor) -> Prediction:
-        return self._single(path, wave.numel(), self._classify([wave])[0])
-
     def _single(self, path: str | None, num_samples: int, segment: _Segment) -> Prediction:
         label, probs = self._named(segment.probabilities)
         duration = num_samples / self.sample_rate
@@ -332,13 +329,13 @@ class EmotionRecognizer:
         """
         path = Path(path)
         if audio_duration(path) > self.window_seconds:
-            block_seconds = self.hop_seconds
-            prediction = self._predict_windows(str(path), iter_audio_blocks(path, self.sample_rate, block_seconds))
-            if prediction is not None:
+            blocks = iter_audio_blocks(path, self.sample_rate, block_seconds=self.hop_seconds)
+            prediction = self._predict_windows(str(path), blocks)
+            if prediction is not None:  # None: shorter than a window once decoded and resampled
                 return prediction
         wave = load_audio(path, self.sample_rate, trim_silence=self.feature.trim_silence)
         _check_not_silent(wave, str(path))
-        return self._whole(str(path), wave)
+        return self._single(str(path), wave.numel(), self._classify([wave])[0])
 
     def predict_batch(self, waveforms: Sequence[Tensor | np.ndarray], sample_rate: int) -> list[Prediction]:
         """Classify in-memory mono waveforms (T,) sampled at ``sample_rate``.

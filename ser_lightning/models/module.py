@@ -177,21 +177,17 @@ class SERModule(LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
     def configure_callbacks(self) -> list[Callback]:
-        """Checkpoint on the best val/UA and optional early stopping.
+        """Checkpoints (the best val/UA, and `last.ckpt` after every epoch for resuming) and optional early stopping.
 
-        The checkpoint replaces the trainer's default one; with `trainer.enable_checkpointing: false` none is added.
+        They replace the trainer's default checkpoint; with `trainer.enable_checkpointing: false` none is added.
         """
         callbacks: list[Callback] = []
         if self.trainer.checkpoint_callback is not None:
-            callbacks.append(
-                ModelCheckpoint(
-                    monitor="val/UA",
-                    mode="max",
-                    save_last=True,
-                    filename="epoch{epoch:03d}-valUA{val/UA:.4f}",
-                    auto_insert_metric_name=False,
-                )
+            best = ModelCheckpoint(
+                monitor="val/UA", mode="max", filename="epoch{epoch:03d}-valUA{val/UA:.4f}", auto_insert_metric_name=False
             )
+            latest = ModelCheckpoint(filename="last", save_top_k=1, enable_version_counter=False)
+            callbacks += [best, latest]  # the first is `trainer.checkpoint_callback`
         if self.hparams.early_stopping_patience is not None:
             callbacks.append(EarlyStopping(monitor="val/UA", mode="max", patience=self.hparams.early_stopping_patience))
         return callbacks

@@ -1,0 +1,101 @@
+"""CSV manifests for custom data: one row per file with ``path,label,speaker`` and optional columns.
+
+``data.root`` is the CSV file itself. Relative paths are resolved against the manifest's folder;
+labels must be names of the common vocabulary (any case); an optional ``sex`` column takes
+male/female/m/f (empty = unknown); every other column is kept in ``Utterance.fields``. Duplicate
+paths, missing files, unknown labels and empty cells are reported with their line numbers, all
+in one error (or, with ``lenient``, the rows are skipped and listed in ``ScanResult.skipped``).
+"""
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+from .records import EMOTIONS, CorpusError, ScanResult, Utterance
+
+CORPUS = "manifest"
+REQUIRED = ("path", "label", "speaker")
+SEXES = {"male": "male", "m": "male", "female": "female", "f": "female", "": None}
+MAX_LISTED = 20
+
+
+def read_rows(manifest: str | Path) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row with lower-case column names) for each data row; CorpusError if unreadable."""
+    manifest = Path(manifest).expanduser()
+    if not manifest.is_file():
+        raise CorpusError(f"data.root: manifest '{manifest}' is not a file (corpus 'manifest' expects a CSV file)")
+    try:
+        with manifest.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = [(name or "").strip().lower() for name in reader.fieldnames or []]
+            missing = [name for name in REQUIRED if name not in columns]
+            if missing:
+                raise CorpusError(
+                    f"{manifest}: missing column(s) {missing} in the header line (found {columns}; "
+                    f"expected {','.join(REQUIRED)} plus optional columns)"
+                )
+            reader.fieldnames = columns
+            rows = [  # line_num: the (last) line of the row just read
+                (reader.line_num, {k: (v or "").strip() for k, v in row.items() if k is not None}) for row in reader
+            ]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise CorpusError(f"{manifest}: cannot read the manifest ({err})") from None
+    return rows
+
+
+def manifest_labels(manifest: str | Path) -> tuple[str, ...]:
+    """The vocabulary labels used in the manifest, in vocabulary order (unknown labels are left out)."""
+    used = {row["label"].lower() for _, row in read_rows(manifest)}
+    return tuple(name for name in EMOTIONS if name in used)
+
+
+def _parse_row(row: dict[str, str], folder: Path, seen: dict[Path, int]) -> tuple[Utterance | None, list[str]]:
+    """An Utterance for one row, or the row's problems."""
+    problems = []
+    for name in REQUIRED:
+        if not row.get(name):
+            problems.append(f"empty {name}")
+    label, sex = row.get("label", "").lower(), row.get("sex", "").lower()
+    if label and label not in EMOTIONS:
+        problems.append(f"unknown label '{row['label']}' (valid labels: {', '.join(EMOTIONS)})")
+    if sex not in SEXES:
+        problems.append(f"sex '{row['sex']}' is not male, female, m, f or empty")
+    path = None
+    if row.get("path"):
+        path = (folder / Path(row["path"]).expanduser()).resolve()
+        if path in seen:
+            problems.append(f"duplicate path '{row['path']}' (first listed on line {seen[path]})")
+        elif not path.is_file():
+            problems.append(f"file '{row['path']}' not found (looked for {path})")
+    if problems:
+        return None, problems
+    extra = {k: v for k, v in row.items() if k not in (*REQUIRED, "sex")}
+    return Utterance(path, label, row["speaker"], SEXES[sex], CORPUS, extra), []
+
+
+def scan_manifest(manifest: str | Path, emotions: Sequence[str], *, lenient: bool = False) -> ScanResult:
+    """Read the manifest's rows with the wanted emotions; report every bad row with its line number."""
+    manifest = Path(manifest).expanduser()
+    folder = manifest.resolve().parent
+    wanted = set(emotions)
+    utterances: list[Utterance] = []
+    problems: list[tuple[Path, str]] = []
+    seen: dict[Path, int] = {}
+    for line, row in read_rows(manifest):
+        utterance, row_problems = _parse_row(row, folder, seen)
+        if row_problems:
+            problems.append((folder / row.get("path", ""), f"{manifest} line {line}: {'; '.join(row_problems)}"))
+            continue
+        seen[utterance.path] = line
+        if utterance.emotion in wanted:
+            utterances.append(utterance)
+    if problems and not lenient:
+        listing = "\n  ".join(reason for _, reason in problems[:MAX_LISTED])
+        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise CorpusError(
+            f"{manifest}: {len(problems)} bad row(s) (set data.lenient=true to skip them):\n  {listing}{more}"
+        )
+    if not utterances:
+        raise CorpusError(f"{manifest}: no rows with labels {sorted(wanted)}")
+    return ScanResult(utterances, problems)
