@@ -7,8 +7,8 @@ Build switches (environment variables):
 
 - ``SER_LIGHTNING_CUDA``: ``auto`` (default: build if a matching toolkit is found), ``1`` (require
   the CUDA build; fail if no matching toolkit), ``0`` (CPU only).
-- ``CUDA_HOME``: the toolkit to use. When unset it is found from ``nvcc`` on the PATH, following
-  symbolic links to the real installation.
+- ``CUDA_HOME``: the toolkit to use. When unset it is found from ``nvcc`` on the PATH (which may be a
+  symbolic link or a wrapper script: nvcc itself is asked where it lives).
 - ``TORCH_CUDA_ARCH_LIST``: GPU architectures to compile for (default below).
 - ``MAX_JOBS``: parallel compile jobs (ninja).
 """
@@ -26,11 +26,15 @@ ROOT = Path(__file__).parent
 
 
 def find_cuda_home() -> Path | None:
-    """The CUDA toolkit: $CUDA_HOME, else the real location of nvcc on the PATH."""
+    """The CUDA toolkit: $CUDA_HOME, else the installation that nvcc on the PATH belongs to."""
     if os.environ.get("CUDA_HOME"):
         return Path(os.environ["CUDA_HOME"])
     nvcc = shutil.which("nvcc")
-    return Path(nvcc).resolve().parents[1] if nvcc else None
+    if not nvcc:
+        return None
+    dryrun = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True)
+    here = re.search(r"^#\$ _HERE_=(.+)$", dryrun.stdout + dryrun.stderr, re.MULTILINE)
+    return Path(here.group(1).strip()).resolve().parent if here else Path(nvcc).resolve().parents[1]
 
 
 def nvcc_version(cuda_home: Path) -> str | None:
@@ -73,7 +77,7 @@ def extensions() -> tuple[list, dict]:
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
     # -fopenmp: at::parallel_for in the CPU kernels is OpenMP code inlined from ATen's headers (serial
     # without it); the library resolves to the OpenMP runtime torch has already loaded (same soname).
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fdiagnostics-color=always"]
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-Wno-psabi", "-fdiagnostics-color=always"]
     link_flags = ["-fopenmp"]
     if want_cuda():
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
