@@ -72,6 +72,7 @@ def want_cuda() -> bool:
 
 
 def extensions() -> tuple[list, dict]:
+    cuda = want_cuda()  # before importing cpp_extension, which reads CUDA_HOME once at import
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
@@ -79,7 +80,7 @@ def extensions() -> tuple[list, dict]:
     # without it); the library resolves to the OpenMP runtime torch has already loaded (same soname).
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-Wno-psabi", "-fdiagnostics-color=always"]
     link_flags = ["-fopenmp"]
-    if want_cuda():
+    if cuda:
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
         ext = CUDAExtension(
             "ser_lightning._C",
