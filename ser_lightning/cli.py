@@ -44,7 +44,7 @@ class SERLightningCLI(LightningCLI):
         if self.trainer.fast_dev_run or not self._get(self.config, "test_after_fit"):
             return
         checkpoint = self.trainer.checkpoint_callback
-        ckpt_path = "best" if checkpoint is not None and checkpoint.best_model_path else None
+        ckpt_path = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
         val = self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
         test = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
         if self.trainer.is_global_zero:
