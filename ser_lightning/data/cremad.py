@@ -13,7 +13,7 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
-from .records import CorpusError, ScanResult, Utterance, scan_folder
+from .records import CorpusError, ScanResult, Utterance, decode_code, scan_folder
 
 CORPUS = "cremad"
 EXAMPLE = "1001_DFA_ANG_XX.wav"
@@ -38,12 +38,6 @@ ACTORS = range(1001, 1092)
 DEMOGRAPHICS = "VideoDemographics.csv"
 
 
-def _decode(code: str, table: dict, what: str, path: Path) -> str:
-    if code not in table:
-        raise CorpusError(f"{path}: unknown CREMA-D {what} code '{code}' (expected one of {sorted(table)})")
-    return table[code]
-
-
 def parse_cremad_name(path: str | Path) -> dict:
     """The fields of a CREMA-D file name: actor, sentence (code and text), emotion, level; CorpusError if malformed."""
     path = Path(path)
@@ -56,9 +50,9 @@ def parse_cremad_name(path: str | Path) -> dict:
     return {
         "actor": int(actor),
         "sentence": sentence,
-        "text": _decode(sentence, SENTENCES, "sentence", path),
-        "emotion": _decode(emotion, EMOTION_CODES, "emotion", path),
-        "level": _decode(level, LEVEL_CODES, "emotion level", path),
+        "text": decode_code(sentence, SENTENCES, "CREMA-D sentence", path),
+        "emotion": decode_code(emotion, EMOTION_CODES, "CREMA-D emotion", path),
+        "level": decode_code(level, LEVEL_CODES, "CREMA-D emotion level", path),
     }
 
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from .records import EMOTIONS, CorpusError, ScanResult, Utterance, scan_folder
+from .records import EMOTIONS, CorpusError, ScanResult, Utterance, decode_code, scan_folder
 
 __all__ = ["RavdessName", "parse_ravdess_name", "ravdess_utterance", "scan_ravdess"]
 EMOTION_CODES = {f"{i:02d}": name for i, name in enumerate(EMOTIONS, start=1)}
@@ -40,12 +40,6 @@ class RavdessName:
         return f"{self.actor:02d}"
 
 
-def _decode(code: str, table: dict, what: str, path: Path):
-    if code not in table:
-        raise CorpusError(f"{path}: unknown {what} code '{code}' (expected one of {sorted(table)})")
-    return table[code]
-
-
 def parse_ravdess_name(path: str | Path) -> RavdessName:
     """Parse a RAVDESS file name; raise CorpusError naming the file if it is malformed."""
     path = Path(path)
@@ -56,12 +50,12 @@ def parse_ravdess_name(path: str | Path) -> RavdessName:
         )
     modality, channel, emotion, intensity, statement, repetition, actor = parts
     name = RavdessName(
-        modality=_decode(modality, MODALITY_CODES, "modality", path),
-        vocal_channel=_decode(channel, VOCAL_CHANNEL_CODES, "vocal channel", path),
-        emotion=_decode(emotion, EMOTION_CODES, "emotion", path),
-        intensity=_decode(intensity, INTENSITY_CODES, "intensity", path),
-        statement=_decode(statement, STATEMENT_CODES, "statement", path),
-        repetition=_decode(repetition, REPETITION_CODES, "repetition", path),
+        modality=decode_code(modality, MODALITY_CODES, "modality", path),
+        vocal_channel=decode_code(channel, VOCAL_CHANNEL_CODES, "vocal channel", path),
+        emotion=decode_code(emotion, EMOTION_CODES, "emotion", path),
+        intensity=decode_code(intensity, INTENSITY_CODES, "intensity", path),
+        statement=decode_code(statement, STATEMENT_CODES, "statement", path),
+        repetition=decode_code(repetition, REPETITION_CODES, "repetition", path),
         actor=int(actor),
         sex="male" if int(actor) % 2 == 1 else "female",
     )

@@ -39,6 +39,13 @@ class NotInVocabulary(Exception):
     """A well-formed file whose emotion has no counterpart in the common vocabulary (e.g. EmoDB boredom)."""
 
 
+def decode_code(code: str, table: Mapping[str, Any], what: str, path: Path) -> Any:
+    """Look up one code of a file name; CorpusError naming the file and the expected codes if unknown."""
+    if code not in table:
+        raise CorpusError(f"{path}: unknown {what} code '{code}' (expected one of {sorted(table)})")
+    return table[code]
+
+
 def iter_audio_files(root: Path) -> list[Path]:
     """All audio files under ``root`` (any nesting), sorted; hidden files are ignored."""
     return sorted(
