@@ -31,9 +31,10 @@ def _check_root(root: str | None, corpus: str, option: str) -> None:
     if root is None:
         return
     path = Path(root).expanduser()
-    if corpus_info(corpus).root_is_file and not path.is_file():
-        raise ValueError(f"{option}: '{root}' is not an existing file (corpus '{corpus}' expects a CSV file)")
-    if not corpus_info(corpus).root_is_file and not path.is_dir():
+    if corpus_info(corpus).root_is_file:
+        if not path.is_file():
+            raise ValueError(f"{option}: '{root}' is not an existing file (corpus '{corpus}' expects a CSV file)")
+    elif not path.is_dir():
         raise ValueError(f"{option}: '{root}' is not an existing folder")
 
 

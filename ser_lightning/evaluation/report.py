@@ -13,7 +13,6 @@ from matplotlib.figure import Figure
 from ser_lightning.plotting import draw_confusion_matrix
 
 METRICS = ("WA", "UA", "F1")
-METRIC_TITLES = {"WA": "WA (accuracy)", "UA": "UA (balanced accuracy)", "F1": "macro-F1"}
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
