@@ -9,20 +9,34 @@ Build switches (environment variables):
   the CUDA build; fail if no matching toolkit), ``0`` (CPU only).
 - ``CUDA_HOME``: the toolkit to use. When unset it is found from ``nvcc`` on the PATH (which may be a
   symbolic link or a wrapper script: nvcc itself is asked where it lives).
-- ``TORCH_CUDA_ARCH_LIST``: GPU architectures to compile for (default below).
+- ``TORCH_CUDA_ARCH_LIST``: GPU architectures to compile for (default: DEFAULT_CUDA_ARCHS that the
+  toolkit supports, the newest also as PTX).
 - ``MAX_JOBS``: parallel compile jobs (ninja).
+- ``CXX``: the C++ compiler (default ``c++``). Optional flags (OpenMP, warning switches) are probed,
+  so compilers without OpenMP build a working, serial CPU kernel.
+
+Builds are incremental: objects live in ``build/temp.<platform>-<python>`` and ninja recompiles only
+the sources (or headers) that changed, also across ``pip install -e .`` runs.
 """
 
 import os
 import re
 import shutil
 import subprocess
+import sys
+import sysconfig
+import tempfile
+from functools import cache
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
-DEFAULT_CUDA_ARCH_LIST = "8.0;8.6;8.9;9.0;10.0;12.0+PTX"
+DEFAULT_CUDA_ARCHS = ("8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
+# Python 3.10, the cp310 abi3 tag of the wheel. torch's BuildExtension adds the same define for
+# py_limited_api=True; it is stated here so that the claim does not depend on that.
+PY_LIMITED_API = "0x030A0000"
 ROOT = Path(__file__).parent
+BUILD_TEMP = ROOT / "build" / f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
 
 
 def find_cuda_home() -> Path | None:
@@ -37,13 +51,26 @@ def find_cuda_home() -> Path | None:
     return Path(here.group(1).strip()).resolve().parent if here else Path(nvcc).resolve().parents[1]
 
 
-def nvcc_version(cuda_home: Path) -> str | None:
+def nvcc_output(cuda_home: Path, *args: str) -> str | None:
     nvcc = cuda_home / "bin" / "nvcc"
     if not nvcc.exists():
         return None
-    out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True).stdout
-    match = re.search(r"release (\d+\.\d+)", out)
+    return subprocess.run([str(nvcc), *args], capture_output=True, text=True).stdout
+
+
+def nvcc_version(cuda_home: Path) -> str | None:
+    match = re.search(r"release (\d+\.\d+)", nvcc_output(cuda_home, "--version") or "")
     return match.group(1) if match else None
+
+
+def default_arch_list(cuda_home: Path) -> str:
+    """DEFAULT_CUDA_ARCHS that this nvcc can compile (``--list-gpu-arch``), the newest also as PTX."""
+    listed = nvcc_output(cuda_home, "--list-gpu-arch") or ""
+    supported = {f"{m[:-1]}.{m[-1]}" for m in re.findall(r"compute_(\d+)", listed)}
+    archs = [arch for arch in DEFAULT_CUDA_ARCHS if arch in supported]
+    if not archs:
+        raise RuntimeError(f"nvcc in {cuda_home} supports none of {DEFAULT_CUDA_ARCHS}; set TORCH_CUDA_ARCH_LIST")
+    return ";".join(archs[:-1] + [archs[-1] + "+PTX"])
 
 
 def want_cuda() -> bool:
@@ -59,7 +86,8 @@ def want_cuda() -> bool:
     matches = toolkit is not None and torch_cuda is not None and toolkit.split(".")[0] == torch_cuda.split(".")[0]
     if matches:
         os.environ["CUDA_HOME"] = str(cuda_home)
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(cuda_home)
         print(f"ser-lightning: building CUDA kernels with nvcc {toolkit} from {cuda_home} "
               f"for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
         return True
@@ -71,36 +99,63 @@ def want_cuda() -> bool:
     return False
 
 
+@cache
+def compiler_accepts(*flags: str, source: str = "int main() { return 0; }\n") -> bool:
+    """Whether $CXX (the compiler torch's build uses) compiles and links `source` with `flags`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "probe.cpp"
+        src.write_text(source)
+        cmd = [os.environ.get("CXX", "c++"), *flags, str(src), "-o", str(Path(tmp) / "probe")]
+        return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+def cxx_flags() -> tuple[list[str], list[str]]:
+    """(compile flags, link flags) for the C++ sources."""
+    # -ffp-contract=off: no implicit FMAs, so every CPU path rounds the shared math the same way (the
+    # kernels' FMAs are explicit); see csrc/attention_pool.h.
+    compile_flags = ["-O3", "-std=c++17", "-ffp-contract=off", "-fdiagnostics-color=always"]
+    link_flags = []
+    if compiler_accepts("-Werror", "-Wno-psabi"):
+        compile_flags.append("-Wno-psabi")
+    # at::parallel_for is OpenMP code inlined from ATen's headers; without OpenMP it runs serially.
+    if compiler_accepts("-fopenmp", source="#include <omp.h>\nint main() { return omp_get_max_threads() < 1; }\n"):
+        compile_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")  # resolves to the OpenMP runtime torch has already loaded
+    else:
+        print("ser-lightning: the C++ compiler has no OpenMP (-fopenmp); the CPU kernels will run serially")
+    return compile_flags, link_flags
+
+
 def extensions() -> tuple[list, dict]:
     cuda = want_cuda()  # before importing cpp_extension, which reads CUDA_HOME once at import
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
-    # -fopenmp: at::parallel_for in the CPU kernels is OpenMP code inlined from ATen's headers (serial
-    # without it); the library resolves to the OpenMP runtime torch has already loaded (same soname).
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-Wno-psabi", "-fdiagnostics-color=always"]
-    link_flags = ["-fopenmp"]
+    class IncrementalBuildExtension(BuildExtension.with_options(use_ninja=True)):
+        """Keeps objects in BUILD_TEMP: pip's editable install otherwise builds in a fresh temporary
+        directory each time, recompiling everything."""
+
+        def finalize_options(self) -> None:
+            super().finalize_options()
+            self.build_temp = str(BUILD_TEMP)
+
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
+    compile_flags, link_flags = cxx_flags()
+    common = {
+        "include_dirs": [str(ROOT / "csrc")],
+        "define_macros": [("Py_LIMITED_API", PY_LIMITED_API)],
+        "extra_link_args": link_flags,
+        "py_limited_api": True,
+    }
     if cuda:
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
-        ext = CUDAExtension(
-            "ser_lightning._C",
-            sources,
-            include_dirs=[str(ROOT / "csrc")],
-            define_macros=[("SER_LIGHTNING_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
-            extra_link_args=link_flags,
-            py_limited_api=True,
-        )
+        # No --use_fast_math: the kernels use the shared rational tanh and expf, and the float32 tests
+        # compare with float64 at 1e-4. -lineinfo maps compute-sanitizer and profiler reports to lines.
+        nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
+        ext = CUDAExtension("ser_lightning._C", sources, extra_compile_args={"cxx": compile_flags, "nvcc": nvcc_flags},
+                            **common)
     else:
-        ext = CppExtension(
-            "ser_lightning._C",
-            sources,
-            include_dirs=[str(ROOT / "csrc")],
-            extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=link_flags,
-            py_limited_api=True,
-        )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+        ext = CppExtension("ser_lightning._C", sources, extra_compile_args={"cxx": compile_flags}, **common)
+    return [ext], {"build_ext": IncrementalBuildExtension}
 
 
 ext_modules, cmdclass = extensions()

@@ -7,12 +7,18 @@ thread count, and reports medians, speed-ups, memory, the compile time of torch.
 CUDA, the achieved bandwidth against the device's peak under the bytes model of `minimal_bytes`.
 Speed-up "x eager" = eager time / this time (> 1 is faster); "x compiled" likewise.
 
-    python benchmarks/bench_attention.py [--device cpu|cuda|all] [--quick] [--no-compile] [--json out.json]
+On CPU the fused kernels run the instruction-set path in use (reported at the top; the
+SER_LIGHTNING_CPU_CAPABILITY environment variable picks it); `--cpu-paths all` times every path this
+CPU supports side by side, as contenders fused-avx512, fused-avx2, fused-default.
+
+    python benchmarks/bench_attention.py [--device cpu|cuda|all] [--quick] [--no-compile] [--cpu-paths all]
+                                         [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import time
 import warnings
@@ -25,7 +31,7 @@ from torch import Tensor
 
 from common import (CPU_MEMORY_NOTE, environment, format_table, goal, interleaved_medians, peak_memory_bytes,
                     print_environment, print_goals, require_positive, resolve_device, set_threads, write_json)
-from ser_lightning.ops import attention_pool, attention_pool_reference
+from ser_lightning.ops import attention_pool, attention_pool_reference, cpu_capabilities, cpu_capability, set_cpu_capability
 
 SHAPES: dict[str, tuple[int, int, int, int]] = {  # name: (B, L, C, D)
     "seed1d": (51, 4, 30, 30),
@@ -130,8 +136,21 @@ def max_abs_diff(x: tuple[Tensor, ...], y: tuple[Tensor, ...]) -> float:
     return max(float((p.double() - q.double()).abs().max()) for p, q in zip(x, y))
 
 
+def fused_paths(device: torch.device, requested: list[str]) -> dict[str, str | None]:
+    """Fused contender label -> the CPU instruction-set path it runs on (None on CUDA)."""
+    if device.type != "cpu":
+        return {"fused": None}
+    if requested == ["active"]:
+        return {"fused": cpu_capability()}
+    names = cpu_capabilities() if requested == ["all"] else requested
+    unknown = [name for name in names if name not in cpu_capabilities()]
+    if unknown:
+        raise SystemExit(f"--cpu-paths: this CPU cannot run {unknown}; it runs {cpu_capabilities()}")
+    return {f"fused-{name}": name for name in names}
+
+
 def contenders(
-    device: torch.device, dtype: torch.dtype, compile_: bool
+    device: torch.device, dtype: torch.dtype, compile_: bool, paths: dict[str, str | None]
 ) -> tuple[dict[str, Contender | None], dict[str, str]]:
     """name -> function (None for torch.compile: built per shape) and name -> reason it is skipped."""
     found: dict[str, Contender | None] = {"eager": functools.partial(attention_pool, backend="reference")}
@@ -143,10 +162,16 @@ def contenders(
     probe = make_inputs((1, 1, 1, 1), device, dtype, 0)
     try:  # the fused backend raises RuntimeError saying why when it cannot run on this device/dtype
         attention_pool(probe["a"], probe["weight"], probe["bias"], probe["u"], LAM, backend="fused")
-        found["fused"] = functools.partial(attention_pool, backend="fused")
+        for label in paths:
+            found[label] = functools.partial(attention_pool, backend="fused")
     except RuntimeError as err:
         skipped["fused"] = str(err)
     return found, skipped
+
+
+def on_path(path: str | None) -> Any:
+    """A context running the fused CPU kernels on `path` (no-op for None)."""
+    return contextlib.nullcontext() if path is None else set_cpu_capability(path)
 
 
 def print_profile(title: str, fn: Callable[[], Any], device: torch.device, calls: int = 20) -> None:
@@ -167,8 +192,9 @@ def print_profile(title: str, fn: Callable[[], Any], device: torch.device, calls
 
 
 def bench_shape(name: str, shape: tuple[int, int, int, int], device: torch.device, dtype: torch.dtype,
-                found: dict[str, Contender | None], args: argparse.Namespace, peak_gbs: float | None) -> dict[str, Any]:
-    """Time, measure and cross-check every contender at one shape."""
+                found: dict[str, Contender | None], paths: dict[str, str | None], args: argparse.Namespace,
+                peak_gbs: float | None) -> dict[str, Any]:
+    """Time, measure and cross-check every contender at one shape (fused ones on their CPU path)."""
     x = make_inputs(shape, device, dtype, args.seed)
     result: dict[str, Any] = {"shape": name, "B": shape[0], "L": shape[1], "C": shape[2], "D": shape[3],
                               "lengths_mean": float(x["lengths"].float().mean()), "contenders": {}}
@@ -189,17 +215,23 @@ def bench_shape(name: str, shape: tuple[int, int, int, int], device: torch.devic
         result["contenders"][label] = entry
     eager_out = forward["eager"]() + forward_backward["eager"]()
     for label, entry in result["contenders"].items():
-        entry["max_abs_diff_vs_eager"] = max_abs_diff(forward[label]() + forward_backward[label](), eager_out)
+        with on_path(paths.get(label)):
+            entry["max_abs_diff_vs_eager"] = max_abs_diff(forward[label]() + forward_backward[label](), eager_out)
+        if paths.get(label):
+            entry["cpu_path"] = paths[label]
+    setup = {label: functools.partial(set_cpu_capability, path) for label, path in paths.items() if path}
     for key, fns in (("forward_s", forward), ("forward_backward_s", forward_backward)):
-        medians = interleaved_medians(fns, device, args.min_run_time, args.repeats, args.rounds)
+        medians = interleaved_medians(fns, device, args.min_run_time, args.repeats, args.rounds, setup)
         for label, (median, best) in medians.items():
             result["contenders"][label][key] = median
             result["contenders"][label][key.removesuffix("_s") + "_min_s"] = best
     if name in (args.profile or ()):
         for label, fn in forward_backward.items():
-            print_profile(f"{name} {label} forward+backward", fn, device)
+            with on_path(paths.get(label)):
+                print_profile(f"{name} {label} forward+backward", fn, device)
     for label, entry in result["contenders"].items():
-        entry["memory_bytes"] = peak_memory_bytes(forward_backward[label], device, forward_backward[label].inputs)
+        with on_path(paths.get(label)):
+            entry["memory_bytes"] = peak_memory_bytes(forward_backward[label], device, forward_backward[label].inputs)
         if device.type == "cuda":
             for key, backward in (("forward", False), ("forward_backward", True)):
                 gbs = minimal_bytes(shape, x["a"].element_size(), backward) / entry[f"{key}_s"] / 1e9
@@ -252,35 +284,41 @@ def print_results(results: list[dict[str, Any]], device: torch.device) -> None:
                             for s, e in compiled]))
 
 
-def speedup(results: list[dict[str, Any]], shape: str, other: str) -> float | None:
+def speedup(results: list[dict[str, Any]], shape: str, other: str, label: str = "fused") -> float | None:
     for r in results:
-        if r["shape"] == shape and "fused" in r["contenders"]:
-            return r["contenders"]["fused"][f"forward_backward_x_{other}"]
+        if r["shape"] == shape and label in r["contenders"]:
+            return r["contenders"][label][f"forward_backward_x_{other}"]
     return None
 
 
-def memory_ratio(results: list[dict[str, Any]], shape: str) -> float | None:
+def memory_ratio(results: list[dict[str, Any]], shape: str, label: str = "fused") -> float | None:
     for r in results:
-        if r["shape"] == shape and "fused" in r["contenders"]:
-            return r["contenders"]["fused"]["memory_x_eager"]
+        if r["shape"] == shape and label in r["contenders"]:
+            return r["contenders"][label]["memory_x_eager"]
     return None
 
 
-def evaluate_goals(results: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
-    """The issue's goals (fused vs the other contender, forward+backward) from the measured numbers."""
+def evaluate_goals(results: list[dict[str, Any]], device: torch.device,
+                   paths: dict[str, str | None]) -> list[dict[str, Any]]:
+    """The issue's goals (fused vs the other contender, forward+backward) from the measured numbers;
+    on CPU, for each fused contender (each instruction-set path timed)."""
     goals = []
     measured = [r["shape"] for r in results]
     if device.type == "cpu":
-        for shape in ("seed1d", "logmel-1d"):
-            goals.append(goal(f"CPU {shape}: fused >= 3x eager", speedup(results, shape, "eager"), 3.0))
-        for shape in ("zhang2d", "long"):
-            if shape in measured:
-                goals.append(goal(f"CPU {shape}: fused >= 1x eager", speedup(results, shape, "eager"), 1.0))
-        if "long" in measured:
-            goals.append(goal("CPU long: fused memory <= 0.6x eager", memory_ratio(results, "long"), 0.6,
-                              higher_is_better=False))
-        for shape in measured:
-            goals.append(goal(f"CPU {shape}: fused >= 1x compiled", speedup(results, shape, "compiled"), 1.0))
+        for label in paths:
+            fused = "fused" if label == "fused" else f"fused [{paths[label]}]"
+            for shape in ("seed1d", "logmel-1d"):
+                goals.append(goal(f"CPU {shape}: {fused} >= 3x eager", speedup(results, shape, "eager", label), 3.0))
+            for shape in ("zhang2d", "long"):
+                if shape in measured:
+                    goals.append(goal(f"CPU {shape}: {fused} >= 1x eager", speedup(results, shape, "eager", label),
+                                      1.0))
+            if "long" in measured:
+                goals.append(goal(f"CPU long: {fused} memory <= 0.6x eager", memory_ratio(results, "long", label), 0.6,
+                                  higher_is_better=False))
+            for shape in measured:
+                goals.append(goal(f"CPU {shape}: {fused} >= 1x compiled", speedup(results, shape, "compiled", label),
+                                  1.0))
     else:
         for shape in SMALL_SHAPES:
             goals.append(goal(f"GPU {shape}: fused >= 3x eager", speedup(results, shape, "eager"), 3.0))
@@ -302,7 +340,9 @@ def run_device(device: torch.device, args: argparse.Namespace) -> dict[str, Any]
     if device.type == "cuda":
         print(f"peak memory bandwidth: {fmt(peak_gbs, '.0f')} GB/s"
               + (" (--peak-gbs)" if args.peak_gbs else " (table in this script; pass --peak-gbs if unknown)"))
-    found, skipped = contenders(device, dtype, args.compile)
+    paths = fused_paths(device, args.cpu_paths)
+    found, skipped = contenders(device, dtype, args.compile, paths)
+    paths = {label: path for label, path in paths.items() if label in found}
     for label, reason in skipped.items():
         print(f"{label}: unavailable ({reason})")
     names = args.shapes or (QUICK_SHAPES if args.quick else list(SHAPES))
@@ -312,10 +352,11 @@ def run_device(device: torch.device, args: argparse.Namespace) -> dict[str, Any]
             print(f"{name}: skipped (CUDA only)")
             continue
         print(f"... {name} {SHAPES[name]}", flush=True)
-        results.append(bench_shape(name, SHAPES[name], device, dtype, found, args, peak_gbs))
+        with on_path(env["cpu_capability"] if device.type == "cpu" and paths else None):  # restored after
+            results.append(bench_shape(name, SHAPES[name], device, dtype, found, paths, args, peak_gbs))
     print()
     print_results(results, device)
-    goals = evaluate_goals(results, device)
+    goals = evaluate_goals(results, device, paths)
     print_goals(goals)
     return {"environment": env, "peak_bandwidth_gbs": peak_gbs, "skipped": skipped,
             "memory_measure": CPU_MEMORY_NOTE if device.type == "cpu" else "torch.cuda.max_memory_allocated",
@@ -339,6 +380,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="CUDA: timed calls (default 100, --quick 10)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="interleaved rounds over the contenders (default 20, --quick 4)")
+    parser.add_argument("--cpu-paths", nargs="+", default=["active"], metavar="PATH",
+                        help="CPU: instruction-set paths of the fused kernels to time side by side: 'active' "
+                             "(default: the path in use, contender 'fused'), 'all' (every path this CPU runs) or "
+                             "names (avx512, avx2, default), as contenders 'fused-<path>'")
     parser.add_argument("--peak-gbs", type=float, help="CUDA: the device's peak memory bandwidth in GB/s")
     parser.add_argument("--profile", nargs="+", choices=list(SHAPES), metavar="SHAPE",
                         help="also print torch.profiler's operator table of forward+backward at these shapes")

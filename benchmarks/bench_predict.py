@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import soundfile as sf
 import torch
@@ -40,13 +39,11 @@ GOAL_RTF = 100.0
 
 def train_tiny_checkpoint(corpus: Path, workdir: Path) -> Path:
     """One epoch of the demo configuration on `corpus` through the command line; returns its checkpoint."""
-    from ser_lightning.cli import run_lightning
+    from ser_lightning.lightning_cli import fit_main
 
-    with mock.patch.object(sys, "argv", sys.argv[:1]):  # the CLI must not see this script's options
-        run_lightning(["fit", f"--data.root={corpus}", f"--data.cache_dir={workdir / 'cache'}",
-                       "--data.num_folds=3", "--data.num_val_speakers=1", "--trainer.max_epochs=1",
-                       f"--trainer.default_root_dir={workdir}", "--trainer.enable_progress_bar=false",
-                       "--trainer.enable_model_summary=false", "--test_after_fit=false"])
+    fit_main([f"--data.root={corpus}", f"--data.cache_dir={workdir / 'cache'}", "--data.num_folds=3",
+              "--data.num_val_speakers=1", "--trainer.max_epochs=1", f"--trainer.default_root_dir={workdir}",
+              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--test_after_fit=false"])
     checkpoints = sorted(workdir.rglob("epoch*.ckpt"))
     if not checkpoints:
         raise SystemExit(f"training wrote no checkpoint under {workdir}")
@@ -119,7 +116,7 @@ def main() -> None:
     print_environment(env)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        files = synthesize_corpus(workdir / "corpus", actors=args.actors, emotions=DEFAULT_EMOTIONS, seed=0)
+        files = synthesize_corpus(workdir / "corpus", actors=args.actors, emotions=DEFAULT_EMOTIONS, random_seed=0)
         files = files[: args.files] if args.files else files
         ckpt, trained = args.ckpt, args.ckpt is None
         if trained:

@@ -3,11 +3,14 @@
 Each training step (forward, cross-entropy, backward, Adam step) runs on the same seeded synthetic
 feature batches (log-mel 64 x ~300 frames for seed1d, spectrogram 200 x ~300 for zhang2d, ragged
 lengths) from the same initial weights for both backends, interleaved so both see the same load.
-Throughput = batch size / median step time. `--demo-epoch` also times one epoch of the demo
-configuration end to end through the real command line (corpus generation, feature extraction,
-training, validation and the test after fit), first with an empty cache, then again warm.
+Throughput = batch size / median step time. (The time of whole epochs through the command line,
+against this step time, is `benchmarks/bench_fit.py`.)
 
-    python benchmarks/bench_train.py [--device cpu|cuda] [--quick] [--demo-epoch] [--json out.json]
+`--precision bf16-mixed` runs forward and loss under torch.autocast(bfloat16), as Lightning's
+bf16-mixed does: on CUDA the fused attention then runs in bfloat16; the CPU kernels have no
+bfloat16, so on CPU only the reference runs.
+
+    python benchmarks/bench_train.py [--device cpu|cuda] [--precision 32|bf16-mixed] [--quick] [--json out.json]
 """
 
 from __future__ import annotations
@@ -15,12 +18,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -59,16 +60,20 @@ def make_model(arch: str, backend: str, zhang_width: float, device: torch.device
     return model.to(device).train()
 
 
-def step_fn(model: nn.Module, batches: list[dict]) -> Callable[[], None]:
-    """One Adam training step per call, cycling through the batches."""
+def step_fn(model: nn.Module, batches: list[dict], precision: str = "32") -> Callable[[], None]:
+    """One Adam training step per call, cycling through the batches (forward and loss under bfloat16
+    autocast for precision "bf16-mixed")."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     cycle = itertools.cycle(batches)
+    device_type = next(model.parameters()).device.type
 
     def step() -> None:
         batch = next(cycle)
         optimizer.zero_grad(set_to_none=True)
-        output = model(batch["features"], batch["lengths"])
-        F.cross_entropy(output.logits, batch["labels"]).backward()
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            output = model(batch["features"], batch["lengths"])
+            loss = F.cross_entropy(output.logits, batch["labels"])
+        loss.backward()
         optimizer.step()
 
     return step
@@ -79,9 +84,10 @@ def bench_arch(arch: str, device: torch.device, args: argparse.Namespace) -> dic
     models = {backend: make_model(arch, backend, args.zhang_width, device) for backend in args.backends}
     with torch.no_grad():
         positions = int(models["reference"](batches[0]["features"], batches[0]["lengths"]).alpha.shape[1])
-    steps = {backend: step_fn(model, batches) for backend, model in models.items()}
+    steps = {backend: step_fn(model, batches, args.precision) for backend, model in models.items()}
     medians = interleaved_medians(steps, device, args.min_run_time, args.repeats, args.rounds)
-    result: dict[str, Any] = {"arch": arch, "batch_size": args.batch_size, "features": FEATURES[arch],
+    result: dict[str, Any] = {"arch": arch, "precision": args.precision, "batch_size": args.batch_size,
+                              "features": FEATURES[arch],
                               "frames_mean": float(torch.cat([b["lengths"] for b in batches]).float().mean()),
                               "attention_positions_max": positions, "backends": {}}
     if arch == "zhang2d":
@@ -99,31 +105,6 @@ def bench_arch(arch: str, device: torch.device, args: argparse.Namespace) -> dic
     result["throughput_ratio"] = fused["utterances_per_s"] / ref["utterances_per_s"] if fused else None
     result["memory_ratio"] = fused["memory_bytes"] / ref["memory_bytes"] if fused else None
     return result
-
-
-def demo_epoch(args: argparse.Namespace) -> dict[str, Any]:
-    """One epoch of configs/demo.yaml through the command line, cold (empty cache) then warm."""
-    from ser_lightning.cli import run_lightning
-
-    extra = []
-    if args.quick:  # a small corpus so the smoke test stays short
-        extra = ["--data.synthetic_actors=6", "--data.num_folds=3", "--data.num_val_speakers=1"]
-    times = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for run in ("cold", "warm"):
-            cli_args = ["fit", "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp}/{run}",
-                        f"--data.cache_dir={tmp}/cache", "--trainer.enable_progress_bar=false",
-                        "--trainer.enable_model_summary=false", f"--model.backend={args.demo_backend}", *extra]
-            print(f"... demo epoch ({run}): python -m ser_lightning {' '.join(cli_args[:2] + cli_args[4:])}", flush=True)
-            start = time.perf_counter()
-            with mock.patch.object(sys, "argv", sys.argv[:1]):  # the CLI must not see this script's options
-                cli = run_lightning(cli_args)
-            times[run] = time.perf_counter() - start
-            data = cli.datamodule
-    return {"config": "configs/demo.yaml", "extra_args": extra, "backend": args.demo_backend,
-            "utterances": len(data.utterances), "cold_s": times["cold"], "warm_s": times["warm"],
-            "includes": "corpus generation (cold only), feature extraction (cold only), 1 training epoch, "
-                        "validation, test after fit"}
 
 
 def print_results(results: list[dict[str, Any]], device: torch.device) -> None:
@@ -151,6 +132,8 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--archs", nargs="+", choices=("seed1d", "zhang2d"), default=["seed1d", "zhang2d"])
     parser.add_argument("--quick", action="store_true", help="smoke test: short timing runs")
+    parser.add_argument("--precision", choices=("32", "bf16-mixed"), default="32",
+                        help="32 (default) or bf16-mixed: forward and loss under bfloat16 autocast")
     parser.add_argument("--zhang-width", type=float, default=None,
                         help="zhang2d channel multiplier (default 0.25 on CPU, 1.0 on CUDA)")
     parser.add_argument("--batch-size", type=int, default=32, help="utterances per step (default 32, as the demo)")
@@ -161,11 +144,6 @@ def main() -> None:
                         help="CPU: seconds of timing per backend, split over the rounds (default 4.0, --quick 0.5)")
     parser.add_argument("--repeats", type=int, default=None, help="CUDA: timed steps (default 50, --quick 10)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 10, --quick 2)")
-    parser.add_argument("--demo-epoch", action="store_true",
-                        help="also time one epoch of the demo config through the CLI, cold and warm "
-                             "(with --quick: on a 6-actor corpus)")
-    parser.add_argument("--demo-backend", choices=("auto", "fused", "reference"), default="auto",
-                        help="attention backend of the demo epoch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
@@ -179,10 +157,15 @@ def main() -> None:
     require_positive(args, "batch_size", "frames", "batches", "zhang_width", "min_run_time", "repeats", "rounds")
 
     env = environment(device)
+    env["precision"] = args.precision
     print_environment(env)
+    print(f"precision: {args.precision}")
     args.backends = list(BACKENDS)
     if not fused_available(device):
         print(f"fused: unavailable ({fused.LOAD_ERROR or 'the extension has no kernel for ' + device.type})")
+        args.backends.remove("fused")
+    elif device.type == "cpu" and args.precision == "bf16-mixed":
+        print("fused: unavailable (the CPU kernels have no bfloat16)")
         args.backends.remove("fused")
     results = []
     for arch in args.archs:
@@ -190,10 +173,6 @@ def main() -> None:
         results.append(bench_arch(arch, device, args))
     print()
     print_results(results, device)
-    demo = demo_epoch(args) if args.demo_epoch else None
-    if demo:
-        print(f"\ndemo epoch ({demo['utterances']} utterances, backend {demo['backend']}): "
-              f"cold {demo['cold_s']:.1f} s, warm {demo['warm_s']:.1f} s ({demo['includes']})")
     goals = []
     if device.type == "cpu":
         seed = next((r for r in results if r["arch"] == "seed1d"), None)
@@ -201,7 +180,7 @@ def main() -> None:
                           seed["throughput_ratio"] if seed else None, 1.3))
         print_goals(goals)
     write_json(args.json, {"benchmark": "train", "quick": args.quick, "environment": env, "results": results,
-                           "demo_epoch": demo, "memory_measure": CPU_MEMORY_NOTE if device.type == "cpu"
+                           "memory_measure": CPU_MEMORY_NOTE if device.type == "cpu"
                            else "torch.cuda.max_memory_allocated", "goals": goals})
 
 

@@ -35,13 +35,18 @@ def device_name(device: torch.device) -> str:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """What the numbers depend on: printed at the top of every run and stored in the JSON."""
+    from ser_lightning.ops import cpu_capabilities, cpu_capability
+
     return {
         "device": device.type,
         "device_name": device_name(device),
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "cpu_capability": cpu_capability(),  # the fused CPU kernels' instruction-set path
+        "cpu_capabilities": cpu_capabilities(),
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "command": " ".join(["python", *sys.argv]),
     }
@@ -50,6 +55,9 @@ def environment(device: torch.device) -> dict[str, Any]:
 def print_environment(env: dict[str, Any]) -> None:
     print(f"device: {env['device']} ({env['device_name']}), torch {env['torch']}, "
           f"threads {env['threads']}, python {env['python']}")
+    if env["device"] == "cpu":
+        print(f"fused CPU kernels: {env['cpu_capability'] or 'not loaded'} path "
+              f"(this CPU runs: {', '.join(env['cpu_capabilities']) or '-'}; SER_LIGHTNING_CPU_CAPABILITY overrides)")
     print(f"command: {env['command']}")
     load, cores = env["load_average_1min"], env["cpu_count"]
     if load is not None and cores and load > 0.5 * cores:
@@ -80,20 +88,26 @@ def resolve_device(name: str) -> torch.device:
 
 
 def interleaved_medians(fns: dict[str, Callable[[], Any]], device: torch.device, min_run_time: float,
-                        repeats: int, rounds: int) -> dict[str, tuple[float, float]]:
+                        repeats: int, rounds: int,
+                        setup: dict[str, Callable[[], Any]] | None = None) -> dict[str, tuple[float, float]]:
     """(median, minimum) seconds per call of each function, measured in `rounds` interleaved rounds.
 
     Interleaving (A, B, C, A, B, C, ...) exposes every contender to the same machine load, so ratios stay
     fair on a shared machine. CPU: torch.utils.benchmark blocked_autorange (min_run_time / rounds per
     round, current thread count), over all blocks of all rounds. CUDA: CUDA events around
     each call (repeats / rounds per round) after warm-up, synchronising after each call.
+    `setup[name]()`, when given, runs before each of that function's blocks, untimed (e.g. choosing
+    the CPU kernels' instruction-set path).
     """
+    setup = setup or {}
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():  # warm-up
+    for name, fn in fns.items():  # warm-up
+        setup.get(name, lambda: None)()
         for _ in range(3 if device.type == "cuda" else 1):
             fn()
     for _ in range(rounds):
         for name, fn in fns.items():
+            setup.get(name, lambda: None)()
             if device.type == "cuda":
                 times[name] += _cuda_event_times(fn, device, max(1, repeats // rounds))
             else:

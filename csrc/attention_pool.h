@@ -1,10 +1,10 @@
 // Shared arithmetic of the fused attention pooling operator.
 //
-// The scalar formulas (activation, stable-softmax merge and weights, backward terms) live here as
-// small inline functions compiled for the host (CPU kernel) and the device (CUDA kernel), so the
-// CPU tests exercise the math the GPU runs. The kernels themselves move data, index and reduce;
-// GEMMs are ATen/BLAS calls in the CPU kernel for wide problems (and cuBLAS in the CUDA backward);
-// the CPU kernel for narrow problems (small C and D) is self-contained and uses fast_tanh below.
+// Everything here is compiled for the host (the CPU kernels, every instruction-set path) and for
+// the device (the CUDA kernels), so the CPU tests exercise the math the GPU runs: ONE activation
+// (sl_tanh: the rational tanh below for float32, the exact tanh for float64), ONE stable-softmax
+// merge (SoftmaxState), and the backward terms. The kernels themselves only index, move data and
+// reduce. Host-only declarations (input checks) live in checks.h.
 //
 // Forward, per utterance b with n = lengths[b] valid positions:
 //   e_i = u . tanh(W a_i + bias),  alpha = softmax(lam * e) over i < n (0 elsewhere),
@@ -18,26 +18,27 @@
 #include <cmath>
 #include <cstdint>
 
-#ifdef __CUDACC__
+#if defined(__CUDACC__)
 #define SL_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__GNUC__) || defined(__clang__)
+// always_inline: the CPU kernels call these from functions compiled for AVX2 / AVX-512, with vector
+// arguments; inlining them is what keeps vectors from crossing calls between instruction sets.
+#define SL_HOST_DEVICE inline __attribute__((always_inline))
 #else
 #define SL_HOST_DEVICE inline
 #endif
 
 namespace ser_lightning {
 
-SL_HOST_DEVICE float sl_tanh(float x) { return tanhf(x); }
-SL_HOST_DEVICE double sl_tanh(double x) { return ::tanh(x); }
-
-// tanh for float32 without libm: Eigen's rational approximation (generic_fast_tanh_float), a
-// 13/6-degree odd/even polynomial ratio on x clamped to +-7.90531110763549805 (where it reaches 1),
-// and x itself for |x| < 4e-4. Max error vs the exact tanh, measured over every finite float32:
-// 7 ulp / 4.1e-7 absolute (5 ulp / 2.9e-7 when compiled with FMA contraction). Branch-free, so loops
-// over it vectorise.
-// Written for any V with float arithmetic, comparisons and ?: (float, or a GCC/Clang vector of
-// floats in the CPU kernel); constants are made as V{} + c to broadcast them.
+// tanh without libm: Eigen's rational approximation (generic_fast_tanh_float), a 13/6-degree
+// odd/even polynomial ratio on x clamped to +-7.90531110763549805 (where it reaches 1), and x itself
+// for |x| < 4e-4. Max error vs the exact tanh over every finite float32: 7 ulp / 4.1e-7 absolute.
+// Branch-free, so it vectorises. Written for any V with float arithmetic, comparisons and ?:
+// (float, or a GCC/Clang vector of floats in the CPU kernels). The CPU build disables FMA
+// contraction (-ffp-contract=off), so every CPU path (scalar or any vector width) rounds each
+// operation the same way and gives bit-identical results; nvcc contracts into FMAs (a few ulp apart).
 template <typename V>
-SL_HOST_DEVICE V fast_tanh_rational(V x) {
+SL_HOST_DEVICE V tanh_rational(V x) {
   const V clamp = V{} + 7.90531110763549805f, zero = V{};
   const V xc = x > clamp ? clamp : (x < -clamp ? -clamp : x);
   const V x2 = xc * xc;
@@ -54,9 +55,12 @@ SL_HOST_DEVICE V fast_tanh_rational(V x) {
   const V ax = x < zero ? -x : x;
   return ax < V{} + 4e-4f ? x : p / q;
 }
-SL_HOST_DEVICE float fast_tanh(float x) { return fast_tanh_rational(x); }
-// float64 keeps the exact tanh (gradcheck compares against finite differences).
-SL_HOST_DEVICE double fast_tanh(double x) { return ::tanh(x); }
+
+// The activation of every path. float64 keeps the exact tanh (gradcheck compares against finite
+// differences); float32 (and the float32 accumulation of float16/bfloat16 on CUDA) uses the
+// rational one, on the CPU and on the GPU alike.
+SL_HOST_DEVICE float sl_tanh(float x) { return tanh_rational(x); }
+SL_HOST_DEVICE double sl_tanh(double x) { return ::tanh(x); }
 SL_HOST_DEVICE float sl_exp(float x) { return expf(x); }
 SL_HOST_DEVICE double sl_exp(double x) { return ::exp(x); }
 
@@ -67,9 +71,9 @@ SL_HOST_DEVICE acc_t neg_infinity() { return -static_cast<acc_t>(INFINITY); }
 template <typename acc_t>
 SL_HOST_DEVICE acc_t activation(acc_t z, acc_t bias) { return sl_tanh(z + bias); }
 
-// Running (max, sum of exp(x - max)) of a stable softmax, merged across tiles of positions.
-// Merging another partial (m, s) returns the factors that rescale this partial's and the other
-// partial's exp-weighted sums (the context accumulators) to the new common maximum.
+// Running (max, sum of exp(x - max)) of a stable softmax. Every path builds the softmax of an
+// utterance by merging partials (one per tile, wave or utterance) into an empty state: the CPU
+// kernels merge once per utterance or wave, the CUDA merge kernel once per tile.
 template <typename acc_t>
 struct SoftmaxState {
   acc_t max;
@@ -77,8 +81,9 @@ struct SoftmaxState {
 
   SL_HOST_DEVICE static SoftmaxState empty() { return {neg_infinity<acc_t>(), acc_t(0)}; }
 
-  // Merge a partial (other_max, other_sum); writes the factor for this side's old accumulators to
-  // *scale_self and for the other side's to *scale_other. An empty side (max = -inf) gets 0.
+  // Merge a partial (other_max, other_sum); writes the factor for this side's old exp-weighted
+  // accumulators (the context sums) to *scale_self and for the other side's to *scale_other. An
+  // empty side (max = -inf) gets 0.
   SL_HOST_DEVICE void merge(acc_t other_max, acc_t other_sum, acc_t* scale_self, acc_t* scale_other) {
     const acc_t m = max > other_max ? max : other_max;
     *scale_self = max == neg_infinity<acc_t>() ? acc_t(0) : sl_exp(max - m);
@@ -98,20 +103,8 @@ SL_HOST_DEVICE acc_t score_grad(acc_t lam, acc_t alpha, acc_t s, acc_t s_mean) {
 }
 
 // dz_{i,d} = de_i u_d (1 - h_{i,d}^2): gradient with respect to the pre-activation z_{i,d} + bias_d.
+// Also instantiated for vectors of floats by the CPU kernels.
 template <typename acc_t>
 SL_HOST_DEVICE acc_t preactivation_grad(acc_t de, acc_t u, acc_t h) { return de * u * (1 - h * h); }
-
-}  // namespace ser_lightning
-
-#include <ATen/core/Tensor.h>
-
-namespace ser_lightning {
-
-// Host-side checks shared by the CPU and CUDA registrations; messages name the argument.
-void check_forward_inputs(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& bias,
-                          const at::Tensor& u, double lam, const at::Tensor& lengths);
-void check_backward_inputs(const at::Tensor& grad_context, const at::Tensor& grad_alpha, const at::Tensor& a,
-                           const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& u,
-                           const at::Tensor& alpha, double lam, const at::Tensor& lengths);
 
 }  // namespace ser_lightning

@@ -9,13 +9,14 @@ from ser_lightning.data.records import Utterance
 from ser_lightning.data.synth import synthesize_corpus
 
 TINY_EMOTIONS = ("neutral", "happy", "sad", "angry")
+TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
 
 
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     """A RAVDESS-layout synthetic corpus: 6 actors x 4 emotions (28 files per actor), 16 kHz."""
     root = tmp_path_factory.mktemp("tiny_corpus")
-    synthesize_corpus(root, actors=6, emotions=TINY_EMOTIONS, sample_rate=16000, seed=0)
+    synthesize_corpus(root, actors=6, emotions=TINY_EMOTIONS, sample_rate=16000, random_seed=0)
     return root
 
 
@@ -40,16 +41,23 @@ def utterance_factory():
     return make_utterances
 
 
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory) -> Path:
+    """One feature cache for the end-to-end tests (features of a file are computed once per session)."""
+    return tmp_path_factory.mktemp("feature_cache")
+
+
+def tiny_args(corpus: Path, root: Path, *extra: str, cache: Path | None = None) -> list[str]:
+    """Configuration arguments of a quick run on a tiny corpus (tests/conf/tiny.yaml), logging under ``root``."""
+    return ["--config", str(TINY_CONFIG), f"--data.root={corpus}", f"--data.cache_dir={cache or root / 'cache'}",
+            f"--trainer.default_root_dir={root}", *extra]
+
+
 def train_tiny_checkpoint(corpus: Path, root: Path, *extra: str) -> Path:
     """One epoch of `python -m ser_lightning fit` on a tiny corpus; returns the last checkpoint."""
     from ser_lightning.cli import main
 
-    main([
-        "fit", f"--data.root={corpus}", f"--data.cache_dir={root / 'cache'}", "--data.num_folds=3",
-        "--data.num_val_speakers=1", f"--trainer.default_root_dir={root}", "--trainer.accelerator=cpu",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.max_epochs=1",
-        "--test_after_fit=false", *extra,
-    ])
+    main(["fit", *tiny_args(corpus, root, "--test_after_fit=false", "--figures.every_n_epochs=0", *extra)])
     return root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
 
 
@@ -65,4 +73,13 @@ def zhang2d_checkpoint(tiny_corpus, tmp_path_factory) -> Path:
     return train_tiny_checkpoint(
         tiny_corpus, tmp_path_factory.mktemp("zhang2d_run"),
         "--model.arch=zhang2d", "--data.feature.name=spectrogram", "--model.width=0.125",
+    )
+
+
+@pytest.fixture(scope="session")
+def speaker_checkpoint(tiny_corpus, tmp_path_factory) -> Path:
+    """seed1d with speaker normalisation, the pitch rows and the statistics head, trained for one epoch."""
+    return train_tiny_checkpoint(
+        tiny_corpus, tmp_path_factory.mktemp("speaker_run"), "--data.normalization=speaker", "--data.feature.pitch=true",
+        "--model.utterance_stats=true",
     )

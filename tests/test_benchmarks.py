@@ -82,7 +82,6 @@ def test_bench_train_quick(tmp_path):
             assert r["throughput_ratio"] > 0 and r["memory_ratio"] > 0
         else:
             assert r["throughput_ratio"] is None
-    assert data["demo_epoch"] is None
     check_goals(data["goals"], 1)
     assert "utt/s" in stdout
 
@@ -101,7 +100,7 @@ def test_bench_predict_quick(tmp_path):
     assert "real-time factor" in stdout
 
 
-@pytest.mark.parametrize("name, option", [("bench_attention.py", "--no-compile"), ("bench_train.py", "--demo-epoch"),
+@pytest.mark.parametrize("name, option", [("bench_attention.py", "--no-compile"), ("bench_train.py", "--precision"),
                                           ("bench_predict.py", "--ckpt")])
 def test_help_documents_options(name, option, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))

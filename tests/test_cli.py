@@ -1,30 +1,18 @@
 """The real `python -m ser_lightning` entry point on a tiny generated corpus."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from conftest import TINY_CONFIG, tiny_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ser_lightning.cli import main, run_lightning
-
-
-def tiny_args(corpus: Path, tmp: Path, *extra: str) -> list[str]:
-    """Arguments for a quick run on the tiny corpus, logging under `tmp`."""
-    return [
-        f"--data.root={corpus}",
-        f"--data.cache_dir={tmp / 'cache'}",
-        "--data.num_folds=3",
-        "--data.num_val_speakers=1",
-        "--data.batch_size=16",
-        f"--trainer.default_root_dir={tmp}",
-        "--trainer.accelerator=cpu",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.log_every_n_steps=1",
-        *extra,
-    ]
+from ser_lightning.cli import COMMANDS, main
+from ser_lightning.configs import config_dirs
 
 
 def event_file_tags(log_dir: Path) -> tuple[set[str], set[str]]:
@@ -38,42 +26,88 @@ def event_file_tags(log_dir: Path) -> tuple[set[str], set[str]]:
     return scalars, images
 
 
-def test_fit_logs_scalars_figures_and_config(tiny_corpus, tmp_path, capsys):
-    main(["fit", *tiny_args(tiny_corpus, tmp_path, "--trainer.max_epochs=2")])
+def printed_metrics(text: str) -> list[str]:
+    return re.findall(r"(?m)^ *(?:validation|test): .*$", text)
+
+
+def test_help_lists_every_command_with_one_line(capsys):
+    main(["--help"])
     out = capsys.readouterr().out
-    assert "validation: WA" in out and "test: WA" in out
+    for name, (text, _) in COMMANDS.items():
+        assert re.search(rf"(?m)^  {re.escape(name)} +{re.escape(text)}$", out), name
+    with pytest.raises(SystemExit, match="unknown command 'frobnicate'"):
+        main(["frobnicate"])
+
+
+def test_fit_prints_model_and_baseline_and_logs_scalars_figures_and_config(tiny_corpus, feature_cache, tmp_path, capsys):
+    main(["fit", *tiny_args(tiny_corpus, tmp_path, "--trainer.max_epochs=2", cache=feature_cache)])
+    lines = printed_metrics(capsys.readouterr().out)
+    assert len(lines) == 2 and all("baseline pooled: UA" in line for line in lines)
     log_dir = tmp_path / "lightning_logs" / "version_0"
-    assert (log_dir / "config.yaml").exists()
-    assert list((log_dir / "checkpoints").glob("epoch*.ckpt"))
+    config = yaml.safe_load((log_dir / "config.yaml").read_text())
+    assert config["model"]["lr"] == 0.003 and config["figures"]["num_attention_maps"] == 2
+    assert len(list((log_dir / "checkpoints").glob("epoch*.ckpt"))) == 1 and (log_dir / "checkpoints" / "last.ckpt").exists()
     scalars, images = event_file_tags(log_dir)
     for split in ("train", "val", "test"):
-        for name in ("WA", "UA", "F1"):
+        for name in ("WA", "UA", "F1", "loss"):
             assert f"{split}/{name}" in scalars
-    assert "train/loss" in scalars
-    assert "val/confusion_matrix" in images and "test/confusion_matrix" in images
-    assert any(tag.startswith("val/attention_") for tag in images)
+    assert {"val/confusion_matrix", "test/confusion_matrix", "val/attention_0", "val/attention_1"} <= images
 
 
-def test_test_subcommand_from_checkpoint(tiny_corpus, tmp_path, capsys):
-    main(["fit", *tiny_args(tiny_corpus, tmp_path, "--trainer.max_epochs=1", "--test_after_fit=false")])
-    ckpt = next((tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("epoch*.ckpt"))
-    capsys.readouterr()
-    main(["test", *tiny_args(tiny_corpus, tmp_path), f"--ckpt_path={ckpt}"])
-    assert "test/UA" in capsys.readouterr().out
+def test_demo_config_is_the_default_only_without_a_config(tiny_corpus, tmp_path, capsys):
+    """A --config file that does not set model.lr gets SERModule's default, not demo.yaml's 0.003."""
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(TINY_CONFIG.read_text().replace("  lr: 0.003\n", ""))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(bare), "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["lr"] == 0.001
+    with pytest.raises(SystemExit):
+        main(["fit", "--print_config"])
+    demo = yaml.safe_load(capsys.readouterr().out)
+    assert demo["model"]["lr"] == 0.003 and demo["trainer"]["max_epochs"] == 30
 
 
-def test_fast_dev_run(tiny_corpus, tmp_path):
-    main(["fit", *tiny_args(tiny_corpus, tmp_path, "--trainer.fast_dev_run=true")])
+def test_shipped_configs_are_found_by_name_and_a_missing_one_says_where_it_looked(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "zhang2d", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["arch"] == "zhang2d"
+    with pytest.raises(SystemExit, match=r"--config nosuch: no such file.*" + re.escape(str(config_dirs()[0]))):
+        main(["fit", "--config", "nosuch"])
 
 
-def test_same_seed_same_metrics(tiny_corpus, tmp_path):
+def test_test_and_validate_from_a_checkpoint(seed1d_checkpoint, tiny_corpus, feature_cache, tmp_path, capsys):
+    for command in ("test", "validate"):
+        main([command, *tiny_args(tiny_corpus, tmp_path, cache=feature_cache), f"--ckpt_path={seed1d_checkpoint}"])
+        out = capsys.readouterr().out
+        split = "test" if command == "test" else "val"
+        assert f"{split}/UA" in out and f"{'val' if split == 'test' else 'test'}/UA" not in out
+
+
+def test_predict_split_writes_every_test_utterance(seed1d_checkpoint, tiny_corpus, feature_cache, tmp_path, capsys):
+    output = tmp_path / "predictions.csv"
+    main(["predict-split", *tiny_args(tiny_corpus, tmp_path, cache=feature_cache), f"--ckpt_path={seed1d_checkpoint}",
+          f"--output={output}"])
+    rows = output.read_text().splitlines()
+    assert rows[0] == "path,speaker,label,emotion,p_neutral,p_happy,p_sad,p_angry"
+    assert len(rows) == 1 + 2 * 28  # two test speakers of 28 files each
+    assert {row.split(",")[1] for row in rows[1:]} and "56 test utterances predicted" in capsys.readouterr().out
+    assert all(abs(sum(map(float, row.split(",")[4:])) - 1) < 1e-4 for row in rows[1:])
+
+
+def test_fast_dev_run_trains_one_batch_and_writes_nothing(tiny_corpus, feature_cache, tmp_path, capsys):
+    main(["fit", *tiny_args(tiny_corpus, tmp_path, "--trainer.fast_dev_run=true", cache=feature_cache)])
+    out = capsys.readouterr()
+    assert "Running in `fast_dev_run` mode" in out.out + out.err and not printed_metrics(out.out)
+    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "lightning_logs").exists()
+
+
+def test_same_seed_same_metrics(tiny_corpus, feature_cache, tmp_path, capsys):
     results = []
     for run in ("a", "b"):
-        cli_args = tiny_args(tiny_corpus, tmp_path / run, "--trainer.max_epochs=2", "--test_after_fit=false")
-        cli = run_lightning(["fit", *cli_args])
-        metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)[0]
-        results.append(metrics)
-    assert results[0] == results[1]
+        main(["fit", *tiny_args(tiny_corpus, tmp_path / run, "--trainer.max_epochs=2", "--figures.num_attention_maps=0",
+                                cache=feature_cache)])
+        results.append(printed_metrics(capsys.readouterr().out))
+    assert results[0] == results[1] and len(results[0]) == 2
 
 
 @pytest.mark.parametrize(
@@ -84,35 +118,27 @@ def test_same_seed_same_metrics(tiny_corpus, tmp_path):
         ("--model.lam=0", "model.lam"),
         ("--data.num_folds=7", "data.num_folds"),
         ("--data.fold=3", "data.fold"),
+        ("--figures.every_n_epochs=-1", "figures.every_n_epochs"),
     ],
 )
 def test_invalid_configuration_fails_before_training(tiny_corpus, tmp_path, capsys, option, message):
     with pytest.raises((SystemExit, ValueError)) as error:
-        main(["fit", *tiny_args(tiny_corpus, tmp_path, "--trainer.max_epochs=1"), option])
-    text = str(error.value) + capsys.readouterr().err
-    assert message in text
+        main(["fit", *tiny_args(tiny_corpus, tmp_path), option])
+    assert message in str(error.value) + capsys.readouterr().err
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
-def test_print_config_lists_the_options(capsys):
-    with pytest.raises(SystemExit):
-        main(["fit", "--print_config"])
-    out = capsys.readouterr().out
-    assert "arch: seed1d" in out and "protocol: speaker_independent" in out
-
-
 def test_synth_command_writes_ravdess_layout(tmp_path, capsys):
-    main(["synth", str(tmp_path / "corpus"), "--actors=2", "--emotions=neutral,angry"])
+    main(["synth", str(tmp_path / "corpus"), "--actors=2", "--emotions=neutral,angry", "--random_seed=3"])
     files = sorted((tmp_path / "corpus").rglob("*.wav"))
-    assert "wrote" in capsys.readouterr().out
-    assert len(files) == 2 * (4 + 8)
-    assert {f.parent.name for f in files} == {"Actor_01", "Actor_02"}
+    assert "wrote 24 files" in capsys.readouterr().out
+    assert len(files) == 2 * (4 + 8) and {f.parent.name for f in files} == {"Actor_01", "Actor_02"}
 
 
 @pytest.mark.slow
-def test_ddp_on_cpu_completes_one_epoch(tiny_corpus, tmp_path):
-    """Two gloo processes through Lightning's DDP, started the way a user starts them."""
-    args = tiny_args(tiny_corpus, tmp_path, "--trainer.max_epochs=1", "--test_after_fit=false")
+def test_ddp_on_cpu_with_length_buckets(tiny_corpus, feature_cache, tmp_path):
+    """Two gloo processes through Lightning's DDP, started the way a user starts them, with bucketing on."""
+    args = tiny_args(tiny_corpus, tmp_path, "--test_after_fit=false", "--data.bucketing=true", cache=feature_cache)
     cmd = [sys.executable, "-m", "ser_lightning", "fit", *args,
            "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.num_nodes=1"]
     env = {**os.environ, "PL_TORCH_DISTRIBUTED_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}

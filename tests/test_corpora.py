@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from ser_lightning.data.corpora import CORPORA, corpus_classes, scan_corpus
 from ser_lightning.data.cremad import parse_cremad_name
 from ser_lightning.data.datamodule import SERDataModule
 from ser_lightning.data.emodb import parse_emodb_name
-from ser_lightning.data.features import feature_stats
+from ser_lightning.models.normalization import feature_stats
 from ser_lightning.data.folds import make_fold_plan
 from ser_lightning.data.manifest import scan_manifest
 from ser_lightning.data.records import DEFAULT_EMOTIONS, EMOTIONS, CorpusError
@@ -45,7 +46,7 @@ def layouts(tmp_path_factory) -> dict[str, Path]:
     ],
 )
 def test_cremad_names(name, expected):
-    assert expected.items() <= parse_cremad_name(name).items()
+    assert expected.items() <= asdict(parse_cremad_name(name)).items()
 
 
 @pytest.mark.parametrize(
@@ -60,7 +61,7 @@ def test_cremad_names(name, expected):
 )
 def test_tess_names_and_variants(path, speaker, word, emotion):
     name = parse_tess_name(path)
-    assert (name["speaker"], name["word"], name["emotion"]) == (speaker, word, emotion)
+    assert (name.speaker, name.word, name.emotion) == (speaker, word, emotion)
 
 
 @pytest.mark.parametrize(
@@ -70,13 +71,13 @@ def test_tess_names_and_variants(path, speaker, word, emotion):
 )
 def test_savee_names_with_prefix_or_folder(path, speaker, emotion, sentence):
     name = parse_savee_name(path)
-    assert (name["speaker"], name["emotion"], name["sentence"]) == (speaker, emotion, sentence)
+    assert (name.speaker, name.emotion, name.sentence) == (speaker, emotion, sentence)
 
 
 def test_emodb_names():
     name = parse_emodb_name("wav/03a01Wa.wav")
-    assert (name["speaker"], name["text"], name["emotion"], name["version"], name["sex"]) == ("03", "a01", "angry", "a", "male")
-    assert parse_emodb_name("16b10Tb.wav")["sex"] == "female"
+    assert (name.speaker, name.text, name.emotion, name.version, name.sex) == ("03", "a01", "angry", "a", "male")
+    assert parse_emodb_name("16b10Tb.wav").sex == "female"
 
 
 @pytest.mark.parametrize(
@@ -276,5 +277,5 @@ def test_synth_command_writes_other_layouts(tmp_path, capsys):
     main(["synth", str(tmp_path / "savee"), "--layout=savee", "--actors=1", "--emotions=neutral,angry,calm"])
     assert sorted(p.name for p in (tmp_path / "savee" / "DC").glob("*.wav")) == [
         "a01.wav", "a02.wav", "a03.wav", "n01.wav", "n02.wav", "n03.wav"]
-    with pytest.raises(ValueError, match="actors: the tess layout takes 1 to 2 speakers"):
+    with pytest.raises(SystemExit, match="actors: the tess layout takes 1 to 2 speakers"):
         main(["synth", str(tmp_path / "tess"), "--layout=tess", "--actors=3"])

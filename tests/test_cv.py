@@ -1,4 +1,4 @@
-"""`cv` and `cv-report` through the real entry point on a tiny generated corpus."""
+"""`cv` and `cv-report`: the real entry point on a tiny corpus, and report merging on hand-written results."""
 
 import json
 import os
@@ -9,85 +9,139 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import tiny_args
 
 from ser_lightning.cli import main
+from ser_lightning.evaluation.report import summarize
+
+CLASSES = ["neutral", "happy", "sad", "angry"]
 
 
-def cv_args(corpus: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "cv", "--folds=3", f"--out={out}",
-        f"--data.root={corpus}", f"--data.cache_dir={out.parent / 'cache'}",
-        "--data.num_val_speakers=1", "--data.batch_size=16",
-        "--trainer.max_epochs=2", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false", *extra,
-    ]
+def cv_args(corpus: Path, out: Path, cache: Path, *extra: str) -> list[str]:
+    return ["cv", "--folds=3", f"--out={out}", *tiny_args(corpus, out.parent, "--figures.every_n_epochs=0",
+                                                           "--figures.num_attention_maps=0", cache=cache), *extra]
 
 
 @pytest.fixture(scope="module")
-def full_run(tiny_corpus, tmp_path_factory) -> Path:
+def full_run(tiny_corpus, feature_cache, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cv_full") / "out"
-    main(cv_args(tiny_corpus, out))
+    main(cv_args(tiny_corpus, out, feature_cache))
     return out
 
 
-def metrics_of(report: dict) -> list:
-    return [(f["fold"], f["metrics"], f["confusion_matrix"]) for f in report["folds"]]
-
-
-def test_report_files_are_consistent(full_run, tiny_corpus):
+def test_report_covers_every_utterance_once_with_the_baseline_on_the_same_folds(full_run, tiny_corpus):
     report = json.loads((full_run / "cv_report.json").read_text())
     assert report["complete"] and report["protocol"] == "speaker_independent"
-    assert (full_run / "cv_report.md").read_text().count("| ") > 5
     assert (full_run / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tested = [path for f in report["folds"] for path in f["test_utterances"]]
+    assert sorted(tested) == sorted(str(p) for p in tiny_corpus.rglob("*.wav"))  # every utterance tested once
+    assert sum(map(sum, report["confusion_matrix_sum"])) == len(tested)
     for name in ("WA", "UA", "F1"):
         values = [f["metrics"][name] for f in report["folds"]]
         assert report["mean"][name] == pytest.approx(sum(values) / len(values))
-    tested = [path for f in report["folds"] for path in f["test_utterances"]]
-    all_files = sorted(str(p) for p in tiny_corpus.rglob("*.wav"))
-    assert sorted(tested) == all_files  # every utterance tested exactly once
-    assert report["num_test_utterances"] == len(all_files)
-    assert sum(map(sum, report["confusion_matrix_sum"])) == len(all_files)
-    speakers = [s for f in report["folds"] for s in f["test_speakers"]]
-    assert len(speakers) == len(set(speakers)) == 6
+    for fold in report["folds"]:
+        result = json.loads((full_run / f"fold_{fold['fold']}" / "result.json").read_text())
+        baseline = result["baselines"]["pooled"]
+        # the baseline was tested on exactly the model's test utterances
+        assert sum(map(sum, baseline["confusion_matrix"])) == result["num_test_utterances"] == len(result["test_utterances"])
+        assert [sum(row) for row in baseline["confusion_matrix"]] == [sum(row) for row in result["confusion_matrix"]]
     for fold in range(3):
         assert list((full_run / f"fold_{fold}" / "run").glob("events.out.tfevents.*"))
 
 
-def test_only_runs_merge_into_the_full_report(full_run, tiny_corpus, tmp_path):
-    main(cv_args(tiny_corpus, tmp_path / "a", "--only=0,2"))
-    main(cv_args(tiny_corpus, tmp_path / "b", "--only=1"))
-    partial = json.loads((tmp_path / "a" / "cv_report.json").read_text())
-    assert not partial["complete"] and partial["folds_missing"] == [1]
+def test_paired_difference_and_wins_come_from_the_folds(full_run):
+    report = json.loads((full_run / "cv_report.json").read_text())
+    paired = report["baselines"]["pooled"]["UA_difference"]
+    differences = [f["metrics"]["UA"] - f["baselines"]["pooled"]["metrics"]["UA"] for f in report["folds"]]
+    assert paired["per_fold"] == pytest.approx(differences)
+    assert paired["mean"] == pytest.approx(sum(differences) / 3)
+    assert paired["wins"] == sum(d > 0 for d in differences) and paired["folds"] == 3
+    markdown = (full_run / "cv_report.md").read_text()
+    assert f"the model wins {paired['wins']} of 3 folds" in markdown and "pooled UA %" in markdown
+
+
+def test_the_baseline_can_be_switched_off(tiny_corpus, feature_cache, tmp_path):
+    out = tmp_path / "out"
+    main(cv_args(tiny_corpus, out, feature_cache, "--only=1", "--baseline=false"))
+    result = json.loads((out / "fold_1" / "result.json").read_text())
+    assert result["baselines"] == {}
+    assert "pooled" not in (out / "cv_report.md").read_text()
+
+
+@pytest.mark.slow
+def test_killed_mid_fold_resumes_from_the_last_checkpoint_and_skips_finished_folds(tiny_corpus, feature_cache, tmp_path):
+    out = tmp_path / "out"
+    args = cv_args(tiny_corpus, out, feature_cache, "--only=0,1", "--trainer.max_epochs=12", "--baseline=false")
+    last = out / "fold_1" / "run" / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen([sys.executable, "-m", "ser_lightning", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # a few epochs into fold 1
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = out / "fold_0" / "result.json"
+    assert first.exists() and not (out / "fold_1" / "result.json").exists(), "the kill did not land inside fold 1"
+    killed_at = int(torch.load(last, weights_only=True)["epoch"])
+    before = (first.read_bytes(), first.stat().st_mtime_ns)
+    main(args)
+    assert (first.read_bytes(), first.stat().st_mtime_ns) == before  # fold 0 was not recomputed
+    resumed = json.loads((out / "fold_1" / "result.json").read_text())
+    assert resumed["resumed_from_epoch"] == killed_at and 0 <= killed_at < 11
+    assert resumed["epochs_trained"] == 12
+
+
+# ----------------------------------------------------------------------------- reports from hand-written results
+def fake_result(fold: int, ua: float, baseline_ua: float, repeat: int = 0, config_key: str = "k") -> dict:
+    confusion = [[2, 0, 0, 0], [0, 2, 0, 0], [0, 0, 2, 0], [0, 0, 0, 2]]
+    return {
+        "fold": fold, "repeat": repeat, "num_folds": 3, "config_key": config_key, "config": {}, "protocol": "speaker_independent",
+        "speaker_dependent": False, "seed_everything": repeat, "data_random_seed": 0, "class_names": CLASSES,
+        "metrics": {"WA": ua, "UA": ua, "F1": ua}, "val_metrics": {"UA": ua}, "per_class_recall": dict.fromkeys(CLASSES, ua),
+        "confusion_matrix": confusion, "num_test_utterances": 8, "test_utterances": [f"{fold}/{k}.wav" for k in range(8)],
+        "test_speakers": [str(fold)], "epochs_trained": 3, "wall_seconds": 1.0,
+        "baselines": {"pooled": {"C": 0.1, "selection": "validation", "metrics": {"WA": baseline_ua, "UA": baseline_ua,
+                                 "F1": baseline_ua}, "per_class_recall": dict.fromkeys(CLASSES, baseline_ua)}},
+    }
+
+
+def write_results(folder: Path, results: list[dict]) -> Path:
+    for result in results:
+        name = f"fold_{result['fold']}" + (f"_repeat_{result['repeat']}" if result["repeat"] else "")
+        (folder / name).mkdir(parents=True)
+        (folder / name / "result.json").write_text(json.dumps(result))
+    return folder
+
+
+def test_cv_report_merges_partial_runs_into_the_full_report(tmp_path):
+    results = [fake_result(0, 0.8, 0.7), fake_result(1, 0.6, 0.65), fake_result(2, 0.9, 0.7)]
+    write_results(tmp_path / "a", results[::2])
+    write_results(tmp_path / "b", results[1:2])
     main(["cv-report", str(tmp_path / "a"), str(tmp_path / "b"), f"--out={tmp_path / 'merged'}"])
     merged = json.loads((tmp_path / "merged" / "cv_report.json").read_text())
-    full = json.loads((full_run / "cv_report.json").read_text())
-    assert merged["complete"]
-    assert metrics_of(merged) == metrics_of(full)  # same seed: same numbers, run split or whole
-    assert merged["mean"] == full["mean"] and merged["confusion_matrix_sum"] == full["confusion_matrix_sum"]
+    assert merged["complete"] and [f["fold"] for f in merged["folds"]] == [0, 1, 2]
+    assert merged == json.loads(json.dumps(summarize(results)))
+    assert merged["baselines"]["pooled"]["UA_difference"]["wins"] == 2
+    main(["cv-report", str(tmp_path / "a")])
+    alone = json.loads((tmp_path / "a" / "cv_report.json").read_text())
+    assert not alone["complete"] and alone["folds_missing"] == [1]
 
 
-def test_merge_refuses_different_configurations(tiny_corpus, tmp_path):
-    main(cv_args(tiny_corpus, tmp_path / "a", "--only=0"))
-    main(cv_args(tiny_corpus, tmp_path / "b", "--only=1", "--model.lr=0.01"))
-    with pytest.raises(ValueError, match="different configurations"):
+def test_cv_report_refuses_different_configurations(tmp_path):
+    write_results(tmp_path / "a", [fake_result(0, 0.8, 0.7)])
+    write_results(tmp_path / "b", [fake_result(1, 0.8, 0.7, config_key="other")])
+    with pytest.raises(SystemExit, match="different configurations"):
         main(["cv-report", str(tmp_path / "a"), str(tmp_path / "b")])
 
 
-def test_killed_run_resumes_without_redoing_complete_folds(tiny_corpus, tmp_path):
-    out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ser_lightning", *cv_args(tiny_corpus, out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    first = out / "fold_0" / "result.json"
-    deadline = time.monotonic() + 300
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert first.exists(), "fold 0 did not complete before the kill"
-    before = (first.read_bytes(), first.stat().st_mtime_ns)
-    main(cv_args(tiny_corpus, out))
-    assert (first.read_bytes(), first.stat().st_mtime_ns) == before
-    report = json.loads((out / "cv_report.json").read_text())
-    assert report["complete"] and [f["fold"] for f in report["folds"]] == [0, 1, 2]
+def test_repeats_separate_the_spread_over_seeds_from_the_spread_over_folds():
+    # fold means 0.7, 0.8, 0.9 (spread over folds); within each fold the two seeds differ by 0.1 (spread over seeds)
+    results = [fake_result(fold, mean + delta, 0.5, repeat)
+               for fold, mean in enumerate((0.7, 0.8, 0.9)) for repeat, delta in enumerate((-0.05, 0.05))]
+    summary = summarize(results)
+    assert summary["repeats"] == 2 and summary["mean"]["UA"] == pytest.approx(0.8)
+    assert summary["std"]["UA"] == pytest.approx(0.1)
+    assert summary["std_over_seeds"]["UA"] == pytest.approx((0.1**2 / 2) ** 0.5)
+    assert [f["metrics"]["UA"] for f in summary["folds"]] == pytest.approx([0.7, 0.8, 0.9])

@@ -9,9 +9,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from ser_lightning.data import datamodule as dm_module
-from ser_lightning.data.datamodule import BucketBatchSampler, SERDataModule, collate_utterances
-from ser_lightning.data.features import FeatureConfig, SpecAugmentConfig, feature_stats
+from ser_lightning.data import loading as loading_module
+from ser_lightning.data.batches import BucketBatchSampler, collate_utterances
+from ser_lightning.data.datamodule import SERDataModule
+from ser_lightning.data.features import FeatureConfig, SpecAugmentConfig
+from ser_lightning.models.normalization import feature_stats
 
 
 @pytest.fixture(scope="module")
@@ -36,24 +38,29 @@ def make_dm(root, cache_dir, **kwargs) -> SERDataModule:
 
 
 def test_collate_pads_and_reports_lengths():
-    items = [
-        {"features": torch.ones(3, n), "length": n, "label": k, "index": 10 + k} for k, n in enumerate([4, 7, 1])
-    ]
+    items = [{"features": torch.ones(3, n), "label": k, "index": 10 + k, "speaker_stats": torch.full((2, 3), k)}
+             for k, n in enumerate([4, 7, 1])]
     batch = collate_utterances(items)
     assert batch["features"].shape == (3, 3, 7) and batch["features"].dtype == torch.float32
     assert batch["lengths"].tolist() == [4, 7, 1] and batch["lengths"].dtype == torch.int64
     assert batch["labels"].tolist() == [0, 1, 2] and batch["index"].tolist() == [10, 11, 12]
+    assert batch["speaker_stats"].shape == (3, 2, 3) and batch["speaker_stats"][:, 0, 0].tolist() == [0, 1, 2]
     for b, n in enumerate([4, 7, 1]):
         assert (batch["features"][b, :, :n] == 1).all() and (batch["features"][b, :, n:] == 0).all()
+    assert "speaker_stats" not in collate_utterances([{k: v for k, v in items[0].items() if k != "speaker_stats"}])
 
 
-def test_bucket_sampler_groups_similar_lengths():
-    lengths = list(range(100))
-    sampler = BucketBatchSampler(lengths, batch_size=10, generator=torch.Generator().manual_seed(0), pool_batches=10)
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_bucket_sampler_groups_similar_lengths(drop_last):
+    lengths = list(range(95))
+    generator = torch.Generator().manual_seed(0)
+    sampler = BucketBatchSampler(torch.utils.data.RandomSampler(lengths, generator=generator), 10, drop_last,
+                                 lengths=lengths, pool_batches=10, generator=generator)
     batches = list(sampler)
-    assert len(batches) == len(sampler) == 10
-    assert sorted(i for b in batches for i in b) == lengths
-    assert all(max(b) - min(b) == 9 for b in batches)  # one pool: consecutive lengths per batch
+    assert len(batches) == len(sampler) == (9 if drop_last else 10)
+    taken = sorted(i for b in batches for i in b)
+    assert taken == lengths if not drop_last else len(taken) == 90
+    assert all(max(b) - min(b) <= 10 for b in batches if len(b) == 10)  # one pool: consecutive lengths
     assert batches != list(sampler)  # a new order every epoch
 
 
@@ -95,7 +102,7 @@ def test_second_setup_uses_the_cache_without_decoding(tiny_corpus, shared_cache,
     def no_decoding(*args, **kwargs):
         raise AssertionError("audio was decoded although the cache holds every file")
 
-    monkeypatch.setattr(dm_module, "load_audio", no_decoding)
+    monkeypatch.setattr(loading_module, "load_audio", no_decoding)
     second = make_dm(tiny_corpus, shared_cache)
     assert all(torch.equal(a, b) for a, b in zip(first.features, second.features))
     with pytest.raises(AssertionError, match="decoded"):  # another feature configuration is not cached
@@ -158,8 +165,8 @@ def test_options_are_validated_early(tmp_path):
 
 
 def test_too_many_folds_fails_before_feature_extraction(tiny_corpus, tmp_path, monkeypatch):
-    monkeypatch.setattr(dm_module, "load_audio", None)  # never reached
-    with pytest.raises(ValueError, match="data.num_folds=8 but the corpus has 6 speakers"):
+    monkeypatch.setattr(loading_module, "load_audio", None)  # never reached
+    with pytest.raises(ValueError, match="data.num_folds=8 but RAVDESS has 6 speakers"):
         make_dm(tiny_corpus, tmp_path, num_folds=8)
 
 
@@ -184,3 +191,16 @@ def test_builtin_synthetic_corpus_when_root_is_none(tmp_path):
     assert len(dm.utterances) == 3 * 28
     assert {u.speaker for u in dm.utterances} == {"01", "02", "03"}
     assert (tmp_path / "synthetic").is_dir()
+
+
+def test_speaker_normalisation_puts_each_speakers_statistics_in_the_batches(tiny_corpus, shared_cache):
+    dm = make_dm(tiny_corpus, shared_cache, normalization="speaker")
+    by_speaker = {}
+    for position, utterance in enumerate(dm.utterances):
+        by_speaker.setdefault(utterance.speaker, []).append(dm.features[position])
+    for loader in (dm.train_dataloader(), dm.test_dataloader()):
+        batch = next(iter(loader))
+        for row, index in enumerate(batch["index"].tolist()):
+            speaker = dm.utterances[index].speaker
+            assert torch.equal(batch["speaker_stats"][row], torch.stack(feature_stats(by_speaker[speaker])))
+    assert "speaker_stats" not in next(iter(make_dm(tiny_corpus, shared_cache).train_dataloader()))

@@ -14,6 +14,7 @@ from torch import nn
 from ser_lightning import EmotionRecognizer
 from ser_lightning.cli import main
 from ser_lightning.inference.export import UnfoldMaxPool
+from ser_lightning.padding import pad_last
 
 TOLERANCE = 1e-4
 
@@ -25,10 +26,12 @@ def test_unfold_max_pool_equals_max_pool(pool):
     assert torch.equal(UnfoldMaxPool(pool)(x), pool(x))
 
 
-@pytest.mark.parametrize("arch", ["seed1d", "zhang2d"])
-def test_onnx_export_matches_pytorch_on_real_features(arch, request, tiny_corpus, tmp_path, capsys):
-    checkpoint = request.getfixturevalue(f"{arch}_checkpoint")
-    out = tmp_path / f"{arch}.onnx"
+@pytest.mark.parametrize("kind", ["seed1d", "zhang2d", "speaker"])
+def test_onnx_export_matches_pytorch_on_real_features(kind, request, tiny_corpus, tmp_path, capsys):
+    """seed1d, zhang2d, and seed1d with speaker normalisation, pitch rows and the statistics head."""
+    checkpoint = request.getfixturevalue(f"{kind}_checkpoint")
+    arch = "zhang2d" if kind == "zhang2d" else "seed1d"
+    out = tmp_path / f"{kind}.onnx"
     main(["export", "--ckpt_path", str(checkpoint), "--format", "onnx", str(out)])
     printed = capsys.readouterr().out
     reported = float(re.search(r"max abs diff (\S+)", printed).group(1))
@@ -45,17 +48,17 @@ def test_onnx_export_matches_pytorch_on_real_features(arch, request, tiny_corpus
     recognizer = EmotionRecognizer.from_checkpoint(checkpoint)
     waves = [torch.from_numpy(sf.read(p, dtype="float32")[0]) for p in sorted(tiny_corpus.rglob("*.wav"))[:3]]
     waves.append(torch.cat(waves))  # a longer one, so lengths vary a lot
-    feats = [recognizer.extractor(w) for w in waves]
-    lengths = torch.tensor([f.shape[-1] for f in feats])
-    batch = torch.zeros(len(feats), feats[0].shape[0], int(lengths.max()))
-    for k, f in enumerate(feats):
-        batch[k, :, : f.shape[-1]] = f
+    batch, lengths = pad_last([recognizer.extractor(w) for w in waves])
+    stats = recognizer.speaker_statistics(waves).expand(len(waves), 2, -1) if kind == "speaker" else None
     with torch.no_grad():
-        output = recognizer.module(batch, lengths)
+        output = recognizer.module(batch, lengths, stats)
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["features", "lengths"] + (["speaker_stats"] if stats is not None else [])
     for rows in ([0], [1, 2], [0, 1, 2, 3]):  # dynamic batch and length axes
         n = int(lengths[rows].max())
         feeds = {"features": batch[rows, :, :n].numpy(), "lengths": lengths[rows].numpy()}
+        if stats is not None:
+            feeds["speaker_stats"] = stats[rows].contiguous().numpy()
         probabilities, alpha = session.run(None, feeds)
         torch_alpha = output.alpha[rows]
         assert probabilities.shape == (len(rows), 4)

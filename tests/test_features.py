@@ -1,11 +1,11 @@
-"""Features, their configuration, normalisation and SpecAugment."""
+"""Features, their configuration, the pitch rows and SpecAugment."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from ser_lightning.data.features import (
-    FeatureConfig, FeatureExtractor, SpecAugment, SpecAugmentConfig, feature_stats, normalize,
+    FeatureConfig, FeatureExtractor, SpecAugment, SpecAugmentConfig,
 )
 
 
@@ -41,7 +41,7 @@ def test_spectrogram_defaults_follow_the_paper():
 
 
 def test_batch_equals_single_and_silence_is_finite():
-    for name in ("logmel", "spectrogram", "seed_contour"):
+    for name in ("logmel", "spectrogram", "loudness_contour"):
         fe = FeatureExtractor(FeatureConfig(name=name))
         batch = torch.stack([noise(20000, seed=1), torch.zeros(20000), 3 * noise(20000, seed=2)])
         out = fe(batch)
@@ -50,8 +50,8 @@ def test_batch_equals_single_and_silence_is_finite():
         assert torch.isfinite(out).all()
 
 
-def test_seed_contour_pads_short_clips_and_crops_long_ones():
-    fe = FeatureExtractor(FeatureConfig(name="seed_contour"))
+def test_loudness_contour_pads_short_clips_and_crops_long_ones():
+    fe = FeatureExtractor(FeatureConfig(name="loudness_contour"))
     assert fe.sample_rate == 44100 and fe.num_features == 1 and fe.frames(10) == 259
     short, long_ = noise(44100), noise(5 * 44100, seed=3)
     assert fe(short).shape == fe(long_).shape == (1, 259)
@@ -69,7 +69,7 @@ def test_seed_contour_pads_short_clips_and_crops_long_ones():
 @pytest.mark.parametrize(
     "kwargs, option",
     [({"name": "mfcc"}, "data.feature.name"), ({"n_mels": 0}, "data.feature.n_mels"),
-     ({"name": "seed_contour", "sample_rate": 16000}, "data.feature.sample_rate"),
+     ({"name": "loudness_contour", "sample_rate": 16000}, "data.feature.sample_rate"),
      ({"name": "spectrogram", "n_bins": 500}, "data.feature.n_bins"), ({"n_fft": 128}, "data.feature.n_fft"),
      ({"f_max": 9000.0}, "data.feature.f_max"), ({"hop_ms": -1.0}, "data.feature.hop_ms")],
 )
@@ -84,52 +84,6 @@ def test_config_key_distinguishes_parameters():
     assert FeatureConfig().key() != FeatureConfig(trim_silence=True).key()
 
 
-def padded_batch():
-    x = torch.randn(3, 4, 10, generator=torch.Generator().manual_seed(0)) * 3 + 5
-    lengths = torch.tensor([10, 6, 1])
-    for b, n in enumerate(lengths):
-        x[b, :, n:] = 0
-    return x, lengths
-
-
-def test_feature_stats_and_global_normalisation():
-    x, lengths = padded_batch()
-    utterances = [x[b, :, : lengths[b]] for b in range(3)]
-    mean, std = feature_stats(utterances)
-    frames = torch.cat(utterances, dim=1)
-    assert torch.allclose(mean, frames.mean(dim=1), atol=1e-5)
-    assert torch.allclose(std, frames.std(dim=1, unbiased=False), atol=1e-5)
-    y = normalize(x, lengths, "global", mean, std)
-    valid = torch.cat([y[b, :, : lengths[b]] for b in range(3)], dim=1)
-    assert torch.allclose(valid.mean(dim=1), torch.zeros(4), atol=1e-5)
-    assert torch.allclose(valid.std(dim=1, unbiased=False), torch.ones(4), atol=1e-4)
-    for b in range(3):
-        assert (y[b, :, lengths[b] :] == 0).all()
-    with pytest.raises(ValueError, match="mean and std"):
-        normalize(x, lengths, "global")
-
-
-def test_utterance_normalisation_and_none():
-    x, lengths = padded_batch()
-    y = normalize(x, lengths, "utterance")
-    for b in range(2):
-        seg = y[b, :, : lengths[b]]
-        assert torch.allclose(seg.mean(dim=1), torch.zeros(4), atol=1e-5)
-        assert torch.allclose(seg.std(dim=1, unbiased=False), torch.ones(4), atol=1e-4)
-    assert torch.isfinite(y).all() and (y[2] == 0).all()  # one frame: centred to zero, not NaN
-    # each utterance is normalised alone: the batch composition does not matter
-    assert torch.allclose(normalize(x[:1], lengths[:1], "utterance"), y[:1])
-    assert torch.equal(normalize(x, lengths, "none"), x)
-    with pytest.raises(ValueError, match="data.normalization"):
-        normalize(x, lengths, "batch")
-
-
-def test_feature_stats_of_silence_are_finite():
-    fe = FeatureExtractor(FeatureConfig())
-    mean, std = feature_stats([fe(torch.zeros(8000))])
-    assert torch.isfinite(mean).all() and (std > 0).all()
-
-
 def test_spec_augment_masks_without_changing_shape():
     torch.manual_seed(0)
     x = torch.ones(64, 100)
@@ -138,3 +92,31 @@ def test_spec_augment_masks_without_changing_shape():
     assert torch.equal(SpecAugment(SpecAugmentConfig(0, 0, 1))(x), x)
     with pytest.raises(ValueError, match="data.augment.num_masks"):
         SpecAugmentConfig(num_masks=-1)
+
+
+def test_pitch_rows_follow_the_fundamental_and_voicing():
+    """A 150 Hz pulse train in the middle of silence: log-f0 near 150 Hz where voiced, voicing high only there."""
+    from ser_lightning.data.pitch import pitch_track
+
+    rate = 16000
+    wave = torch.zeros(rate)
+    voiced = torch.arange(4000, 12000)
+    wave[voiced] = torch.sin(2 * torch.pi * 150 * voiced / rate) + 0.5 * torch.sin(2 * torch.pi * 300 * voiced / rate)
+    semitones, strength = pitch_track(wave, rate, 160)
+    assert semitones.shape == strength.shape == (1 + rate // 160,)
+    middle = slice(35, 65)  # frames well inside the voiced part
+    f0 = 100 * 2 ** (semitones[middle] / 12)
+    assert torch.allclose(f0, torch.full_like(f0, 150.0), rtol=0.03)
+    assert (strength[middle] > 0.9).all() and (strength[:15] < 0.45).all()
+    assert torch.allclose(semitones[:15], semitones[25])  # held constant before the first voiced frame
+
+
+def test_pitch_option_appends_two_aligned_rows():
+    plain = FeatureExtractor(FeatureConfig())
+    with_pitch = FeatureExtractor(FeatureConfig(pitch=True))
+    wave = noise(12345)
+    assert with_pitch.num_features == plain.num_features + 2
+    assert torch.equal(with_pitch(wave)[:64], plain(wave)) and with_pitch(wave).shape[1] == plain(wave).shape[1]
+    assert FeatureConfig(pitch=True).key() != FeatureConfig().key()
+    with pytest.raises(ValueError, match="data.feature.pitch"):
+        FeatureConfig(name="loudness_contour", pitch=True)

@@ -1,4 +1,4 @@
-"""SERModule: steps, class weights, option validation, a short training loop, figures."""
+"""SERModule: steps, heads, class weights, option validation, fit-and-test, figures."""
 
 import types
 import warnings
@@ -10,55 +10,50 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 
-from ser_lightning.models import SERModule
-from ser_lightning.models.module import class_weights_from_counts
+from ser_lightning.callbacks import FigureCallback
+from ser_lightning.data.batches import collate_utterances
+from ser_lightning.models.module import SERModule, class_weights_from_counts
+from ser_lightning.models.normalization import feature_stats
 from ser_lightning.ops import fused_available
 from ser_lightning.plotting import attention_figure, confusion_matrix_figure
+from ser_lightning.training import fit_and_test
 
 NUM_FEATURES = 4
 CLASS_NAMES = ["neutral", "happy", "sad"]
 
 
-def collate(items: list[tuple[int, torch.Tensor, int]]) -> dict[str, torch.Tensor]:
-    lengths = torch.tensor([x.shape[-1] for _, x, _ in items])
-    features = torch.zeros(len(items), items[0][1].shape[0], int(lengths.max()))
-    for i, (_, x, _) in enumerate(items):
-        features[i, :, : x.shape[-1]] = x
-    return {
-        "features": features,
-        "lengths": lengths,
-        "labels": torch.tensor([y for _, _, y in items]),
-        "index": torch.tensor([i for i, _, _ in items]),
-    }
-
-
 class TinyDataModule(lightning.LightningDataModule):
-    """Random variable-length features whose mean depends on the class, split 24/9/9."""
+    """Random variable-length features whose mean depends on the class, split 24/9/9, two speakers per split."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, speaker_stats: bool = False) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         self.class_names = CLASS_NAMES
         self.num_classes = len(CLASS_NAMES)
         self.num_features = NUM_FEATURES
-        items = []
+        self.items = []
         for index in range(42):
             label = index % self.num_classes
             frames = int(torch.randint(120, 260, (1,), generator=generator))
-            x = torch.randn(NUM_FEATURES, frames, generator=generator) + 2.0 * label + 5.0
-            items.append((index, x, label))
-        self.splits = {"train": items[:24], "val": items[24:33], "test": items[33:]}
+            features = torch.randn(NUM_FEATURES, frames, generator=generator) + 2.0 * label + 5.0 + index % 2
+            item = {"features": features, "label": label, "index": index}
+            if speaker_stats:  # speaker = index parity
+                item["speaker_stats"] = torch.stack([torch.full((NUM_FEATURES,), 7.0 + index % 2), torch.full((NUM_FEATURES,), 2.0)])
+            self.items.append(item)
+        self.splits = {"train": self.items[:24], "val": self.items[24:33], "test": self.items[33:]}
 
     @property
     def feature_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        frames = torch.cat([x for _, x, _ in self.splits["train"]], dim=1)
-        return frames.mean(dim=1), frames.std(dim=1)
+        return feature_stats([item["features"] for item in self.splits["train"]])
 
     def class_counts(self, split: str) -> torch.Tensor:
-        return torch.bincount(torch.tensor([y for _, _, y in self.splits[split]]), minlength=self.num_classes)
+        return torch.bincount(torch.tensor([item["label"] for item in self.splits[split]]), minlength=self.num_classes)
+
+    def train_utterances(self) -> list:
+        return [(item["features"], item.get("speaker_stats")) for item in self.splits["train"]]
 
     def _loader(self, split: str) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=5, collate_fn=collate, shuffle=split == "train")
+        return DataLoader(self.splits[split], batch_size=5, collate_fn=collate_utterances, shuffle=split == "train")
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
@@ -81,7 +76,10 @@ def make_module(**kwargs) -> SERModule:
 
 def fake_batch(num_features: int = NUM_FEATURES) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    return collate([(i, torch.randn(num_features, n), i % 3) for i, n in enumerate((200, 90, 170))])
+    items = [{"features": torch.randn(num_features, n), "label": i % 3, "index": i,
+              "speaker_stats": torch.stack([torch.zeros(num_features), torch.ones(num_features)])}
+             for i, n in enumerate((200, 90, 170))]
+    return collate_utterances(items)
 
 
 def trainer(tmp_path, **kwargs) -> lightning.Trainer:
@@ -96,28 +94,56 @@ def trainer(tmp_path, **kwargs) -> lightning.Trainer:
 @pytest.fixture(autouse=True)
 def quiet_lightning():
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(num_workers|self.log|reference implementation).*")
+        warnings.filterwarnings("ignore", message=".*(num_workers|self.log|reference implementation|LeafSpec).*")
         yield
 
 
 # ----------------------------------------------------------------------------- steps and options
-@pytest.mark.parametrize("arch, num_features, extra", [("seed1d", NUM_FEATURES, {}), ("zhang2d", 70, {"width": 0.1})])
+@pytest.mark.parametrize("arch, num_features, extra", [
+    ("seed1d", NUM_FEATURES, {}),
+    ("seed1d", NUM_FEATURES, {"width": 2.0, "dropout": 0.3, "utterance_stats": True, "mixup_alpha": 0.4,
+                              "normalization": "speaker"}),
+    ("zhang2d", 70, {"width": 0.1}),
+])
 def test_training_and_validation_step_on_a_fake_batch(arch, num_features, extra):
     module = make_module(arch=arch, num_features=num_features, **extra)
     batch = fake_batch(num_features)
     loss = module.training_step(batch, 0)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
-    assert all(p.grad is not None for p in module.model.parameters() if p.requires_grad)
+    assert all(p.grad is not None for p in module.parameters() if p.requires_grad)
     module.eval()
     with torch.no_grad():
-        module.validation_step(batch, 0)
+        output = module.validation_step(batch, 0)
         predictions = module.predict_step(batch, 0)
-    assert predictions["probabilities"].shape == (3, 3)
+    assert output.logits.shape == (3, 3)
     torch.testing.assert_close(predictions["probabilities"].sum(dim=1), torch.ones(3))
     assert torch.equal(predictions["predictions"], predictions["probabilities"].argmax(dim=1))
     assert torch.equal(predictions["index"], batch["index"])
     assert predictions["alpha"].shape[0] == 3 and predictions["positions"].dtype == torch.int64
+
+
+def test_statistics_head_adds_its_logits_and_gets_its_own_loss():
+    module = make_module(utterance_stats=True).eval()
+    batch = fake_batch()
+    step, loss = module.model_step(batch)
+    attention_logits, statistics_logits = step.head_logits
+    torch.testing.assert_close(step.output.logits, attention_logits + statistics_logits)
+    expected = sum(torch.nn.functional.cross_entropy(logits, batch["labels"])
+                   for logits in (step.output.logits, attention_logits, statistics_logits))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_speaker_normalisation_needs_the_speaker_statistics():
+    module = make_module(normalization="speaker").eval()
+    batch = fake_batch()
+    with pytest.raises(ValueError, match="speaker_stats"):
+        module(batch["features"], batch["lengths"])
+    shifted = batch["speaker_stats"].clone()
+    shifted[:, 0] += 1.0  # each utterance's speaker mean moves with its features: same normalised input
+    with torch.no_grad():
+        torch.testing.assert_close(module(batch["features"] + 1.0 * (batch["features"] != 0), batch["lengths"], shifted).logits,
+                                   module(batch["features"], batch["lengths"], batch["speaker_stats"]).logits)
 
 
 def test_class_weights_from_counts():
@@ -126,7 +152,7 @@ def test_class_weights_from_counts():
 
 
 def test_setup_fills_buffers_from_the_datamodule_and_warns_on_missing_classes():
-    module = make_module()
+    module = make_module(utterance_stats=True)
     datamodule = TinyDataModule()
     datamodule.class_counts = lambda split: torch.tensor([6, 0, 18])
     module._trainer = types.SimpleNamespace(datamodule=datamodule)
@@ -136,13 +162,13 @@ def test_setup_fills_buffers_from_the_datamodule_and_warns_on_missing_classes():
     torch.testing.assert_close(module.feature_mean, mean)
     torch.testing.assert_close(module.feature_std, std)
     torch.testing.assert_close(module.class_weights, torch.tensor([24 / 18, 0.0, 24 / 54]))
+    assert module.statistics_std.shape == (3 * NUM_FEATURES + 2,) and (module.statistics_std > 0).all()
 
 
 @pytest.mark.parametrize(
     "options, option_name",
     [
         ({"lam": 0.0}, "model.lam"),
-        ({"lam": -1.0}, "model.lam"),
         ({"arch": "resnet"}, "model.arch"),
         ({"width": 0.0}, "model.width"),
         ({"num_classes": 1, "class_names": None}, "model.num_classes"),
@@ -151,7 +177,10 @@ def test_setup_fills_buffers_from_the_datamodule_and_warns_on_missing_classes():
         ({"backend": "triton"}, "model.backend"),
         ({"lr": 0.0}, "model.lr"),
         ({"dropout": 1.0}, "model.dropout"),
-        ({"arch": "zhang2d", "num_features": 8}, "model.num_features"),
+        ({"mixup_alpha": -1.0}, "model.mixup_alpha"),
+        ({"lr_schedule": "step"}, "model.lr_schedule"),
+        ({"attention_dim": 0}, "model.attention_dim"),
+        ({"arch": "zhang2d", "num_features": 8}, "zhang2d needs at least"),
     ],
 )
 def test_invalid_options_raise_naming_the_option(options, option_name):
@@ -159,77 +188,68 @@ def test_invalid_options_raise_naming_the_option(options, option_name):
         make_module(**options)
 
 
-@pytest.mark.parametrize("normalization", ["global", "utterance", "none"])
+@pytest.mark.parametrize("normalization", ["global", "speaker", "utterance", "none"])
 def test_module_forward_is_batch_independent_in_every_normalization_mode(normalization):
     torch.manual_seed(4)
-    module = make_module(normalization=normalization).eval()
+    module = make_module(normalization=normalization, utterance_stats=True).eval()
     module.feature_mean.fill_(5.0)
     module.feature_std.fill_(2.0)
     batch = fake_batch()
+    stats = batch["speaker_stats"] if normalization == "speaker" else None
     with torch.no_grad():
-        together = module(batch["features"] * 3 + 4, batch["lengths"]).logits
+        together = module(batch["features"] * 3 + 4, batch["lengths"], stats).logits
         for i, n in enumerate(batch["lengths"].tolist()):
-            alone = module(batch["features"][i : i + 1, :, :n] * 3 + 4, batch["lengths"][i : i + 1]).logits
+            one = None if stats is None else stats[i : i + 1]
+            alone = module(batch["features"][i : i + 1, :, :n] * 3 + 4, batch["lengths"][i : i + 1], one).logits
             torch.testing.assert_close(together[i], alone[0], rtol=0, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------- training loop
-def test_fit_validate_test_and_predict_with_a_trainer(tmp_path):
+# ----------------------------------------------------------------------------- fit and test
+def test_fit_and_test_reports_the_chosen_checkpoint_on_both_splits(tmp_path):
     lightning.seed_everything(0, workers=True)
     datamodule = TinyDataModule()
-    module = make_module(lr=3e-3)
-    fit_trainer = trainer(tmp_path, max_epochs=2)
-    fit_trainer.fit(module, datamodule=datamodule)
-    metrics = fit_trainer.callback_metrics
-    for name in ("train/loss", "train/WA", "train/UA", "train/F1", "val/loss", "val/WA", "val/UA", "val/F1"):
-        assert name in metrics and torch.isfinite(metrics[name]), name
-    mean, std = datamodule.feature_stats
-    torch.testing.assert_close(module.feature_mean, mean)
-    torch.testing.assert_close(module.feature_std, std)
-    torch.testing.assert_close(module.class_weights, torch.ones(3))  # 8 training examples of each class
-
-    results = fit_trainer.test(module, datamodule=datamodule, verbose=False)[0]
-    assert module.test_confusion.shape == (3, 3) and int(module.test_confusion.sum()) == 9
-    expected_recall = module.test_confusion.diagonal() / module.test_confusion.sum(dim=1)
-    torch.testing.assert_close(module.test_per_class_recall, expected_recall.float())
-    torch.testing.assert_close(torch.tensor(results["test/UA"]), expected_recall.mean(), rtol=0, atol=1e-6)
-    for k, name in enumerate(CLASS_NAMES):
-        assert results[f"test/recall_{name}"] == pytest.approx(float(expected_recall[k]))
-
+    module = make_module(lr=3e-3, lr_schedule="cosine", weight_decay=0.01)
+    fit_trainer = trainer(tmp_path, max_epochs=3, enable_checkpointing=True, logger=TensorBoardLogger(tmp_path))
+    outcome = fit_and_test(fit_trainer, module, datamodule)
+    metrics = fit_trainer.callback_metrics  # the last loop's: the test loop
+    assert outcome.test.metrics == {name: pytest.approx(float(metrics[f"test/{name}"])) for name in ("WA", "UA", "F1")}
+    assert outcome.best_checkpoint.endswith(".ckpt") and f"valUA{outcome.best_val_UA:.4f}" in outcome.best_checkpoint
+    assert outcome.val.metrics["UA"] == pytest.approx(outcome.best_val_UA, abs=1e-6)  # same checkpoint re-evaluated
+    assert sum(map(sum, outcome.test.confusion)) == 9 and len(outcome.test_predictions.index) == 9
+    recall = [row[k] / sum(row) for k, row in enumerate(outcome.test.confusion)]
+    assert outcome.test.metrics["UA"] == pytest.approx(sum(recall) / 3, abs=1e-6)
+    assert sorted(outcome.test_predictions.index.tolist()) == list(range(33, 42))
     batches = fit_trainer.predict(module, datamodule=datamodule)
-    assert sum(len(b["index"]) for b in batches) == 9
-    assert all(b["probabilities"].shape[1] == 3 for b in batches)
+    assert sum(len(b["index"]) for b in batches) == 9 and all(b["probabilities"].shape[1] == 3 for b in batches)
 
 
-def test_fit_with_tensorboard_logs_figures_and_checkpoints_on_val_ua(tmp_path):
+def test_figures_are_drawn_every_n_epochs_and_at_the_end_only(tmp_path):
     lightning.seed_everything(0, workers=True)
     logger = TensorBoardLogger(tmp_path, name="tb")
-    logged: list[str] = []
+    logged: list[tuple[str, int]] = []
     writer = logger.experiment
     original = writer.add_figure
 
-    def add_figure(tag, figure, *args, **kwargs):
+    def add_figure(tag, figure, global_step=None, **kwargs):
         assert isinstance(figure, Figure)
-        logged.append(tag)
-        return original(tag, figure, *args, **kwargs)
+        logged.append((tag, global_step))
+        return original(tag, figure, global_step=global_step, **kwargs)
 
     writer.add_figure = add_figure
-    module = make_module(num_attention_maps=2, early_stopping_patience=3)
-    fit_trainer = trainer(tmp_path, logger=logger, enable_checkpointing=True)
+    module = make_module(early_stopping_patience=10)
+    fit_trainer = trainer(tmp_path, logger=logger, enable_checkpointing=True, max_epochs=5,
+                          callbacks=[FigureCallback(every_n_epochs=2, num_attention_maps=2)])
     fit_trainer.fit(module, datamodule=TinyDataModule())
-    # no figures during the sanity check: one validation epoch's worth
-    assert logged == ["val/confusion_matrix", "val/attention_0", "val/attention_1"]
+    steps = sorted({step for _, step in logged})
+    assert steps == [10, 20, 25]  # after epochs 2 and 4 (5 steps each), and after the last; none in the sanity check
+    assert [tag for tag, step in logged if step == 25] == ["val/confusion_matrix", "val/attention_0", "val/attention_1"]
     checkpoints = sorted(p.name for p in (tmp_path / "tb" / "version_0" / "checkpoints").iterdir())
-    assert "last.ckpt" in checkpoints
-    assert any(name.startswith("epoch000-valUA") for name in checkpoints)
-    assert module.hparams.early_stopping_patience == 3
-    restored = SERModule.load_from_checkpoint(tmp_path / "tb" / "version_0" / "checkpoints" / "last.ckpt")
-    torch.testing.assert_close(restored.feature_mean, module.feature_mean)
+    assert "last.ckpt" in checkpoints and sum(name.startswith("epoch") for name in checkpoints) == 1
 
 
 def test_fit_in_bf16_mixed_precision(tmp_path):
     lightning.seed_everything(0, workers=True)
-    module = make_module(backend="auto")
+    module = make_module(backend="auto", utterance_stats=True)
     fit_trainer = trainer(tmp_path, precision="bf16-mixed", num_sanity_val_steps=0)
     fit_trainer.fit(module, datamodule=TinyDataModule())
     assert torch.isfinite(fit_trainer.callback_metrics["train/loss"])

@@ -1,44 +1,84 @@
-"""Fused attention operator: parity with the reference, gradients, registration, errors, backends.
+"""Fused attention operator: parity with the reference, gradients, registration, contracts, backends.
 
-CPU tests always run (the extension is part of the install). GPU tests have "cuda" in their names
-and skip without a GPU: `pytest tests/test_ops.py -k cuda` runs exactly them.
+Each check is one body, parametrised over targets: every CPU instruction-set path compiled into the
+extension (ids cpu-avx512, cpu-avx2, cpu-default; a path this CPU lacks is skipped, naming it) for
+parity and gradcheck, the active CPU path for the rest, and CUDA (marked `cuda`, skipped without a
+GPU: `pytest -m cuda tests/test_ops.py` runs exactly those), plus cuda:1 when a second GPU exists.
+
+Tests that can fail: lam stays where the softmax is not one-hot and every parity case asserts that
+the reference's outputs and gradients are far above the tolerance, so a kernel returning zeros or
+garbage fails. Cases reach the kernels' edges: L = 1, C = 1, D != C, N = 64 (the narrow path's
+limit), C > 256 (the CUDA block), more than 256 tiles of 64 positions, a batch beyond grid.y's
+65535, ragged lengths (padding must be exactly 0 in alpha and grad_a), and small wave budgets that
+split utterances across waves (CPU wide path and CUDA).
 
 Tolerances. float32 results are compared with the float64 reference, relative to the largest
-magnitude of each compared tensor: |fused - ref| <= max(1e-4 * max|ref|, 2 * |ref32 - ref|) +
-1e-6 for outputs and gradients, where ref32 is the reference run in float32 (at lam = 50 the
-parameter gradients are ill-conditioned and float32 itself is off by up to ~4e-3 relative).
-float64 results must match to 1e-10. On CUDA, float16
-and bfloat16 results are compared with the float32 reference on the same (rounded) inputs:
+magnitude of each compared tensor: |fused - ref| <= max(1e-4 * max|ref|, 2 * |ref32 - ref|) + 1e-6,
+where ref32 is the reference run in float32 on the same device. float64 must match to 1e-10. On
+CUDA, float16 and bfloat16 are compared with the float32 reference on the same (rounded) inputs:
 2e-2 (float16) and 6e-2 (bfloat16) relative to the largest magnitude.
 """
 
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
+from contextlib import nullcontext
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import ser_lightning.ops as ops
-from ser_lightning.ops import attention_pool, attention_pool_reference, fused, fused_available
+from ser_lightning.ops import (attention_pool, attention_pool_reference, compiled_cpu_capabilities, cpu_capabilities,
+                               cpu_capability, fused, fused_available, set_cpu_capability)
 
+ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
-cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
+SECOND_GPU = pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs a second CUDA GPU")
 
-# (B, L, C, D): L=1, C=1, D != C, batch of 1, short L (several utterances per CPU tile),
-# long L (several tiles per utterance on CPU and CUDA), C and D not multiples of the CUDA tiles.
-SHAPES = [
-    (1, 1, 1, 1),
-    (2, 1, 3, 5),
-    (3, 7, 1, 4),
-    (1, 9, 6, 2),
-    (5, 33, 16, 24),
-    (6, 50, 12, 70),
-    (2, 130, 5, 7),
-    (3, 300, 19, 9),
-]
+
+def cpu_paths() -> list:
+    """One target per compiled CPU path ("cpu:<path>"); paths this CPU cannot run are skipped."""
+    supported = cpu_capabilities()
+    return [pytest.param(f"cpu:{name}", id=f"cpu-{name}",
+                         marks=pytest.mark.skipif(name not in supported, reason=f"this CPU cannot run the {name} path"))
+            for name in compiled_cpu_capabilities() or ["default"]]
+
+
+CPU_PATHS = cpu_paths()
+CUDA_DEVICES = [pytest.param("cuda", marks=CUDA), pytest.param("cuda:1", marks=[*CUDA, SECOND_GPU])]
+ALL_PATHS = CPU_PATHS + CUDA_DEVICES
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=CUDA)]
+
+
+@pytest.fixture
+def device(request):
+    """The device of a target; a "cpu:<path>" target runs with that instruction-set path."""
+    target = request.param
+    scope = set_cpu_capability(target.split(":")[1]) if target.startswith("cpu:") else nullcontext()
+    with scope:
+        yield target.split(":")[0] if target.startswith("cpu") else target
+
+
+@pytest.fixture
+def wave_elements(request):
+    """Caps the kernels' transient buffers (values) for the test; None keeps the defaults. Small caps
+    mean hundreds of tiny GEMMs per call: one CPU thread keeps them from waiting on each other's
+    scheduler slices when the machine is busy."""
+    previous, threads = fused.set_wave_elements(request.param or 0), torch.get_num_threads()
+    if request.param:
+        torch.set_num_threads(1)
+    yield request.param
+    fused.set_wave_elements(previous)
+    torch.set_num_threads(threads)
 
 
 def make_inputs(shape, dtype=torch.float64, device="cpu", lengths="ragged", seed=0, noncontiguous=False):
-    """Random (a, weight, bias, u, lengths); grad-requiring bases, optionally seen through strided views."""
+    """Random (a, weight, bias, u, lengths); lengths are ragged (first row full, last row 1), a list, or None."""
     B, L, C, D = shape
     g = torch.Generator().manual_seed(seed)
     if noncontiguous:  # a from a (B, C, L) base, weight from a (C, D) base, u and bias sliced
@@ -50,14 +90,16 @@ def make_inputs(shape, dtype=torch.float64, device="cpu", lengths="ragged", seed
         a = torch.randn(B, L, C, generator=g, dtype=torch.float64)
         weight = torch.randn(D, C, generator=g, dtype=torch.float64) / C**0.5
         bias = 0.1 * torch.randn(D, generator=g, dtype=torch.float64)
-        u = torch.randn(D, generator=g, dtype=torch.float64)
+        u = torch.randn(D, generator=g, dtype=torch.float64) / D**0.5
     if lengths == "ragged":
         lens = torch.randint(1, L + 1, (B,), generator=g)
         lens[0] = L
         if B > 1:
             lens[-1] = 1
-    else:
+    elif lengths is None:
         lens = None
+    else:
+        lens = torch.tensor(lengths)
     tensors = [t.to(device=device, dtype=dtype) for t in (a, weight, bias, u)]
     return (*tensors, None if lens is None else lens.to(device))
 
@@ -67,8 +109,8 @@ def forward_backward(fn, a, weight, bias, u, lam, lengths, seed=1):
     leaves = [t.detach().requires_grad_() for t in (a, weight, bias, u)]  # keeps strides
     context, alpha = fn(*leaves, lam, lengths)
     g = torch.Generator().manual_seed(seed)
-    grad_context = torch.randn(context.shape, generator=g).to(context)
-    grad_alpha = torch.randn(alpha.shape, generator=g).to(alpha)
+    grad_context = torch.randn(context.shape, generator=g, dtype=torch.float64).to(context)
+    grad_alpha = torch.randn(alpha.shape, generator=g, dtype=torch.float64).to(alpha)
     grads = torch.autograd.grad((context * grad_context).sum() + (alpha * grad_alpha).sum(), leaves)
     return [context.detach(), alpha.detach(), *grads]
 
@@ -83,32 +125,69 @@ NAMES = ("context", "alpha", "grad_a", "grad_weight", "grad_bias", "grad_u")
 def assert_close_scaled(actual, expected, rel, baseline=None):
     """max|actual - expected| <= max(rel * max|expected|, 2 * max|baseline - expected|) + 1e-6, per tensor."""
     for k, (name, x, y) in enumerate(zip(NAMES, actual, expected)):
-        y = y.to(x.dtype)
+        x, y = x.cpu().double(), y.cpu().double()
         allowed = rel * y.abs().max().item()
         if baseline is not None:
-            allowed = max(allowed, 2 * (baseline[k].to(x.dtype) - y).abs().max().item())
+            allowed = max(allowed, 2 * (baseline[k].cpu().double() - y).abs().max().item())
         err = (x - y).abs().max().item()
         assert err <= allowed + 1e-6, f"{name}: max error {err:.3g} > allowed {allowed:.3g}"
 
 
-def test_fused_cpu_is_built():
-    assert fused.LOAD_ERROR is None, fused.LOAD_ERROR
-    assert fused_available("cpu")
+def assert_informative(expected):
+    """Every compared tensor is at least 100x the absolute tolerance (1e-6), so a wrong kernel fails."""
+    for name, t in zip(NAMES, expected):
+        assert t.abs().max().item() > 1e-4, f"{name} is ~0: the case checks nothing"
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("lengths", ["ragged", None])
-@pytest.mark.parametrize("lam", [0.3, 50.0])
-def test_parity_float32(shape, lengths, lam):
-    inputs = make_inputs(shape, torch.float32, lengths=lengths, seed=hash((shape, lam)) % 1000)
-    expected = forward_backward(attention_pool_reference, *[t.double() for t in inputs[:4]], lam, inputs[4])
-    actual = forward_backward(fused_fn, *inputs[:4], lam, inputs[4])
-    baseline = forward_backward(attention_pool_reference, *inputs[:4], lam, inputs[4])
+# --------------------------------------------------------------------------------------------
+# Parity and gradients
+
+# name: ((B, L, C, D), lengths, lam)
+PARITY_CASES = {
+    "L1-C1-D1": ((1, 1, 1, 1), "ragged", 0.3),
+    "L1-D>C": ((2, 1, 3, 5), None, 2.0),
+    "C1": ((3, 7, 1, 4), "ragged", 2.0),
+    "narrow": ((5, 33, 16, 24), "ragged", 2.0),
+    "narrow-N64": ((4, 40, 64, 63), "ragged", 3.0),
+    "wide-D": ((6, 50, 12, 70), "ragged", 2.0),
+    "wide-C>256": ((3, 70, 300, 20), "ragged", 2.0),
+    "tiles>256": ((2, 16500, 3, 5), [16500, 9000], 3.0),
+    "batch>65535": ((70000, 2, 3, 2), "ragged", 3.0),
+}
+
+
+@pytest.mark.parametrize("device", ALL_PATHS, indirect=True)
+@pytest.mark.parametrize("case", list(PARITY_CASES))
+def test_parity_float32(device, case):
+    shape, lengths, lam = PARITY_CASES[case]
+    inputs = make_inputs(shape, lengths=lengths, seed=len(case))
+    expected = forward_backward(attention_pool_reference, *inputs[:4], lam, inputs[4])
+    if case not in ("L1-C1-D1", "L1-D>C"):  # a single position: alpha is 1 and has no gradient
+        assert_informative(expected)
+    on_device = [t.to(device, torch.float32) for t in inputs[:4]]
+    lens = None if inputs[4] is None else inputs[4].to(device)
+    actual = forward_backward(fused_fn, *on_device, lam, lens)
+    baseline = forward_backward(attention_pool_reference, *on_device, lam, lens)
+    assert all(t.device.type == torch.device(device).type and t.dtype == torch.float32 for t in actual)
     assert_close_scaled(actual, expected, rel=1e-4, baseline=baseline)
 
 
-@pytest.mark.parametrize("shape", [(4, 9, 6, 3), (3, 300, 19, 9)], ids=["short", "long"])
-def test_parity_float64_noncontiguous(shape):
+# Waves of 150 values split every utterance of this case on CUDA (forward and backward) and cut the
+# CPU wide path into chunks of 2 rows, packed (short utterances) or direct (prefixes >= 128 rows).
+@pytest.mark.parametrize("wave_elements", [150], indirect=True)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_parity_across_waves(device, wave_elements):
+    a, weight, bias, u, lengths = make_inputs((4, 300, 70, 9), lengths=[300, 200, 5, 1], seed=4)
+    expected = forward_backward(attention_pool_reference, a, weight, bias, u, 2.0, lengths)
+    on_device = [t.to(device, torch.float32) for t in (a, weight, bias, u)]
+    actual = forward_backward(fused_fn, *on_device, 2.0, lengths.to(device))
+    baseline = forward_backward(attention_pool_reference, *on_device, 2.0, lengths.to(device))
+    assert_close_scaled(actual, expected, rel=1e-4, baseline=baseline)
+
+
+@pytest.mark.parametrize("device", CPU_PATHS, indirect=True)
+@pytest.mark.parametrize("shape", [(4, 9, 6, 3), (3, 300, 19, 9), (3, 20, 70, 5)], ids=["short", "long", "wide"])
+def test_parity_float64_noncontiguous(device, shape):
     a, weight, bias, u, lengths = make_inputs(shape, noncontiguous=True, seed=3)
     assert not (a.is_contiguous() or weight.is_contiguous() or u.is_contiguous() or bias.is_contiguous())
     actual = forward_backward(fused_fn, a, weight, bias, u, 0.8, lengths)
@@ -117,23 +196,46 @@ def test_parity_float64_noncontiguous(shape):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
 
 
-def test_padding_is_exactly_zero():
-    a, weight, bias, u, lengths = make_inputs((4, 20, 5, 6), torch.float32)
-    context, alpha, grad_a, *_ = forward_backward(fused_fn, a, weight, bias, u, 0.8, lengths)
-    for b, n in enumerate(lengths.tolist()):
-        assert torch.all(alpha[b, n:] == 0) and torch.all(grad_a[b, n:] == 0)
-        torch.testing.assert_close(alpha[b, :n].sum(), torch.tensor(1.0))
-
-
-@pytest.mark.parametrize("lengths", ["ragged", None])
-def test_gradcheck_float64(lengths):
-    a, weight, bias, u, lens = make_inputs((3, 6, 4, 5), lengths=lengths, seed=7)
+@pytest.mark.parametrize("device", CPU_PATHS, indirect=True)
+@pytest.mark.parametrize("shape,lengths", [((3, 6, 4, 5), "ragged"), ((3, 6, 4, 5), None), ((2, 4, 3, 65), "ragged")],
+                         ids=["narrow-ragged", "narrow-full", "wide-ragged"])
+def test_gradcheck_float64(device, shape, lengths):
+    """float64 runs on CPU only (the CUDA kernels accumulate in float32)."""
+    a, weight, bias, u, lens = make_inputs(shape, lengths=lengths, seed=7)
     leaves = [t.requires_grad_() for t in (a, weight, bias, u)]
     assert torch.autograd.gradcheck(lambda *x: attention_pool(*x, 1.7, lens, backend="fused"), leaves)
 
 
-def test_opcheck_forward_and_backward():
-    a, weight, bias, u, lengths = make_inputs((3, 5, 4, 6), torch.float32)
+@pytest.mark.parametrize("dtype,rel", [(torch.float16, 2e-2), (torch.bfloat16, 6e-2)], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("shape", [(4, 70, 30, 30), (2, 700, 256, 128)], ids=["narrow", "wide"])
+@pytest.mark.parametrize("device", CUDA_DEVICES[:1], indirect=True)
+def test_parity_half_precision(device, dtype, rel, shape):
+    inputs = make_inputs(shape, dtype, device=device, seed=13)
+    actual = forward_backward(fused_fn, *inputs[:4], 0.8, inputs[4])
+    rounded = [t.float() for t in inputs[:4]]  # the same (rounded) inputs, in float32
+    expected = forward_backward(attention_pool_reference, *rounded, 0.8, inputs[4])
+    assert all(t.dtype == dtype for t in actual)
+    assert_close_scaled(actual, expected, rel=rel)
+
+
+@pytest.mark.parametrize("wave_elements", [None, 700], indirect=True, ids=["default-waves", "small-waves"])
+@pytest.mark.parametrize("shape", [(4, 20, 5, 6), (4, 150, 70, 9)], ids=["narrow", "wide"])
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_padding_is_exactly_zero(device, shape, wave_elements):
+    a, weight, bias, u, lengths = make_inputs(shape, torch.float32, device=device)
+    context, alpha, grad_a, *_ = forward_backward(fused_fn, a, weight, bias, u, 0.8, lengths)
+    for b, n in enumerate(lengths.tolist()):
+        assert torch.all(alpha[b, n:] == 0) and torch.all(grad_a[b, n:] == 0)
+        assert torch.all(alpha[b, :n] > 0) and torch.any(grad_a[b, :n] != 0)
+        torch.testing.assert_close(alpha[b, :n].sum().cpu(), torch.tensor(1.0))
+
+
+# --------------------------------------------------------------------------------------------
+# Registration: opcheck, torch.compile
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_opcheck_forward_and_backward(device):
+    a, weight, bias, u, lengths = make_inputs((3, 70, 4, 6), torch.float32, device=device)
     for requires_grad in (False, True):
         args = [t.clone().requires_grad_(requires_grad) for t in (a, weight, bias, u)]
         torch.library.opcheck(torch.ops.ser_lightning.attention_pool.default, (*args, 0.8, lengths))
@@ -144,33 +246,168 @@ def test_opcheck_forward_and_backward():
     )
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_compile_fullgraph_matches_eager(device, compile_backend):
     torch._dynamo.reset()
-    a, weight, bias, u, lengths = make_inputs((3, 7, 4, 5), torch.float32)
-
-    def pooled_loss(a, weight, bias, u, lengths):
-        context, alpha = attention_pool(a, weight, bias, u, 0.8, lengths, backend="fused")
-        return context.square().sum() + alpha[:, 0].sum()
-
-    compiled = torch.compile(pooled_loss, fullgraph=True, backend="aot_eager")
-    for lens in (lengths, None):
-        results = []
-        for fn in (pooled_loss, compiled):
-            leaves = [t.clone().requires_grad_() for t in (a, weight, bias, u)]
-            loss = fn(*leaves, lens)
-            results.append([loss.detach(), *torch.autograd.grad(loss, leaves)])
-        for x, y in zip(*results):
+    a, weight, bias, u, lengths = make_inputs((3, 90, 16, 8), torch.float32, device=device)
+    compiled = torch.compile(fused_fn, fullgraph=True, backend=compile_backend)
+    # lengths=None adds torch.full to the graph, which costs inductor a C++ compile: aot_eager covers it.
+    for lens in (lengths, None) if compile_backend == "aot_eager" else (lengths,):
+        for x, y in zip(forward_backward(compiled, a, weight, bias, u, 0.8, lens),
+                        forward_backward(fused_fn, a, weight, bias, u, 0.8, lens)):
             torch.testing.assert_close(x, y)
 
 
-def test_compile_inductor_fullgraph_matches_eager():
-    torch._dynamo.reset()
-    a, weight, bias, u, lengths = make_inputs((3, 7, 4, 5), torch.float32)
-    fn = torch.compile(lambda *x: attention_pool(*x, backend="fused"), fullgraph=True)
-    for x, y in zip(forward_backward(fn, a, weight, bias, u, 0.8, lengths),
-                    forward_backward(fused_fn, a, weight, bias, u, 0.8, lengths)):
-        torch.testing.assert_close(x, y)
+# --------------------------------------------------------------------------------------------
+# Contracts: lengths, lam, no host synchronisation, streams
 
+BAD_LENGTHS = {"zero": [0, 5], "negative": [-5, 2], "above_L": [6, 5]}
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("bad", list(BAD_LENGTHS))
+def test_lengths_out_of_range_raise_on_cpu(bad, backend):
+    """Eager raises ValueError naming `lengths`; the raw operator and compiled code raise RuntimeError."""
+    a, weight, bias, u, _ = make_inputs((2, 5, 4, 6), torch.float32)
+    lengths = torch.tensor(BAD_LENGTHS[bad])
+    with pytest.raises(ValueError, match="`lengths` must lie in 1..L=5"):
+        attention_pool(a, weight, bias, u, 0.8, lengths, backend=backend)
+    with pytest.raises(RuntimeError, match="`lengths` must lie in 1..L=5"):
+        torch.ops.ser_lightning.attention_pool(a, weight, bias, u, 0.8, lengths)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *x: attention_pool(*x, backend=backend), fullgraph=True, backend="aot_eager")
+    compiled(a, weight, bias, u, 0.8, torch.tensor([5, 2]))
+    with pytest.raises(RuntimeError, match="`lengths` must lie in 1..L=5"):
+        compiled(a, weight, bias, u, 0.8, lengths)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_lengths_out_of_range_assert_on_cuda(backend):
+    """CUDA checks lengths without a host sync: a device-side assertion, surfacing at the next sync.
+    It leaves the CUDA context unusable, hence a subprocess."""
+    script = textwrap.dedent(f"""
+        import torch
+        from ser_lightning.ops import attention_pool
+        a, w, b, u = torch.randn(2, 5, 4, device="cuda"), torch.randn(6, 4, device="cuda"), torch.zeros(6, device="cuda"), torch.randn(6, device="cuda")
+        try:
+            attention_pool(a, w, b, u, 0.8, torch.tensor([0, 5], device="cuda"), backend="{backend}")
+            torch.cuda.synchronize()
+            print("NO ERROR")
+        except RuntimeError as err:
+            print("RAISED", err)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert "RAISED" in proc.stdout and "device-side assert" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_tensor_lam_is_rejected(backend):
+    """lam is a fixed hyper-parameter: a tensor would lose its gradient in the fused operator."""
+    a, weight, bias, u, lengths = make_inputs((2, 3, 4, 5), torch.float32)
+    with pytest.raises(TypeError, match="`lam` must be a Python number"):
+        attention_pool(a, weight, bias, u, torch.tensor(0.8, requires_grad=True), lengths, backend=backend)
+
+
+@pytest.mark.parametrize("shape", [(4, 70, 30, 30), (2, 200, 80, 40)], ids=["narrow", "wide"])
+@pytest.mark.parametrize("device", CUDA_DEVICES[:1], indirect=True)
+def test_cuda_never_synchronises(device, shape):
+    a, weight, bias, u, lengths = make_inputs(shape, torch.float32, device=device)
+    leaves = [t.requires_grad_() for t in (a, weight, bias, u)]
+    grad_context, grad_alpha = torch.randn(shape[0], shape[2], device=device), torch.randn(shape[:2], device=device)
+    context, alpha = fused_fn(*leaves, 0.8, lengths)  # warm-up: library handles and workspaces
+    torch.autograd.grad((context, alpha), leaves, (grad_context, grad_alpha))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising CUDA call raises
+    try:
+        for lens in (lengths, None):
+            context, alpha = fused_fn(*leaves, 0.8, lens)
+            torch.autograd.grad((context, alpha), leaves, (grad_context, grad_alpha))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("device", CUDA_DEVICES, indirect=True)
+def test_cuda_side_stream_matches_default_stream(device):
+    a, weight, bias, u, lengths = make_inputs((3, 300, 40, 24), torch.float32, device=device)
+    expected = forward_backward(fused_fn, a, weight, bias, u, 0.8, lengths)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        actual = forward_backward(fused_fn, a, weight, bias, u, 0.8, lengths)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    for x, y in zip(actual, expected):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------
+# The shared activation
+
+def tanh_transcription(x: np.ndarray) -> np.ndarray:
+    """tanh_rational of csrc/attention_pool.h, operation by operation in float32."""
+    f = np.float32
+    clamp = f(7.90531110763549805)
+    xc = np.where(x > clamp, clamp, np.where(x < -clamp, -clamp, x))
+    x2 = xc * xc
+    p = x2 * f(-2.76076847742355e-16) + f(2.00018790482477e-13)
+    for c in (-8.60467152213735e-11, 5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04,
+              4.89352455891786e-03):
+        p = x2 * p + f(c)
+    p = xc * p
+    q = x2 * f(1.19825839466702e-06) + f(1.18534705686654e-04)
+    for c in (2.26843463243900e-03, 4.89352518554385e-03):
+        q = x2 * q + f(c)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(np.abs(x) < f(4e-4), x, p / q)
+
+
+@pytest.mark.parametrize("device", CPU_PATHS + CUDA_DEVICES[:1], indirect=True)
+def test_tanh_is_the_shared_rational_function(device):
+    """The CPU paths and the CUDA kernels call the same function, sl_tanh in csrc/attention_pool.h
+    (the CUDA activation() and the test op _tanh call it on the device). On CPU every path equals a
+    float32 transcription of it bit for bit; nvcc contracts it into FMAs, so CUDA is a few ulp away."""
+    x = np.concatenate([np.linspace(-10, 10, 200_001, dtype=np.float32),
+                        np.float32([0, 4e-4, -4e-4, 3.9e-4, 7.90531110763549805, -8, 1e-30, -1e-38, 100])])
+    expected = tanh_transcription(x)
+    actual = torch.ops.ser_lightning._tanh(torch.from_numpy(x).to(device)).cpu().numpy()
+    if device == "cpu":
+        np.testing.assert_array_equal(actual.view(np.int32), expected.view(np.int32))
+    else:
+        np.testing.assert_allclose(actual, expected, rtol=4e-7, atol=1e-7)
+    np.testing.assert_allclose(actual, np.tanh(x.astype(np.float64)), rtol=0, atol=4.2e-7)
+
+
+# --------------------------------------------------------------------------------------------
+# CPU paths
+
+def test_cpu_capability_api():
+    active = cpu_capability()
+    assert active in cpu_capabilities() and set(cpu_capabilities()) <= set(compiled_cpu_capabilities())
+    for name in cpu_capabilities():
+        with set_cpu_capability(name):
+            assert cpu_capability() == name
+        assert cpu_capability() == active
+    with pytest.raises(ValueError, match="`name` 'sse9' is unavailable"):
+        set_cpu_capability("sse9")
+
+
+def test_cpu_capability_environment_override():
+    """SER_LIGHTNING_CPU_CAPABILITY picks the path at import; a value it cannot honour warns."""
+    script = "import ser_lightning.ops as o; print('ACTIVE', o.cpu_capability(), o.cpu_capabilities()[0])"
+    env = {**os.environ, "SER_LIGHTNING_CPU_CAPABILITY": "default", "PYTHONWARNINGS": "always"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert "ACTIVE default" in proc.stdout, proc.stdout + proc.stderr
+    env["SER_LIGHTNING_CPU_CAPABILITY"] = "sse9"
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    best = proc.stdout.split()[-1]
+    assert f"ACTIVE {best} {best}" in proc.stdout, proc.stdout + proc.stderr
+    assert "SER_LIGHTNING_CPU_CAPABILITY=sse9 is not one of the compiled paths" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Errors and backend selection
 
 def bad_inputs():
     """(name, mutate(args) -> args, argument named in the message)."""
@@ -185,36 +422,61 @@ def bad_inputs():
         ("weight_dtype", with_(1, torch.zeros(6, 4, dtype=torch.float64)), "`weight`"),
         ("lam_zero", with_(4, 0.0), "`lam`"),
         ("lam_negative", with_(4, -1.0), "`lam`"),
-        ("lengths_zero", with_(5, torch.tensor([0, 5])), "`lengths`"),
-        ("lengths_above_L", with_(5, torch.tensor([6, 5])), "`lengths`"),
+        ("lam_infinite", with_(4, float("inf")), "`lam`"),
         ("lengths_dtype", with_(5, torch.tensor([5, 5], dtype=torch.int32)), "`lengths`"),
         ("lengths_shape", with_(5, torch.tensor([5, 5, 5])), "`lengths`"),
     ]
 
 
 @pytest.mark.parametrize("name,mutate,argument", bad_inputs(), ids=[c[0] for c in bad_inputs()])
-def test_bad_inputs_name_the_argument(name, mutate, argument):
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_bad_inputs_name_the_argument(device, name, mutate, argument):
     args = [torch.randn(2, 5, 4), torch.randn(6, 4), torch.randn(6), torch.randn(6), 0.8, torch.tensor([5, 2])]
-    args = mutate(args)
+    args = [t.to(device) if isinstance(t, torch.Tensor) else t for t in mutate(args)]
     with pytest.raises(ValueError, match=argument):
         attention_pool(*args, backend="fused")
     with pytest.raises(RuntimeError, match=argument):  # the operator checks on its own too
         torch.ops.ser_lightning.attention_pool(*args)
 
 
-def test_raw_operator_rejects_unsupported_dtype():
-    a, weight, bias, u, lengths = make_inputs((2, 3, 4, 5), torch.float16, lengths=None)
-    with pytest.raises(RuntimeError, match="float32 and float64 `a`"):
-        torch.ops.ser_lightning.attention_pool(a, weight, bias, u, 0.8, torch.tensor([3, 3]))
-
-
-def test_backward_operator_checks_gradient_shapes():
-    a, weight, bias, u, lengths = make_inputs((2, 3, 4, 5), torch.float32)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_backward_operator_checks_gradient_shapes(device):
+    a, weight, bias, u, lengths = make_inputs((2, 3, 4, 5), torch.float32, device=device)
     context, alpha = torch.ops.ser_lightning.attention_pool(a, weight, bias, u, 0.8, lengths)
     with pytest.raises(RuntimeError, match="`grad_context`"):
         torch.ops.ser_lightning.attention_pool_backward(context[:1], alpha, a, weight, bias, u, alpha, 0.8, lengths)
     with pytest.raises(RuntimeError, match="`alpha`"):
         torch.ops.ser_lightning.attention_pool_backward(context, alpha, a, weight, bias, u, alpha.t(), 0.8, lengths)
+
+
+@pytest.mark.parametrize("device,dtype,supported", [
+    pytest.param("cpu", torch.bfloat16, "float32, float64", id="cpu-bfloat16"),
+    pytest.param("cuda", torch.float64, "float32, float16, bfloat16", id="cuda-float64", marks=CUDA),
+], indirect=["device"])
+def test_unsupported_dtype_is_an_error_and_auto_warns_once(device, dtype, supported, monkeypatch):
+    monkeypatch.setattr(ops, "_warned", set())
+    a, weight, bias, u, lengths = make_inputs((2, 3, 4, 5), dtype, device=device)
+    with pytest.raises(RuntimeError, match=f"does not support {dtype} \\(supported: {supported}\\)"):
+        attention_pool(a, weight, bias, u, 0.8, lengths, backend="fused")
+    with pytest.raises(RuntimeError, match="supports"):  # the raw operator refuses it too
+        torch.ops.ser_lightning.attention_pool(a, weight, bias, u, 0.8, lengths)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            out = attention_pool(a, weight, bias, u, 0.8, lengths)
+    assert len(caught) == 1 and "reference implementation" in str(caught[0].message)
+    for x, y in zip(out, attention_pool_reference(a, weight, bias, u, 0.8, lengths)):
+        assert torch.equal(x, y)
+
+
+def test_fused_cpu_is_built():
+    assert fused.LOAD_ERROR is None, fused.LOAD_ERROR
+    assert fused_available("cpu")
+
+
+@pytest.mark.parametrize("device", CUDA_DEVICES[:1], indirect=True)
+def test_fused_cuda_is_built(device):
+    assert fused_available(device), "the extension was built without its CUDA kernels"
 
 
 def test_unknown_backend_is_an_error():
@@ -230,24 +492,10 @@ def test_reference_backend_is_the_reference():
         assert torch.equal(x, y)
 
 
-def test_fused_unavailable_is_an_error_and_auto_warns_once(monkeypatch):
-    monkeypatch.setattr(ops, "_warned", set())
-    a, weight, bias, u, lengths = make_inputs((2, 3, 4, 5), torch.bfloat16)
-    with pytest.raises(RuntimeError, match="does not support torch.bfloat16"):
-        attention_pool(a, weight, bias, u, 0.8, lengths, backend="fused")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(3):
-            out = attention_pool(a, weight, bias, u, 0.8, lengths)
-    assert len(caught) == 1 and "reference implementation" in str(caught[0].message)
-    for x, y in zip(out, attention_pool_reference(a, weight, bias, u, 0.8, lengths)):
-        assert torch.equal(x, y)
-
-
 def test_missing_extension_falls_back(monkeypatch):
     monkeypatch.setattr(ops, "_warned", set())
     monkeypatch.setattr(fused, "LOAD_ERROR", "the compiled extension ser_lightning._C could not be loaded (test)")
-    assert not fused_available("cpu")
+    assert not fused_available("cpu") and cpu_capability() is None and cpu_capabilities() == []
     a, weight, bias, u, lengths = make_inputs((2, 3, 4, 5), torch.float32)
     with pytest.raises(RuntimeError, match="could not be loaded"):
         attention_pool(a, weight, bias, u, 0.8, lengths, backend="fused")
@@ -261,92 +509,3 @@ def test_no_kernel_for_other_devices():
     with pytest.raises(RuntimeError, match="no fused kernel for meta"):
         attention_pool(a, torch.empty(5, 4, device="meta"), torch.empty(5, device="meta"),
                        torch.empty(5, device="meta"), 0.8, backend="fused")
-
-
-# --------------------------------------------------------------------------------------------
-# CUDA (skipped without a GPU)
-
-CUDA_SHAPES = [(1, 1, 1, 1), (3, 7, 1, 4), (5, 33, 16, 24), (4, 200, 70, 130), (2, 5000, 40, 24)]
-
-
-@cuda_only
-def test_fused_cuda_is_built():
-    assert fused_available("cuda"), "the extension was built without its CUDA kernels"
-
-
-@cuda_only
-@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("lengths", ["ragged", None])
-@pytest.mark.parametrize("lam", [0.3, 50.0])
-def test_cuda_parity_float32(shape, lengths, lam):
-    inputs = make_inputs(shape, torch.float64, lengths=lengths, seed=11)
-    expected = forward_backward(attention_pool_reference, *inputs[:4], lam, inputs[4])
-    cuda_inputs = [t.float().cuda() for t in inputs[:4]]
-    actual = forward_backward(fused_fn, *cuda_inputs, lam, None if inputs[4] is None else inputs[4].cuda())
-    baseline = forward_backward(attention_pool_reference, *[t.float() for t in inputs[:4]], lam, inputs[4])
-    assert_close_scaled([t.cpu() for t in actual], expected, rel=1e-4, baseline=baseline)
-
-
-@cuda_only
-def test_cuda_parity_noncontiguous():
-    a, weight, bias, u, lengths = make_inputs((3, 100, 12, 9), noncontiguous=True, seed=5)
-    expected = forward_backward(attention_pool_reference, a, weight, bias, u, 0.8, lengths)
-    cuda = [t.float().cuda() for t in (a, weight, bias, u)]
-    assert not cuda[0].is_contiguous()
-    actual = forward_backward(fused_fn, *cuda, 0.8, lengths.cuda())
-    assert_close_scaled([t.cpu() for t in actual], expected, rel=1e-4)
-
-
-@cuda_only
-@pytest.mark.parametrize("dtype,rel", [(torch.float16, 2e-2), (torch.bfloat16, 6e-2)], ids=["float16", "bfloat16"])
-@pytest.mark.parametrize("shape", [(4, 70, 30, 30), (2, 700, 256, 128)], ids=["small", "wide"])
-def test_cuda_parity_half_precision(dtype, rel, shape):
-    inputs = make_inputs(shape, dtype, device="cuda", seed=13)
-    actual = forward_backward(fused_fn, *inputs[:4], 0.8, inputs[4])
-    rounded = [t.float() for t in inputs[:4]]  # the same (rounded) inputs, in float32
-    expected = forward_backward(attention_pool_reference, *rounded, 0.8, inputs[4])
-    assert all(t.dtype == dtype for t in actual)
-    assert_close_scaled([t.float() for t in actual], expected, rel=rel)
-
-
-@cuda_only
-def test_cuda_opcheck():
-    a, weight, bias, u, lengths = make_inputs((3, 70, 4, 6), torch.float32, device="cuda")
-    for requires_grad in (False, True):
-        args = [t.clone().requires_grad_(requires_grad) for t in (a, weight, bias, u)]
-        torch.library.opcheck(torch.ops.ser_lightning.attention_pool.default, (*args, 0.8, lengths))
-    context, alpha = torch.ops.ser_lightning.attention_pool(a, weight, bias, u, 0.8, lengths)
-    torch.library.opcheck(
-        torch.ops.ser_lightning.attention_pool_backward.default,
-        (torch.randn_like(context), torch.randn_like(alpha), a, weight, bias, u, alpha, 0.8, lengths),
-    )
-
-
-@cuda_only
-def test_cuda_float64_uses_reference(monkeypatch):
-    """float64 has no CUDA kernel (float32 accumulation): gradcheck runs on CPU; CUDA falls back."""
-    monkeypatch.setattr(ops, "_warned", set())
-    a, weight, bias, u, lengths = make_inputs((2, 3, 4, 5), torch.float64, device="cuda")
-    with pytest.raises(RuntimeError, match="does not support torch.float64"):
-        attention_pool(a, weight, bias, u, 0.8, lengths, backend="fused")
-    with pytest.warns(UserWarning, match="reference implementation"):
-        attention_pool(a, weight, bias, u, 0.8, lengths)
-
-
-@cuda_only
-def test_cuda_devices_must_match():
-    a, weight, bias, u, lengths = make_inputs((2, 3, 4, 5), torch.float32, device="cuda")
-    with pytest.raises(ValueError, match="`weight`"):
-        attention_pool(a, weight.cpu(), bias, u, 0.8, lengths, backend="fused")
-    with pytest.raises(RuntimeError, match="`lengths`"):
-        torch.ops.ser_lightning.attention_pool(a, weight, bias, u, 0.8, lengths.cpu())
-
-
-@cuda_only
-def test_cuda_compile_fullgraph_matches_eager():
-    torch._dynamo.reset()
-    a, weight, bias, u, lengths = make_inputs((3, 90, 16, 8), torch.float32, device="cuda")
-    fn = torch.compile(lambda *x: attention_pool(*x, backend="fused"), fullgraph=True)
-    for x, y in zip(forward_backward(fn, a, weight, bias, u, 0.8, lengths),
-                    forward_backward(fused_fn, a, weight, bias, u, 0.8, lengths)):
-        torch.testing.assert_close(x, y)

@@ -16,7 +16,7 @@ import torchaudio.functional as AF
 
 from ser_lightning import EmotionRecognizer
 from ser_lightning.cli import main
-from ser_lightning.inference.recognizer import CheckpointError
+from ser_lightning.checkpoints import CheckpointError
 
 CLASSES = ("neutral", "happy", "sad", "angry")
 CSV_COLUMNS = ["path", "status", "error", "note", "duration_s", "window", "start_s", "end_s", "emotion",
@@ -60,8 +60,11 @@ def write_mixed_folder(folder: Path, wave: np.ndarray, rate: int) -> tuple[set[s
     sf.write(folder / "silence.wav", np.zeros(2 * rate, dtype=np.float32), rate)
     sf.write(folder / "nan.wav", np.full(rate, np.nan, dtype=np.float32), rate, subtype="FLOAT")
     sf.write(folder / "empty.wav", np.zeros(0, dtype=np.float32), rate)
-    (folder / "notes.txt").write_text("not searched: wrong extension")
-    good = {"good.wav", "good.flac", "stereo_8k.wav", "rate_96k.wav", "short.wav"}
+    sf.write(folder / "good.mp3", wave, rate, format="MP3")
+    sf.write(sub / "good.opus", wave, rate, format="OGG", subtype="OPUS")
+    sf.write(folder / "good.caf", wave, rate, format="CAF")
+    (folder / "notes.txt").write_text("not audio: counted in the summary, not predicted")
+    good = {"good.wav", "good.flac", "stereo_8k.wav", "rate_96k.wav", "short.wav", "good.mp3", "good.opus", "good.caf"}
     broken = {"truncated.wav": "cannot read", "zero_bytes.wav": "cannot read", "text.wav": "cannot read",
               "silence.wav": "silence", "nan.wav": "NaN", "empty.wav": "no samples"}
     return good, broken
@@ -75,7 +78,8 @@ def test_folder_with_broken_files_gives_error_rows_and_exit_1(seed1d_checkpoint,
         main(["predict", "--ckpt_path", str(seed1d_checkpoint), str(tmp_path / "mixed"), "--output", str(out)])
     assert exit_info.value.code == 1
     printed = capsys.readouterr().out
-    assert f"{len(good) + len(broken)} files: {len(good)} predicted, {len(broken)} failed" in printed
+    assert (f"{len(good) + len(broken)} files: {len(good)} predicted, {len(broken)} failed; "
+            "1 non-audio file(s) in folders skipped (.txt x1)") in printed
 
     columns, rows = read_csv(out)
     assert columns == CSV_COLUMNS
@@ -122,7 +126,7 @@ def test_python_api_agrees_with_cli(seed1d_checkpoint, speech, tmp_path):
     sf.write(files[1], np.concatenate([wave, -wave, wave, 0.5 * wave]), rate)
     out = tmp_path / "results.csv"
     main(["predict", "--ckpt_path", str(seed1d_checkpoint), *map(str, files), "--output", str(out),
-          "--window-seconds=3", "--hop-seconds=1.5", "--batch-size=3"])
+          "--window_seconds=3", "--hop_seconds=1.5", "--batch_size=3"])
     _, rows = read_csv(out)
     recognizer = EmotionRecognizer.from_checkpoint(seed1d_checkpoint, window_seconds=3, hop_seconds=1.5)
     for path in files:
@@ -168,7 +172,7 @@ def test_plot_dir_writes_valid_pngs(seed1d_checkpoint, zhang2d_checkpoint, speec
         plots = tmp_path / f"plots_{name}"
         out = tmp_path / f"{name}.json"
         main(["predict", "--ckpt_path", str(ckpt), str(tmp_path / "short.wav"), str(tmp_path / "long.wav"),
-              "--plot-dir", str(plots), "--output", str(out)])
+              "--plot_dir", str(plots), "--output", str(out)])
         written = sorted(p.name for p in plots.iterdir())
         assert written == ["long.png", "short.png"]
         for png in plots.iterdir():
@@ -254,16 +258,28 @@ def test_ten_minute_file_is_streamed_in_windows_with_bounded_memory(seed1d_check
     assert float(last_end) == pytest.approx(float(duration), abs=1e-6)
 
 
-def test_predict_split_runs_lightnings_own_predict(seed1d_checkpoint, tiny_corpus, tmp_path):
-    """Lightning's predict over the datamodule's test split stays reachable as `predict-split`."""
-    main(["predict-split", f"--data.root={tiny_corpus}", f"--data.cache_dir={tmp_path / 'cache'}",
-          "--data.num_folds=3", "--data.num_val_speakers=1", f"--trainer.default_root_dir={tmp_path}",
-          "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", f"--ckpt_path={seed1d_checkpoint}"])
-    assert (tmp_path / "lightning_logs" / "version_0" / "config.yaml").exists()
-
-
-def test_import_stays_light():
-    code = "import sys, ser_lightning; assert 'torch' not in sys.modules; print(ser_lightning.EmotionRecognizer.__name__)"
+@pytest.mark.parametrize("code", [
+    "import sys, ser_lightning; assert 'torch' not in sys.modules; print(ser_lightning.EmotionRecognizer.__name__)",
+    "import sys, ser_lightning.data.records, ser_lightning.data.ravdess, ser_lightning.cli; "
+    "heavy = {'torch', 'lightning', 'matplotlib'} & set(sys.modules); assert not heavy, heavy; print('light')",
+])
+def test_imports_stay_light(code):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1])
-    assert result.returncode == 0 and result.stdout.strip() == "EmotionRecognizer", result.stderr
+    assert result.returncode == 0 and result.stdout.strip() in ("EmotionRecognizer", "light"), result.stderr
+
+
+def test_speaker_normalised_model_takes_each_folders_statistics(speaker_checkpoint, tiny_corpus, tmp_path, capsys):
+    checkpoint = speaker_checkpoint
+    recognizer = EmotionRecognizer.from_checkpoint(checkpoint)
+    assert recognizer.needs_speaker_stats
+    files = sorted((tiny_corpus / "Actor_05").glob("*.wav"))
+    with pytest.raises(ValueError, match="speaker_stats"):
+        recognizer.predict_file(files[0])
+    stats = recognizer.speaker_statistics(files)
+    single = recognizer.predict_file(files[0], stats)
+    main(["predict", "--ckpt_path", str(checkpoint), str(tiny_corpus / "Actor_05"), str(tiny_corpus / "Actor_06"),
+          "--output", str(tmp_path / "out.json")])
+    assert "56 files: 56 predicted, 0 failed; speaker statistics per folder" in capsys.readouterr().out
+    records = {Path(r["path"]).name: r for r in json.loads((tmp_path / "out.json").read_text())}
+    assert records[files[0].name]["probabilities"] == pytest.approx(single.probabilities, abs=1e-5)

@@ -63,7 +63,7 @@ def messy_tree(tmp_path):
     return tmp_path, speech, song
 
 
-def test_scan_keeps_speech_of_selected_emotions_and_ignores_strays(messy_tree):
+def test_scan_keeps_speech_of_selected_emotions_and_lists_everything_else(messy_tree):
     root, speech, song = messy_tree
     result = scan_ravdess(root, DEFAULT_EMOTIONS)
     paths = {u.path for u in result.utterances}
@@ -74,7 +74,8 @@ def test_scan_keeps_speech_of_selected_emotions_and_ignores_strays(messy_tree):
     angry = by_name["03-01-05-02-02-01-01.wav"]
     assert (angry.emotion, angry.speaker, angry.sex, angry.corpus) == ("angry", "01", "male", "ravdess")
     assert angry.fields["intensity"] == "strong" and angry.fields["statement"] == 2
-    assert result.skipped == []
+    assert [(path, "song file" in reason) for path, reason in result.skipped] == [(song, True)]  # listed, not hidden
+    assert sorted(p.name for p in result.ignored) == ["labels.csv", "notes.txt"]  # non-audio files, listed
 
 
 def test_scan_song_channel_and_all_emotions(messy_tree):
@@ -90,8 +91,8 @@ def test_scan_malformed_name_is_an_error_or_skipped_when_lenient(messy_tree):
         scan_ravdess(root, DEFAULT_EMOTIONS)
     result = scan_corpus("ravdess", root, DEFAULT_EMOTIONS, lenient=True)
     assert len(result.utterances) == 3
-    assert [p for p, _ in result.skipped] == [bad]
-    assert "emotion" in result.skipped[0][1]
+    malformed = [(path, reason) for path, reason in result.skipped if "song file" not in reason]
+    assert [path for path, _ in malformed] == [bad] and "emotion" in malformed[0][1]
 
 
 def test_empty_selection_says_what_and_where(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from ser_lightning.data import synth
 from ser_lightning.data.features import FeatureConfig, FeatureExtractor
 from ser_lightning.data.audio import load_audio
-from ser_lightning.data.datamodule import torch_threads
+from ser_lightning.data.loading import torch_threads
 from ser_lightning.data.folds import make_fold_plan
 from ser_lightning.data.ravdess import parse_ravdess_name, scan_ravdess
 from ser_lightning.data.records import EMOTIONS
@@ -22,7 +22,7 @@ def digest(path) -> str:
 
 
 def test_layout_names_and_counts(tmp_path):
-    paths = synth.synthesize_corpus(tmp_path, actors=1, sample_rate=16000, seed=0)
+    paths = synth.synthesize_corpus(tmp_path, actors=1, sample_rate=16000, random_seed=0)
     assert len(paths) == 60
     names = [parse_ravdess_name(p) for p in paths]
     assert all(p.parent.name == "Actor_01" for p in paths)
@@ -40,10 +40,10 @@ def test_layout_names_and_counts(tmp_path):
 
 
 def test_deterministic_and_subsets_are_identical(tmp_path):
-    full = synth.synthesize_corpus(tmp_path / "a", actors=2, emotions=["neutral", "sad"], seed=5)
-    again = synth.synthesize_corpus(tmp_path / "b", actors=2, emotions=["sad", "neutral"], seed=5)
-    subset = synth.synthesize_corpus(tmp_path / "c", actors=1, emotions=["sad"], seed=5)
-    other = synth.synthesize_corpus(tmp_path / "d", actors=1, emotions=["sad"], seed=6)
+    full = synth.synthesize_corpus(tmp_path / "a", actors=2, emotions=["neutral", "sad"], random_seed=5)
+    again = synth.synthesize_corpus(tmp_path / "b", actors=2, emotions=["sad", "neutral"], random_seed=5)
+    subset = synth.synthesize_corpus(tmp_path / "c", actors=1, emotions=["sad"], random_seed=5)
+    other = synth.synthesize_corpus(tmp_path / "d", actors=1, emotions=["sad"], random_seed=6)
     assert [digest(p) for p in full] == [digest(p) for p in again]
     by_name = {p.relative_to(tmp_path / "a"): digest(p) for p in full}
     assert all(by_name[p.relative_to(tmp_path / "c")] == digest(p) for p in subset)
@@ -58,8 +58,8 @@ def test_invalid_arguments(tmp_path):
 
 
 def test_ensure_synthetic_corpus_generates_once(tmp_path, monkeypatch):
-    root = synth.ensure_synthetic_corpus(tmp_path, actors=2, seed=1)
-    assert root == synth.default_synthetic_root(tmp_path, actors=2, seed=1)
+    root = synth.ensure_synthetic_corpus(tmp_path, actors=2, random_seed=1)
+    assert root == synth.default_synthetic_root(tmp_path, actors=2, random_seed=1)
     assert (root / synth.COMPLETE_MARKER).exists()
     assert len(list(root.rglob("*.wav"))) == 120
     assert [p.name for p in root.parent.iterdir()] == [root.name]  # no temporary folder left behind
@@ -68,9 +68,9 @@ def test_ensure_synthetic_corpus_generates_once(tmp_path, monkeypatch):
         raise AssertionError("the corpus should have been reused")
 
     monkeypatch.setattr(synth, "synthesize_corpus", fail)
-    assert synth.ensure_synthetic_corpus(tmp_path, actors=2, seed=1) == root
+    assert synth.ensure_synthetic_corpus(tmp_path, actors=2, random_seed=1) == root
     monkeypatch.setenv("SER_LIGHTNING_CACHE", str(tmp_path / "env"))
-    assert synth.default_synthetic_root(actors=2, seed=1).is_relative_to(tmp_path / "env")
+    assert synth.default_synthetic_root(actors=2, random_seed=1).is_relative_to(tmp_path / "env")
 
 
 def test_simple_classifier_separates_classes_on_held_out_actors(tmp_path):
@@ -85,7 +85,7 @@ def test_simple_classifier_separates_classes_on_held_out_actors(tmp_path):
 
 
 def _held_out_accuracies(tmp_path, emotions) -> list[float]:
-    synth.synthesize_corpus(tmp_path, actors=12, emotions=emotions, seed=0)
+    synth.synthesize_corpus(tmp_path, actors=12, emotions=emotions, random_seed=0)
     utterances = scan_ravdess(tmp_path, emotions).utterances
     fe = FeatureExtractor(FeatureConfig())
     with torch.inference_mode():
@@ -94,7 +94,7 @@ def _held_out_accuracies(tmp_path, emotions) -> list[float]:
     y = torch.tensor([emotions.index(u.emotion) for u in utterances])
     accuracies = []
     for fold in range(3):
-        plan = make_fold_plan(utterances, emotions, num_folds=3, fold=fold, seed=0, num_val_speakers=1)
+        plan = make_fold_plan(utterances, emotions, num_folds=3, fold=fold, random_seed=0, num_val_speakers=1)
         train, test = torch.tensor(plan.train + plan.val), torch.tensor(plan.test)
         mean, std = x[train].mean(dim=0), x[train].std(dim=0) + 1e-6
         z = (x - mean) / std

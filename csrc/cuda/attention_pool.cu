@@ -1,29 +1,44 @@
 // Fused attention pooling: CUDA kernels.
 //
-// Design. Positions are cut into tiles of kTileL = 64; one block of 256 threads handles one
-// (tile, utterance) pair, grid = (ceil(L / 64), B). The block projects its tile in registers:
-// z = a_tile W^T is a shared-memory tiled GEMM (64 positions x 64 outputs per pass over D,
-// channels staged 16 at a time, 4 x 4 outputs per thread, float32 accumulation), then applies
-// tanh and the u-dot and reduces each position's score with warp shuffles. Forward: the block
-// writes its scaled scores, its softmax partial (max, sum) and its partial context
-// sum_i exp(x_i - max) a_i; a second small kernel (block per utterance) merges the partials of
-// all tiles (online-softmax rescale), normalises alpha and writes the context. Backward: one
-// kernel computes s_i = dc . a_i + dalpha_i and per-tile partials of S = sum alpha_i s_i; a
-// second recomputes the tile's projection, forms de_i and dz (written to a transient (B, L, D)
-// buffer, zero at padding) and per-tile partials of du and dbias; dW = dz^T a and da = dz W +
-// alpha dc are then cuBLAS GEMMs (ATen). The arithmetic (tanh, softmax merge, de, dz) comes from
-// attention_pool.h, shared with the CPU kernel.
-//
-// Limits: B <= 65535 utterances (grid.y, checked); any L, C, D >= 1 (tiles and loops cover them,
-// every load and store is bounds-checked). float64 is not supported on CUDA. The raw CUDA operator does not read `lengths` back to the host
-// (that would synchronise); it clamps them into 1..L. The Python wrapper validates them.
+// Design. Positions are cut into tiles of kTileL = 64. One block of 256 threads handles one (tile,
+// utterance) pair; the pairs of a launch are flattened onto grid.x, so the batch size is not bounded
+// by grid.y. The block projects its tile: z = a_tile W^T is a shared-memory tiled GEMM (64 positions
+// x 64 outputs per pass over D, channels staged 16 at a time, 4 x 4 outputs per thread, float32
+// accumulation); then the shared activation and the u-dot, each position's score reduced with warp
+// shuffles.
+//   Forward: the tile kernel writes its scaled scores, its softmax partial (max, sum) and its partial
+// context sum_i exp(x_i - max) a_i; the merge kernel (block per utterance) folds the tiles' partials
+// into a SoftmaxState with SoftmaxState::merge, the merge the CPU kernels use, then writes alpha and
+// the context.
+//   Backward: the dot kernel computes s_i = dc . a_i + dalpha_i and per-tile partial sums of
+// alpha_i s_i (S = one ATen reduction of them); then, per wave, the tile kernel recomputes the
+// projection, forms de_i and dz (into a wave buffer, zero at padding) and per-tile partials of du
+// and dbias; dW += dz^T a and da = dz W are cuBLAS GEMMs (ATen) on the wave's rows; finally
+// grad_a += alpha dc (alpha is 0 at padding, so padding rows of grad_a are exactly 0).
+//   Waves. Transient buffers (the tiles' partial contexts, dz) hold at most
+// wave_elements(kCudaWaveElements) values: a wave is a run of whole utterances, or a run of tiles of
+// one long utterance, whose softmax state and context sum then carry over to its next wave in a
+// (C + 2) buffer. Beyond the inputs and outputs, memory is that bound plus O(B L) float32 (the scores
+// for 16-bit types, s) and O(B L / 64) partials.
+//   No host synchronisation: the lengths never leave the device (lengths outside 1..L trigger a
+// device-side assertion; see attention_pool.cpp), every launch is on the current stream and is
+// followed by C10_CUDA_KERNEL_LAUNCH_CHECK(). The arithmetic (tanh, softmax merge, de, dz) is
+// attention_pool.h, shared with the CPU kernels and their tests.
+//   Limits: any B, L, C, D >= 1 (every load and store is bounds-checked); float32, float16 and
+// bfloat16 with float32 accumulation; no float64 (it falls back to the reference in Python).
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
+#include <vector>
+
 #include "attention_pool.h"
+#include "checks.h"
+#include "waves.h"
 
 namespace ser_lightning {
 namespace {
@@ -42,8 +57,11 @@ constexpr int kWarps = kThreads / 32;
                                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)         \
                                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-__device__ __forceinline__ int64_t valid_length(const int64_t* lengths, int64_t b, int64_t L) {
+// lengths[b], which the contract puts in 1..L. A violation stops the kernel with a device-side
+// assertion; the clamp only keeps memory accesses in bounds where assertions are compiled out.
+__device__ __forceinline__ int64_t checked_length(const int64_t* lengths, int64_t b, int64_t L) {
   const int64_t n = lengths[b];
+  CUDA_KERNEL_ASSERT_MSG(n >= 1 && n <= L, "attention_pool: `lengths` must lie in 1..L");
   return n < 1 ? 1 : (n > L ? L : n);
 }
 
@@ -80,6 +98,14 @@ __device__ float block_max(float v, float* scratch) {
   return m;
 }
 
+// A launch over (tile, utterance) pairs: utterances [b0, b0 + count / tiles), tiles [t0, t0 + tiles)
+// of each, pair p = (utterance b0 + p / tiles, tile t0 + p % tiles).
+struct PairRange {
+  int64_t b0, t0, tiles;
+  __device__ int64_t utterance(int64_t pair) const { return b0 + pair / tiles; }
+  __device__ int64_t tile(int64_t pair) const { return t0 + pair % tiles; }
+};
+
 // Shared-memory tiles of one projection step.
 struct ProjectionTiles {
   float a[kTileK][kTileL + 1];  // a[k][i]: channel k0 + k of position i0 + i
@@ -88,6 +114,7 @@ struct ProjectionTiles {
 
 // acc[p][q] = z of position i0 + ty + 16 p and output d0 + tx + 16 q (0 outside the tile), where
 // (ty, tx) = (threadIdx.x / 16, threadIdx.x % 16). Rows >= rows_valid and outputs >= D read 0.
+// Every thread of the block must call it (it synchronises).
 template <typename scalar_t>
 __device__ void project_tile(const scalar_t* __restrict__ a_tile, const scalar_t* __restrict__ weight,
                              int rows_valid, int64_t C, int64_t D, int64_t d0, ProjectionTiles& s,
@@ -123,20 +150,19 @@ __device__ void project_tile(const scalar_t* __restrict__ a_tile, const scalar_t
   }
 }
 
-// Forward pass 1: scores, softmax partial and partial context of one (tile, utterance).
+// Forward, per (tile, utterance) pair: scaled scores, the tile's softmax partial and partial context.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) forward_tile_kernel(
     const scalar_t* __restrict__ a, const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
     const scalar_t* __restrict__ u, float lam, const int64_t* __restrict__ lengths, int64_t L, int64_t C, int64_t D,
-    float* __restrict__ scores, float* __restrict__ part_max, float* __restrict__ part_sum,
+    PairRange range, float* __restrict__ scores, float* __restrict__ part_max, float* __restrict__ part_sum,
     float* __restrict__ part_context) {
   __shared__ ProjectionTiles tiles;
   __shared__ float score[kTileL];
   __shared__ float scratch[kWarps];
-  const int64_t b = blockIdx.y, tile = blockIdx.x, tiles_per_row = gridDim.x;
-  const int64_t i0 = tile * kTileL;
-  const int64_t n = valid_length(lengths, b, L);
-  const int64_t part = b * tiles_per_row + tile;
+  const int64_t part = blockIdx.x;
+  const int64_t b = range.utterance(part), i0 = range.tile(part) * kTileL;
+  const int64_t n = checked_length(lengths, b, L);
   if (i0 >= n) {  // a tile of padding: an empty partial (uniform branch for the whole block)
     if (threadIdx.x == 0) {
       part_max[part] = neg_infinity<float>();
@@ -159,9 +185,7 @@ __global__ void __launch_bounds__(kThreads) forward_tile_kernel(
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const int64_t d = d0 + tx + 16 * q;
-        if (d < D) {
-          e += static_cast<float>(u[d]) * activation<float>(acc[p][q], static_cast<float>(bias[d]));
-        }
+        if (d < D) e += static_cast<float>(u[d]) * activation<float>(acc[p][q], static_cast<float>(bias[d]));
       }
       // The 16 threads of one ty hold the same positions: reduce over tx (lanes differing in bits 0-3).
       for (int offset = 8; offset > 0; offset >>= 1) e += __shfl_xor_sync(0xffffffffu, e, offset);
@@ -192,53 +216,70 @@ __global__ void __launch_bounds__(kThreads) forward_tile_kernel(
   }
 }
 
-// Forward pass 2 (block per utterance): merge the tiles' partials, write alpha and the context.
+// Forward, block per utterance of the wave: merge the wave's tile partials into the utterance's
+// softmax state (starting empty, or from `carry` when an earlier wave held its first tiles); on the
+// utterance's last wave write alpha and the context, else store the state in `carry` (C sums, max, sum).
+// `scores` and `alpha` may be the same memory (float32), hence no __restrict__ on them.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) forward_merge_kernel(
-    const float* __restrict__ scores, const float* __restrict__ part_max, const float* __restrict__ part_sum,
+    const float* scores, const float* __restrict__ part_max, const float* __restrict__ part_sum,
     const float* __restrict__ part_context, const int64_t* __restrict__ lengths, int64_t L, int64_t C,
-    int64_t tiles_per_row, scalar_t* __restrict__ context, scalar_t* __restrict__ alpha) {
-  __shared__ float scratch[kWarps];
-  const int64_t b = blockIdx.x;
-  const int64_t n = valid_length(lengths, b, L);
-  const int64_t tiles = (n + kTileL - 1) / kTileL;
-  const float* pm = part_max + b * tiles_per_row;
-  const float* ps = part_sum + b * tiles_per_row;
-  // Rescale every tile's partial to the utterance maximum (tiles of padding are not visited).
-  SoftmaxState<float> state;
-  float m = neg_infinity<float>();
-  for (int64_t t = threadIdx.x; t < tiles; t += kThreads) m = fmaxf(m, pm[t]);
-  m = block_max(m, scratch);
-  float partial = 0.f;
-  for (int64_t t = threadIdx.x; t < tiles; t += kThreads) partial += ps[t] * sl_exp(pm[t] - m);
-  state.max = m;
-  state.sum = block_sum(partial, scratch);
+    PairRange range, bool first, bool last, float* __restrict__ carry, scalar_t* __restrict__ context,
+    scalar_t* alpha) {
+  const int64_t b = range.b0 + blockIdx.x;
+  const int64_t n = checked_length(lengths, b, L);
+  const int64_t valid_tiles = (n + kTileL - 1) / kTileL;  // later tiles are padding: empty partials
+  const int64_t left = valid_tiles - range.t0;
+  const int64_t merged = left < 0 ? 0 : (left < range.tiles ? left : range.tiles);
+  const int64_t part0 = blockIdx.x * range.tiles;
+  const SoftmaxState<float> start = first ? SoftmaxState<float>::empty() : SoftmaxState<float>{carry[C], carry[C + 1]};
+  float scale_self, scale_other;
+  SoftmaxState<float> state = start;
+  for (int64_t t = 0; t < merged; ++t) state.merge(part_max[part0 + t], part_sum[part0 + t], &scale_self, &scale_other);
   for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-    float ctx = 0.f;
-    for (int64_t t = 0; t < tiles; ++t) ctx += part_context[(b * tiles_per_row + t) * C + c] * sl_exp(pm[t] - m);
-    context[b * C + c] = static_cast<scalar_t>(ctx / state.sum);
+    SoftmaxState<float> running = start;
+    float sum = first ? 0.f : carry[c];
+    for (int64_t t = 0; t < merged; ++t) {
+      running.merge(part_max[part0 + t], part_sum[part0 + t], &scale_self, &scale_other);
+      sum = sum * scale_self + part_context[(part0 + t) * C + c] * scale_other;
+    }
+    if (last) {
+      context[b * C + c] = static_cast<scalar_t>(sum / running.sum);
+    } else {
+      carry[c] = sum;
+    }
   }
-  for (int64_t i = threadIdx.x; i < L; i += kThreads) {
-    alpha[b * L + i] = static_cast<scalar_t>(i < n ? state.weight(scores[b * L + i]) : 0.f);
+  if (last) {
+    for (int64_t i = threadIdx.x; i < L; i += kThreads)
+      alpha[b * L + i] = static_cast<scalar_t>(i < n ? state.weight(scores[b * L + i]) : 0.f);
+  } else {
+    __syncthreads();  // every thread has read the carried state
+    if (threadIdx.x == 0) {
+      carry[C] = state.max;
+      carry[C + 1] = state.sum;
+    }
   }
 }
 
-// Backward pass 1: s_i = dc . a_i + dalpha_i (warp per position) and the tile's part of S.
+// Backward, per (tile, utterance) pair: s_i = dc . a_i + dalpha_i (warp per position) and the tile's
+// part of S = sum_i alpha_i s_i.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) backward_dot_kernel(
     const scalar_t* __restrict__ grad_context, const scalar_t* __restrict__ grad_alpha,
     const scalar_t* __restrict__ a, const scalar_t* __restrict__ alpha, const int64_t* __restrict__ lengths,
-    int64_t L, int64_t C, float* __restrict__ s_out, float* __restrict__ part_s) {
+    int64_t L, int64_t C, PairRange range, float* __restrict__ s_out, float* __restrict__ part_s) {
   __shared__ float weighted[kTileL];
-  const int64_t b = blockIdx.y, i0 = static_cast<int64_t>(blockIdx.x) * kTileL;
-  const int64_t n = valid_length(lengths, b, L);
+  const int64_t part = blockIdx.x;
+  const int64_t b = range.utterance(part), i0 = range.tile(part) * kTileL;
+  const int64_t n = checked_length(lengths, b, L);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   for (int i = warp; i < kTileL; i += kWarps) {
     const int64_t pos = i0 + i;
     float s = 0.f;
     if (pos < n) {
       const scalar_t* a_i = a + (b * L + pos) * C;
-      for (int64_t c = lane; c < C; c += 32) s += static_cast<float>(grad_context[b * C + c]) * static_cast<float>(a_i[c]);
+      for (int64_t c = lane; c < C; c += 32)
+        s += static_cast<float>(grad_context[b * C + c]) * static_cast<float>(a_i[c]);
       s = warp_sum(s) + static_cast<float>(grad_alpha[b * L + pos]);
       if (lane == 0) s_out[b * L + pos] = s;
     }
@@ -246,47 +287,42 @@ __global__ void __launch_bounds__(kThreads) backward_dot_kernel(
   }
   __syncthreads();
   if (threadIdx.x < 32) {
-    float v = weighted[threadIdx.x] + weighted[threadIdx.x + 32];
-    v = warp_sum(v);
-    if (threadIdx.x == 0) part_s[b * gridDim.x + blockIdx.x] = v;
+    const float v = warp_sum(weighted[threadIdx.x] + weighted[threadIdx.x + 32]);
+    if (threadIdx.x == 0) part_s[part] = v;
   }
 }
 
-// Backward pass 2: recompute the tile's projection; write dz and the tile's parts of du, dbias.
+// Backward, per (tile, utterance) pair of a wave: recompute the tile's projection; write dz (rows of
+// the wave buffer from row0, zero at padding) and the tile's parts of du and dbias.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) backward_tile_kernel(
     const scalar_t* __restrict__ a, const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
     const scalar_t* __restrict__ u, const scalar_t* __restrict__ alpha, float lam, const int64_t* __restrict__ lengths,
-    int64_t L, int64_t C, int64_t D, const float* __restrict__ s_in, const float* __restrict__ part_s,
-    scalar_t* __restrict__ grad_z, float* __restrict__ part_du, float* __restrict__ part_db) {
+    int64_t L, int64_t C, int64_t D, PairRange range, int64_t row0, const float* __restrict__ s_in,
+    const float* __restrict__ s_total, scalar_t* __restrict__ grad_z, float* __restrict__ part_du,
+    float* __restrict__ part_db) {
   __shared__ ProjectionTiles tiles;
   __shared__ float de[kTileL];
   __shared__ float red_u[16][kTileD];
   __shared__ float red_b[16][kTileD];
-  __shared__ float scratch[kWarps];
-  const int64_t b = blockIdx.y, tile = blockIdx.x, tiles_per_row = gridDim.x;
-  const int64_t i0 = tile * kTileL;
-  const int64_t n = valid_length(lengths, b, L);
-  const int64_t part = b * tiles_per_row + tile;
+  const int64_t part = blockIdx.x;
+  const int64_t b = range.utterance(part), i0 = range.tile(part) * kTileL;
+  const int64_t n = checked_length(lengths, b, L);
   const int rows = static_cast<int>(L - i0 < kTileL ? L - i0 : kTileL);
   const int rows_valid = static_cast<int>(n <= i0 ? 0 : (n - i0 < kTileL ? n - i0 : kTileL));
-  float s_total = 0.f;
-  for (int64_t t = threadIdx.x; t < tiles_per_row; t += kThreads) s_total += part_s[b * tiles_per_row + t];
-  s_total = block_sum(s_total, scratch);
   if (threadIdx.x < kTileL) {
     const int i = threadIdx.x;
     de[i] = i < rows_valid ? score_grad<float>(lam, static_cast<float>(alpha[b * L + i0 + i]), s_in[b * L + i0 + i],
-                                               s_total)
+                                               s_total[b])
                            : 0.f;
   }
   __syncthreads();
   const scalar_t* a_tile = a + (b * L + i0) * C;
+  scalar_t* z_tile = grad_z + (b * L + i0 - row0) * D;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   for (int64_t d0 = 0; d0 < D; d0 += kTileD) {
-    float acc[4][4];
-    if (rows_valid > 0) {  // uniform across the block
-      project_tile(a_tile, weight, rows_valid, C, D, d0, tiles, acc);
-    }
+    float acc[4][4] = {};
+    if (rows_valid > 0) project_tile(a_tile, weight, rows_valid, C, D, d0, tiles, acc);  // uniform branch
     float du_part[4] = {0.f, 0.f, 0.f, 0.f}, db_part[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
@@ -302,7 +338,7 @@ __global__ void __launch_bounds__(kThreads) backward_tile_kernel(
           dz = preactivation_grad<float>(de[i], static_cast<float>(u[d]), h);
           db_part[q] += dz;
         }
-        grad_z[(b * L + i0 + i) * D + d] = static_cast<scalar_t>(dz);
+        z_tile[i * D + d] = static_cast<scalar_t>(dz);
       }
     }
 #pragma unroll
@@ -324,16 +360,51 @@ __global__ void __launch_bounds__(kThreads) backward_tile_kernel(
   }
 }
 
+template <typename scalar_t>
+__global__ void tanh_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t n) {
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n; k += int64_t(gridDim.x) * blockDim.x)
+    out[k] = sl_tanh(x[k]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+
+// One wave: utterances [b0, b1) x tiles [t0, t1) of each.
+struct Wave {
+  int64_t b0, b1, t0, t1;
+  int64_t pairs() const { return (b1 - b0) * (t1 - t0); }
+  PairRange range() const { return {b0, t0, t1 - t0}; }
+  // Its rows of the (B L, D) positions: contiguous, from first_row().
+  int64_t first_row(int64_t L) const { return b0 * L + t0 * kTileL; }
+  int64_t rows(int64_t L) const { return (b1 - b0 - 1) * L + std::min(L, t1 * kTileL) - t0 * kTileL; }
+};
+
+// Waves over B utterances of T tiles each such that every wave's pairs x per_pair values fit the
+// budget: runs of whole utterances when one fits, else runs of tiles of one utterance.
+std::vector<Wave> plan_waves(int64_t B, int64_t T, int64_t per_pair) {
+  const int64_t max_pairs = std::max<int64_t>(1, wave_elements(kCudaWaveElements) / per_pair);
+  std::vector<Wave> waves;
+  if (T <= max_pairs) {
+    const int64_t per_wave = max_pairs / T;
+    for (int64_t b0 = 0; b0 < B; b0 += per_wave) waves.push_back({b0, std::min(B, b0 + per_wave), 0, T});
+  } else {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t0 = 0; t0 < T; t0 += max_pairs) waves.push_back({b, b + 1, t0, std::min(T, t0 + max_pairs)});
+  }
+  return waves;
+}
+
+int64_t tiles_of(int64_t L) { return (L + kTileL - 1) / kTileL; }
+
 void check_cuda_inputs(const Tensor& a) {
   TORCH_CHECK(a.is_cuda(), "attention_pool: `a` must be a CUDA tensor for the CUDA kernel");
   const auto dtype = a.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "attention_pool: the CUDA kernel supports float32, float16 and bfloat16 `a`, got ", dtype);
-  TORCH_CHECK(a.size(0) <= 65535, "attention_pool: the CUDA kernel supports B <= 65535 utterances in `a`, got ",
-              a.size(0));
+  // One block per (tile, utterance) pair of the backward dot kernel, on grid.x.
+  TORCH_CHECK(a.size(0) * tiles_of(a.size(1)) <= std::numeric_limits<int32_t>::max(),
+              "attention_pool: `a` has too many positions for the CUDA kernel: ", a.sizes());
 }
-
-int64_t tiles_of(int64_t L) { return (L + kTileL - 1) / kTileL; }
 
 std::tuple<Tensor, Tensor> attention_pool_cuda(const Tensor& a_in, const Tensor& weight_in, const Tensor& bias_in,
                                                const Tensor& u_in, double lam, const Tensor& lengths_in) {
@@ -344,23 +415,30 @@ std::tuple<Tensor, Tensor> attention_pool_cuda(const Tensor& a_in, const Tensor&
                u = u_in.contiguous(), lengths = lengths_in.contiguous();
   const int64_t B = a.size(0), L = a.size(1), C = a.size(2), D = weight.size(0), T = tiles_of(L);
   const auto f32 = a.options().dtype(at::kFloat);
-  Tensor scores = at::empty({B, L}, f32);
-  Tensor part_max = at::empty({B, T}, f32), part_sum = at::empty({B, T}, f32);
-  Tensor part_context = at::empty({B, T, C}, f32);
   Tensor context = at::empty({B, C}, a.options());
   Tensor alpha = at::empty({B, L}, a.options());
+  // float32 alpha holds the scaled scores until the merge overwrites them with the weights.
+  const Tensor scores = a.scalar_type() == at::kFloat ? alpha : at::empty({B, L}, f32);
+  const std::vector<Wave> waves = plan_waves(B, T, C + 2);
+  int64_t max_pairs = 0;
+  for (const Wave& w : waves) max_pairs = std::max(max_pairs, w.pairs());
+  Tensor part_max = at::empty({max_pairs}, f32), part_sum = at::empty({max_pairs}, f32);
+  Tensor part_context = at::empty({max_pairs, C}, f32);
+  Tensor carry = at::empty({C + 2}, f32);  // the state of a split utterance between its waves
   const auto stream = c10::cuda::getCurrentCUDAStream();
   SL_DISPATCH_CUDA_TYPES(a.scalar_type(), "attention_pool_cuda", [&] {
-    forward_tile_kernel<scalar_t><<<dim3(T, B), kThreads, 0, stream>>>(
-        a.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
-        static_cast<float>(lam), lengths.data_ptr<int64_t>(), L, C, D, scores.data_ptr<float>(),
-        part_max.data_ptr<float>(), part_sum.data_ptr<float>(), part_context.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    forward_merge_kernel<scalar_t><<<B, kThreads, 0, stream>>>(
-        scores.data_ptr<float>(), part_max.data_ptr<float>(), part_sum.data_ptr<float>(),
-        part_context.data_ptr<float>(), lengths.data_ptr<int64_t>(), L, C, T, context.data_ptr<scalar_t>(),
-        alpha.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for (const Wave& w : waves) {
+      forward_tile_kernel<scalar_t><<<w.pairs(), kThreads, 0, stream>>>(
+          a.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
+          static_cast<float>(lam), lengths.data_ptr<int64_t>(), L, C, D, w.range(), scores.data_ptr<float>(),
+          part_max.data_ptr<float>(), part_sum.data_ptr<float>(), part_context.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      forward_merge_kernel<scalar_t><<<w.b1 - w.b0, kThreads, 0, stream>>>(
+          scores.data_ptr<float>(), part_max.data_ptr<float>(), part_sum.data_ptr<float>(),
+          part_context.data_ptr<float>(), lengths.data_ptr<int64_t>(), L, C, w.range(), w.t0 == 0, w.t1 == T,
+          carry.data_ptr<float>(), context.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return {context, alpha};
 }
@@ -375,31 +453,75 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_pool_backward_cuda(
                a = a_in.contiguous(), weight = weight_in.contiguous(), bias = bias_in.contiguous(),
                u = u_in.contiguous(), alpha = alpha_in.contiguous(), lengths = lengths_in.contiguous();
   const int64_t B = a.size(0), L = a.size(1), C = a.size(2), D = weight.size(0), T = tiles_of(L);
+  const bool is_float = a.scalar_type() == at::kFloat;
   const auto f32 = a.options().dtype(at::kFloat);
-  Tensor s = at::empty({B, L}, f32);
-  Tensor part_s = at::empty({B, T}, f32);
-  Tensor part_du = at::empty({B * T, D}, f32), part_db = at::empty({B * T, D}, f32);
-  Tensor grad_z = at::empty({B, L, D}, a.options());  // transient: dz, zero at padding
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  SL_DISPATCH_CUDA_TYPES(a.scalar_type(), "attention_pool_backward_cuda", [&] {
-    backward_dot_kernel<scalar_t><<<dim3(T, B), kThreads, 0, stream>>>(
+
+  // s_i and S for every utterance (S needs all of its positions before any de_i).
+  Tensor s = at::empty({B, L}, f32), part_s = at::empty({B, T}, f32);
+  SL_DISPATCH_CUDA_TYPES(a.scalar_type(), "attention_pool_backward_dot", [&] {
+    backward_dot_kernel<scalar_t><<<B * T, kThreads, 0, stream>>>(
         grad_context.data_ptr<scalar_t>(), grad_alpha.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
-        alpha.data_ptr<scalar_t>(), lengths.data_ptr<int64_t>(), L, C, s.data_ptr<float>(), part_s.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    backward_tile_kernel<scalar_t><<<dim3(T, B), kThreads, 0, stream>>>(
-        a.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
-        alpha.data_ptr<scalar_t>(), static_cast<float>(lam), lengths.data_ptr<int64_t>(), L, C, D,
-        s.data_ptr<float>(), part_s.data_ptr<float>(), grad_z.data_ptr<scalar_t>(), part_du.data_ptr<float>(),
-        part_db.data_ptr<float>());
+        alpha.data_ptr<scalar_t>(), lengths.data_ptr<int64_t>(), L, C, PairRange{0, 0, T}, s.data_ptr<float>(),
+        part_s.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  const Tensor z2d = grad_z.view({B * L, D}), a2d = a.view({B * L, C});
-  Tensor grad_weight = at::mm(z2d.t(), a2d);
-  Tensor grad_a = at::mm(z2d, weight).view({B, L, C});
+  const Tensor s_total = part_s.sum(1);
+
+  // Per wave: dz, then the GEMMs on the wave's rows. float32 sums dW in grad_weight itself.
+  Tensor grad_a = at::empty_like(a);
+  Tensor grad_weight_sum = is_float ? at::zeros_like(weight) : at::zeros({D, C}, f32);
+  Tensor grad_u_sum = at::zeros({D}, f32), grad_bias_sum = at::zeros({D}, f32);
+  const std::vector<Wave> waves = plan_waves(B, T, int64_t(kTileL) * D);
+  int64_t max_pairs = 0, max_rows = 0;
+  for (const Wave& w : waves) {
+    max_pairs = std::max(max_pairs, w.pairs());
+    max_rows = std::max(max_rows, w.rows(L));
+  }
+  Tensor grad_z = at::empty({max_rows, D}, a.options());  // dz of a wave, zero at padding
+  Tensor part_du = at::empty({max_pairs, D}, f32), part_db = at::empty({max_pairs, D}, f32);
+  const Tensor a2d = a.view({B * L, C}), ga2d = grad_a.view({B * L, C});
+  for (const Wave& w : waves) {
+    const int64_t row0 = w.first_row(L), rows = w.rows(L);
+    SL_DISPATCH_CUDA_TYPES(a.scalar_type(), "attention_pool_backward_tile", [&] {
+      backward_tile_kernel<scalar_t><<<w.pairs(), kThreads, 0, stream>>>(
+          a.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
+          alpha.data_ptr<scalar_t>(), static_cast<float>(lam), lengths.data_ptr<int64_t>(), L, C, D, w.range(), row0,
+          s.data_ptr<float>(), s_total.data_ptr<float>(), grad_z.data_ptr<scalar_t>(), part_du.data_ptr<float>(),
+          part_db.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    const Tensor z = grad_z.narrow(0, 0, rows), a_rows = a2d.narrow(0, row0, rows);
+    if (is_float) {
+      grad_weight_sum.addmm_(z.t(), a_rows);
+    } else {
+      grad_weight_sum.add_(at::mm(z.t(), a_rows));
+    }
+    Tensor ga_rows = ga2d.narrow(0, row0, rows);
+    at::mm_out(ga_rows, z, weight);
+    grad_u_sum.add_(part_du.narrow(0, 0, w.pairs()).sum(0));
+    grad_bias_sum.add_(part_db.narrow(0, 0, w.pairs()).sum(0));
+  }
   grad_a.addcmul_(alpha.unsqueeze(2), grad_context.unsqueeze(1));  // alpha is 0 at padding
-  Tensor grad_bias = part_db.sum(0).to(a.scalar_type());
-  Tensor grad_u = part_du.sum(0).to(a.scalar_type());
-  return {grad_a, grad_weight, grad_bias, grad_u};
+  const auto dtype = a.scalar_type();
+  return {grad_a, grad_weight_sum.to(dtype), grad_bias_sum.to(dtype), grad_u_sum.to(dtype)};
+}
+
+Tensor tanh_cuda(const Tensor& x_in) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
+              "_tanh: `x` must be float32 or float64, got ", x_in.scalar_type());
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor x = x_in.contiguous();
+  Tensor out = at::empty_like(x);
+  const int64_t n = x.numel();
+  if (n == 0) return out;
+  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, 65535);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "_tanh_cuda", [&] {
+    tanh_kernel<scalar_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
 }
 
 }  // namespace
@@ -407,6 +529,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_pool_backward_cuda(
 TORCH_LIBRARY_IMPL(ser_lightning, CUDA, m) {
   m.impl("attention_pool", &attention_pool_cuda);
   m.impl("attention_pool_backward", &attention_pool_backward_cuda);
+  m.impl("_tanh", &tanh_cuda);
 }
 
 }  // namespace ser_lightning

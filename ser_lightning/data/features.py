@@ -1,14 +1,18 @@
-"""Acoustic features (torchaudio transforms), normalisation and SpecAugment.
+"""Acoustic features (torchaudio transforms) and SpecAugment.
 
 Three features, chosen by ``FeatureConfig.name`` (the ``data.feature`` YAML section):
 
 - ``logmel``: log-mel spectrogram, defaults 16 kHz, 25 ms window, 10 ms hop, 64 mel bands.
 - ``spectrogram``: log-magnitude STFT with a Hamming window as in Zhang et al. 2018; defaults
   40 ms window, 10 ms hop, 50 ms DFT (800 points at 16 kHz), lowest 200 bins (0-4 kHz at 16 kHz).
-- ``seed_contour``: the "Emotion in Motion" input: 44.1 kHz audio from 0.5 s to 3.5 s (zero-padded
-  when shorter, never dropped), librosa-style slaney mel power spectrogram (2048-point FFT, hop 512,
-  centred frames with reflect padding as in librosa 0.8, 128 bands up to 8 kHz) in dB (ref 1, amin 1e-10, top_db 80), averaged over the mel bands: a 1 x 259
+- ``loudness_contour``: the input of the "Emotion in Motion" course project: 44.1 kHz audio from
+  0.5 s to 3.5 s (zero-padded when shorter, never dropped), librosa-style slaney mel power
+  spectrogram (2048-point FFT, hop 512, centred frames with reflect padding as in librosa 0.8, 128
+  bands up to 8 kHz) in dB (ref 1, amin 1e-10, top_db 80), averaged over the mel bands: a 1 x 259
   loudness contour. It requires sample_rate 44100 (the default for this feature).
+
+``pitch: true`` appends two rows to ``logmel`` or ``spectrogram``: a continuous log-f0 contour and
+the voicing strength per frame (``ser_lightning.data.pitch``).
 """
 from __future__ import annotations
 
@@ -20,12 +24,12 @@ import torch
 import torchaudio.transforms as T
 from torch import nn
 
-FEATURE_NAMES = ("logmel", "spectrogram", "seed_contour")
-NORMALIZATION_MODES = ("global", "utterance", "none")
+from .pitch import PITCH_ROWS, pitch_track
+
+FEATURE_NAMES = ("logmel", "spectrogram", "loudness_contour")
 LOG_FLOOR = 1e-6
 """Added before the log so that silence gives a finite floor instead of -inf."""
-STD_FLOOR = 1e-5
-SEED_OFFSET_S, SEED_WINDOW_S = 0.5, 3.0
+CONTOUR_OFFSET_S, CONTOUR_WINDOW_S = 0.5, 3.0
 
 
 @dataclass(frozen=True)
@@ -41,25 +45,28 @@ class ResolvedFeatures:
     n_bins: int
     f_max: float
     trim_silence: bool
+    pitch: bool = False
 
     @property
     def num_features(self) -> int:
-        return {"logmel": self.n_mels, "spectrogram": self.n_bins, "seed_contour": 1}[self.name]
+        rows = {"logmel": self.n_mels, "spectrogram": self.n_bins, "loudness_contour": 1}[self.name]
+        return rows + (PITCH_ROWS if self.pitch else 0)
 
 
 @dataclass
 class FeatureConfig:
     """Feature choice and parameters; None means the feature's default (see the module docstring).
 
-    sample_rate: audio is resampled to this rate (logmel/spectrogram 16000, seed_contour 44100).
-    win_ms / hop_ms: analysis window and hop in milliseconds (fixed 2048/512 samples for seed_contour).
-    n_mels: mel bands (logmel 64; seed_contour 128). n_fft: DFT size (logmel: next power of two of
-    the window; spectrogram: 50 ms = 800 points at 16 kHz; seed_contour 2048). n_bins: lowest STFT
-    bins kept (spectrogram). f_max: highest mel frequency (logmel: Nyquist; seed_contour 8000).
+    sample_rate: audio is resampled to this rate (logmel/spectrogram 16000, loudness_contour 44100).
+    win_ms / hop_ms: analysis window and hop in milliseconds (fixed 2048/512 samples for loudness_contour).
+    n_mels: mel bands (logmel 64; loudness_contour 128). n_fft: DFT size (logmel: next power of two of
+    the window; spectrogram: 50 ms = 800 points at 16 kHz; loudness_contour 2048). n_bins: lowest STFT
+    bins kept (spectrogram). f_max: highest mel frequency (logmel: Nyquist; loudness_contour 8000).
     trim_silence: cut leading/trailing silence before the feature (off by default).
+    pitch: append a log-f0 contour and the voicing strength as two more rows (logmel, spectrogram).
     """
 
-    name: Literal["logmel", "spectrogram", "seed_contour"] = "logmel"
+    name: Literal["logmel", "spectrogram", "loudness_contour"] = "logmel"
     sample_rate: int | None = None
     win_ms: float | None = None
     hop_ms: float | None = None
@@ -68,6 +75,7 @@ class FeatureConfig:
     n_bins: int = 200
     f_max: float | None = None
     trim_silence: bool = False
+    pitch: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in FEATURE_NAMES:
@@ -77,11 +85,14 @@ class FeatureConfig:
             if value is not None and not value > 0:
                 raise ValueError(f"data.feature.{option}: must be positive, got {value}")
         r = self.resolved()
-        if r.name == "seed_contour":
+        if r.name == "loudness_contour":
             if r.sample_rate != 44100:
                 raise ValueError(
-                    f"data.feature.sample_rate: seed_contour reproduces the seed at 44100 Hz, got {r.sample_rate}"
+                    f"data.feature.sample_rate: loudness_contour reproduces the course project at 44100 Hz, "
+                    f"got {r.sample_rate}"
                 )
+            if r.pitch:
+                raise ValueError("data.feature.pitch: the pitch rows go with logmel or spectrogram, not loudness_contour")
             return
         if r.win_length > r.n_fft:
             raise ValueError(f"data.feature.n_fft: {r.n_fft} is smaller than the window ({r.win_length} samples)")
@@ -94,10 +105,10 @@ class FeatureConfig:
 
     def resolved(self) -> ResolvedFeatures:
         """The parameters actually used, every None replaced by the feature's default."""
-        if self.name == "seed_contour":
+        if self.name == "loudness_contour":
             return ResolvedFeatures(
                 self.name, self.sample_rate or 44100, 2048, 512, 2048, self.n_mels or 128, self.n_bins,
-                float(self.f_max or 8000.0), self.trim_silence,
+                float(self.f_max or 8000.0), self.trim_silence, self.pitch,
             )
         sr = self.sample_rate or 16000
         win_ms = self.win_ms or (25.0 if self.name == "logmel" else 40.0)
@@ -110,7 +121,7 @@ class FeatureConfig:
             n_fft = 2 ** math.ceil(math.log2(max(win, 2)))
         return ResolvedFeatures(
             self.name, sr, win, hop, n_fft, self.n_mels or 64, self.n_bins, float(self.f_max or sr / 2),
-            self.trim_silence,
+            self.trim_silence, self.pitch,
         )
 
     @property
@@ -148,8 +159,8 @@ class FeatureExtractor(nn.Module):
                 n_mels=c.n_mels, power=2.0, center=True, pad_mode="reflect", norm="slaney", mel_scale="slaney",
             )
             self.to_db = T.AmplitudeToDB(stype="power", top_db=80.0)
-            self.window_samples = round(SEED_WINDOW_S * c.sample_rate)
-            self.offset_samples = round(SEED_OFFSET_S * c.sample_rate)
+            self.window_samples = round(CONTOUR_WINDOW_S * c.sample_rate)
+            self.offset_samples = round(CONTOUR_OFFSET_S * c.sample_rate)
 
     @property
     def num_features(self) -> int:
@@ -161,7 +172,7 @@ class FeatureExtractor(nn.Module):
 
     def frames(self, num_samples: int | torch.Tensor) -> int | torch.Tensor:
         """Number of feature frames for a waveform of ``num_samples`` samples."""
-        if self.cfg.name == "seed_contour":
+        if self.cfg.name == "loudness_contour":
             frames = 1 + self.window_samples // self.hop_length
             return torch.full_like(num_samples, frames) if isinstance(num_samples, torch.Tensor) else frames
         return 1 + num_samples // self.hop_length
@@ -170,64 +181,26 @@ class FeatureExtractor(nn.Module):
         if wave.dim() not in (1, 2):
             raise ValueError(f"FeatureExtractor expects a waveform (T,) or (B, T), got shape {tuple(wave.shape)}")
         wave = wave.float()
-        if self.cfg.name == "seed_contour":
-            return self._seed_contour(wave)
+        if self.cfg.name == "loudness_contour":
+            return self._loudness_contour(wave)
         spec = self.transform(wave)
         if self.cfg.name == "spectrogram":
             spec = spec[..., : self.cfg.n_bins, :]
-        return torch.log(spec + LOG_FLOOR)
+        features = torch.log(spec + LOG_FLOOR)
+        if not self.cfg.pitch:
+            return features
+        waves = wave if wave.dim() == 2 else wave.unsqueeze(0)
+        pitch = torch.stack([pitch_track(w, self.sample_rate, self.hop_length) for w in waves])
+        pitch = pitch.to(features) if wave.dim() == 2 else pitch[0].to(features)
+        return torch.cat([features, pitch], dim=-2)
 
-    def _seed_contour(self, wave: torch.Tensor) -> torch.Tensor:
+    def _loudness_contour(self, wave: torch.Tensor) -> torch.Tensor:
         window = wave[..., self.offset_samples : self.offset_samples + self.window_samples]
         window = nn.functional.pad(window, (0, self.window_samples - window.shape[-1]))
         power = self.transform(window)  # (..., n_mels, N)
         # AmplitudeToDB applies top_db per (channel-packed) item: give each utterance its own channel axis.
         db = self.to_db(power.unsqueeze(-3)).squeeze(-3)
         return db.mean(dim=-2, keepdim=True)
-
-
-def frame_mask(lengths: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """(B,) lengths -> (B, N) boolean mask of valid frames."""
-    return torch.arange(num_frames, device=lengths.device)[None, :] < lengths[:, None]
-
-
-def feature_stats(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-feature mean and std (F,) over all frames of a list of (F, N) tensors (float64 sums)."""
-    if not features:
-        raise ValueError("feature_stats needs at least one utterance")
-    total = sum(f.shape[1] for f in features)
-    s1 = sum(f.double().sum(dim=1) for f in features)
-    s2 = sum(f.double().pow(2).sum(dim=1) for f in features)
-    mean = s1 / total
-    var = (s2 / total - mean.pow(2)).clamp_min(0.0)
-    return mean.float(), var.sqrt().clamp_min(STD_FLOOR).float()
-
-
-def normalize(
-    x: torch.Tensor,
-    lengths: torch.Tensor,
-    mode: Literal["global", "utterance", "none"],
-    mean: torch.Tensor | None = None,
-    std: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Mean/variance normalisation of (B, F, N) over valid frames; padded frames come back exactly 0.
-
-    ``global`` uses the given (F,) ``mean``/``std`` (training-split statistics); ``utterance`` uses
-    each utterance's own statistics over its valid frames; ``none`` only zeroes the padding.
-    """
-    mask = frame_mask(lengths, x.shape[-1]).unsqueeze(1).to(x.dtype)  # (B, 1, N)
-    if mode == "global":
-        if mean is None or std is None:
-            raise ValueError("normalize(mode='global') needs the training-split mean and std")
-        x = (x - mean[None, :, None]) / std.clamp_min(STD_FLOOR)[None, :, None]
-    elif mode == "utterance":
-        count = mask.sum(dim=-1, keepdim=True).clamp_min(1.0)
-        mu = (x * mask).sum(dim=-1, keepdim=True) / count
-        var = ((x - mu).pow(2) * mask).sum(dim=-1, keepdim=True) / count
-        x = (x - mu) / var.sqrt().clamp_min(STD_FLOOR)
-    elif mode != "none":
-        raise ValueError(f"data.normalization: unknown mode '{mode}'; choose from {list(NORMALIZATION_MODES)}")
-    return x * mask
 
 
 @dataclass

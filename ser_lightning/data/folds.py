@@ -20,7 +20,7 @@ class FoldPlan:
     fold: int
     num_folds: int
     protocol: str
-    seed: int
+    random_seed: int
     train: list[int]
     val: list[int]
     test: list[int]
@@ -49,14 +49,14 @@ def _counts(utterances: Sequence[Utterance], indices: list[int], class_names: Se
     return {name: counter.get(name, 0) for name in class_names}
 
 
-def assign_speaker_folds(utterances: Sequence[Utterance], num_folds: int, seed: int) -> dict[str, int]:
+def assign_speaker_folds(utterances: Sequence[Utterance], num_folds: int, random_seed: int) -> dict[str, int]:
     """Deal speakers into ``num_folds`` groups balanced by speaker count, sex and class counts.
 
     Speakers are taken sex by sex (in a seeded random order, larger speakers first) and each goes
     to the group with the fewest speakers, then the fewest of that sex, then the lowest load on the
     speaker's classes relative to the corpus, ties broken by the seeded generator.
     """
-    rng = random.Random(seed)
+    rng = random.Random(random_seed)
     per_speaker: dict[str, Counter] = {}
     sex: dict[str, str] = {}
     for u in utterances:
@@ -105,6 +105,30 @@ def _pick_validation_speakers(
     return sorted(picked)
 
 
+def check_fold_feasibility(
+    utterances: Sequence[Utterance], *, protocol: str, num_folds: int, num_val_speakers: int, title: str = "the corpus"
+) -> None:
+    """Raise ValueError naming the option when the corpus cannot be split as asked (before any decoding)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {list(PROTOCOLS)}")
+    speakers = {u.speaker for u in utterances}
+    if protocol == "speaker_independent" and len(speakers) < num_val_speakers + 2:
+        raise ValueError(
+            f"data.num_folds={num_folds}: {title} has only {len(speakers)} speakers, too few for speaker-independent "
+            f"folds with data.num_val_speakers={num_val_speakers} (each fold needs a test speaker, "
+            f"{num_val_speakers} validation speaker(s) and a training speaker). Use data.protocol=random "
+            f"(speaker-dependent: speakers leak between splits) or test on it with a model trained on another "
+            f"corpus (data.test_corpus, data.test_root)"
+        )
+    if protocol == "speaker_independent" and num_folds > len(speakers):
+        raise ValueError(
+            f"data.num_folds={num_folds} but {title} has {len(speakers)} speakers "
+            "(speaker-independent folds need at least one test speaker per fold)"
+        )
+    if protocol == "random" and num_folds > len(utterances):
+        raise ValueError(f"data.num_folds={num_folds} but {title} has {len(utterances)} utterances")
+
+
 def make_fold_plan(
     utterances: Sequence[Utterance],
     class_names: Sequence[str],
@@ -112,35 +136,21 @@ def make_fold_plan(
     num_folds: int = 5,
     fold: int = 0,
     protocol: Literal["speaker_independent", "random"] = "speaker_independent",
-    seed: int = 0,
+    random_seed: int = 0,
     num_val_speakers: int = 2,
 ) -> FoldPlan:
-    """Build the train/val/test split of fold ``fold`` of ``num_folds``; deterministic for a seed.
+    """Build the train/val/test split of fold ``fold`` of ``num_folds``; deterministic for a random seed.
 
     speaker_independent: the speakers are dealt into ``num_folds`` balanced groups; group ``fold``
     is the test set and ``num_val_speakers`` of the remaining speakers (balanced by sex) validate.
-    random: a class-stratified random split of utterances (the seed project's protocol; speakers
+    random: a class-stratified random split of utterances (the course project's protocol; speakers
     leak between splits), with a stratified validation part of the same relative size.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"data.protocol: unknown protocol '{protocol}'; choose from {list(PROTOCOLS)}")
+    check_fold_feasibility(utterances, protocol=protocol, num_folds=num_folds, num_val_speakers=num_val_speakers)
     speakers = sorted({u.speaker for u in utterances})
-    if num_folds < 2:
-        raise ValueError(f"data.num_folds={num_folds}: at least 2 folds are needed")
-    if protocol == "speaker_independent" and num_folds > len(speakers):
-        raise ValueError(
-            f"data.num_folds={num_folds} but the corpus has {len(speakers)} speakers "
-            "(speaker-independent folds need at least one test speaker per fold)"
-        )
-    if protocol == "random" and num_folds > len(utterances):
-        raise ValueError(f"data.num_folds={num_folds} but the corpus has {len(utterances)} utterances")
-    if not 0 <= fold < num_folds:
-        raise ValueError(f"data.fold={fold} is out of range for data.num_folds={num_folds} (use 0..{num_folds - 1})")
-    if num_val_speakers < 1:
-        raise ValueError(f"data.num_val_speakers={num_val_speakers}: at least 1 validation speaker is needed")
 
     if protocol == "speaker_independent":
-        assignment = assign_speaker_folds(utterances, num_folds, seed)
+        assignment = assign_speaker_folds(utterances, num_folds, random_seed)
         test_speakers = sorted(s for s, k in assignment.items() if k == fold)
         rest = [s for s in speakers if s not in test_speakers]
         if num_val_speakers >= len(rest):
@@ -149,16 +159,16 @@ def make_fold_plan(
                 f"{len(rest)} speakers outside its test set"
             )
         sex = {u.speaker: u.sex or "unknown" for u in utterances}
-        val_speakers = _pick_validation_speakers(rest, sex, num_val_speakers, random.Random(seed * 1000 + fold))
+        val_speakers = _pick_validation_speakers(rest, sex, num_val_speakers, random.Random(random_seed * 1000 + fold))
         split_of = {s: "test" for s in test_speakers} | {s: "val" for s in val_speakers}
         splits: dict[str, list[int]] = {name: [] for name in SPLITS}
         for i, u in enumerate(utterances):
             splits[split_of.get(u.speaker, "train")].append(i)
     else:
-        splits = _random_splits(utterances, class_names, num_folds, fold, seed, num_val_speakers / len(speakers))
+        splits = _random_splits(utterances, class_names, num_folds, fold, random_seed, num_val_speakers / len(speakers))
 
     return FoldPlan(
-        fold=fold, num_folds=num_folds, protocol=protocol, seed=seed,
+        fold=fold, num_folds=num_folds, protocol=protocol, random_seed=random_seed,
         train=splits["train"], val=splits["val"], test=splits["test"],
         train_speakers=_speakers_of(utterances, splits["train"]),
         val_speakers=_speakers_of(utterances, splits["val"]),
@@ -172,7 +182,7 @@ def make_cross_corpus_plan(
     test_corpus: Sequence[Utterance],
     class_names: Sequence[str],
     *,
-    seed: int = 0,
+    random_seed: int = 0,
     num_val_speakers: int = 2,
 ) -> FoldPlan:
     """Train and validate on one corpus, test on another (indices into ``train_corpus + test_corpus``).
@@ -187,7 +197,7 @@ def make_cross_corpus_plan(
             f"use 1 to {len(speakers) - 1} so that some remain for training"
         )
     sex = {u.speaker: u.sex or "unknown" for u in train_corpus}
-    val_speakers = set(_pick_validation_speakers(speakers, sex, num_val_speakers, random.Random(seed)))
+    val_speakers = set(_pick_validation_speakers(speakers, sex, num_val_speakers, random.Random(random_seed)))
     utterances = [*train_corpus, *test_corpus]
     splits = {
         "train": [i for i, u in enumerate(train_corpus) if u.speaker not in val_speakers],
@@ -195,7 +205,7 @@ def make_cross_corpus_plan(
         "test": list(range(len(train_corpus), len(utterances))),
     }
     return FoldPlan(
-        fold=0, num_folds=1, protocol="cross_corpus", seed=seed,
+        fold=0, num_folds=1, protocol="cross_corpus", random_seed=random_seed,
         train=splits["train"], val=splits["val"], test=splits["test"],
         train_speakers=_speakers_of(utterances, splits["train"]),
         val_speakers=_speakers_of(utterances, splits["val"]),
@@ -205,11 +215,11 @@ def make_cross_corpus_plan(
 
 
 def _random_splits(
-    utterances: Sequence[Utterance], class_names: Sequence[str], num_folds: int, fold: int, seed: int,
+    utterances: Sequence[Utterance], class_names: Sequence[str], num_folds: int, fold: int, random_seed: int,
     val_fraction: float,
 ) -> dict[str, list[int]]:
     """Class-stratified random folds; a stratified ``val_fraction`` of the corpus validates."""
-    rng = random.Random(seed)
+    rng = random.Random(random_seed)
     splits: dict[str, list[int]] = {name: [] for name in SPLITS}
     for name in class_names:
         members = [i for i, u in enumerate(utterances) if u.emotion == name]
@@ -227,13 +237,13 @@ def format_fold_plan(plan: FoldPlan, class_names: Sequence[str]) -> str:
     """A readable table: speakers and class counts per split."""
     if plan.speaker_dependent:
         title = (
-            f"Fold {plan.fold} of {plan.num_folds} (protocol: random, seed {plan.seed}) -- SPEAKER-DEPENDENT: "
+            f"Fold {plan.fold} of {plan.num_folds} (protocol: random, random seed {plan.random_seed}) -- SPEAKER-DEPENDENT: "
             "test speakers also appear in training; results are inflated by speaker leakage"
         )
     elif plan.protocol == "cross_corpus":
-        title = f"Cross-corpus (seed {plan.seed}): train/val on one corpus, test on all of another"
+        title = f"Cross-corpus (random seed {plan.random_seed}): train/val on one corpus, test on all of another"
     else:
-        title = f"Fold {plan.fold} of {plan.num_folds} (protocol: speaker_independent, seed {plan.seed})"
+        title = f"Fold {plan.fold} of {plan.num_folds} (protocol: speaker_independent, random seed {plan.random_seed})"
     width = max(8, *(len(c) for c in class_names))
     header = f"{'split':<6} " + " ".join(f"{c:>{width}}" for c in class_names) + f" {'total':>6}  speakers"
     lines = [title, header]

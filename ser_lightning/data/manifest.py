@@ -12,9 +12,11 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
-from .records import EMOTIONS, CorpusError, ScanResult, Utterance
+from .records import (
+    EMOTIONS, Corpus, CorpusError, ScanResult, SyntheticFile, SyntheticSpeaker, Utterance, synthetic_takes,
+    synthetic_voices,
+)
 
-CORPUS = "manifest"
 REQUIRED = ("path", "label", "speaker")
 SEXES = {"male": "male", "m": "male", "female": "female", "f": "female", "": None}
 MAX_LISTED = 20
@@ -71,7 +73,7 @@ def _parse_row(row: dict[str, str], folder: Path, seen: dict[Path, int]) -> tupl
     if problems:
         return None, problems
     extra = {k: v for k, v in row.items() if k not in (*REQUIRED, "sex")}
-    return Utterance(path, label, row["speaker"], SEXES[sex], CORPUS, extra), []
+    return Utterance(path, label, row["speaker"], SEXES[sex], "manifest", extra), []
 
 
 def scan_manifest(manifest: str | Path, emotions: Sequence[str], *, lenient: bool = False) -> ScanResult:
@@ -99,3 +101,29 @@ def scan_manifest(manifest: str | Path, emotions: Sequence[str], *, lenient: boo
     if not utterances:
         raise CorpusError(f"{manifest}: no rows with labels {sorted(wanted)}")
     return ScanResult(utterances, problems)
+
+
+def synthetic_speakers(count: int) -> list[SyntheticSpeaker]:
+    """spk01, spk02, ... with alternating sexes."""
+    return synthetic_voices([(f"spk{j + 1:02d}", ("male", "female")[j % 2]) for j in range(count)])
+
+
+def synthetic_files(speaker: SyntheticSpeaker, emotions: Sequence[str]) -> list[SyntheticFile]:
+    """``audio/SPEAKER/EMOTION_NNN.wav``."""
+    return synthetic_takes(
+        speaker, emotions, 5, lambda emotion, take, strong: f"audio/{speaker.id}/{emotion}_{take + 1:03d}.wav"
+    )
+
+
+def write_synthetic_metadata(out_dir: Path, rows: list[tuple[SyntheticFile, SyntheticSpeaker]]) -> None:
+    """``manifest.csv`` (path,label,speaker,sex,take) listing every file."""
+    lines = ["path,label,speaker,sex,take"]
+    lines += [f"{file.relpath},{file.emotion},{speaker.id},{speaker.sex},{file.take + 1}" for file, speaker in rows]
+    (out_dir / "manifest.csv").write_text("\n".join(lines) + "\n")
+
+
+CORPUS = Corpus(
+    name="manifest", title="manifest", classes=None, example="manifest.csv with path,label,speaker",
+    scan=scan_manifest, synthetic_speakers=synthetic_speakers, synthetic_files=synthetic_files,
+    default_speakers=6, max_speakers=99, root_is_file=True, write_synthetic_metadata=write_synthetic_metadata,
+)

@@ -1,4 +1,4 @@
-"""SAVEE (Surrey Audio-Visual Expressed Emotion) file-name parsing and folder scanning.
+"""SAVEE (Surrey Audio-Visual Expressed Emotion): file names, classes, speakers and the synthetic layout.
 
 Files are named ``DC_a01.wav`` (speaker prefix) or, as in the AudioData archive, ``DC/a01.wav``
 (one folder per speaker). Speakers DC, JE, JK, KL, all male. Emotion codes map onto the common
@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .records import CorpusError, ScanResult, Utterance, scan_folder
+from .records import (
+    Corpus, CorpusError, ScanResult, SyntheticFile, SyntheticSpeaker, Utterance, scan_folder, synthetic_takes,
+    synthetic_voices,
+)
 
-CORPUS = "savee"
 EXAMPLE = "DC_a01.wav or DC/a01.wav"
 CLASSES = ("neutral", "happy", "sad", "angry", "fearful", "disgust", "surprised")
 SPEAKERS = ("DC", "JE", "JK", "KL")
@@ -23,7 +26,17 @@ EMOTION_CODES = {
 NAME = re.compile(r"(?:(?P<speaker>[a-z]{2})_)?(?P<code>sa|su|[a-z])(?P<number>\d{2})")
 
 
-def parse_savee_name(path: str | Path) -> dict:
+@dataclass(frozen=True)
+class SaveeName:
+    """The fields encoded in one SAVEE file name (and its folder)."""
+
+    speaker: str
+    emotion: str
+    code: str
+    sentence: int
+
+
+def parse_savee_name(path: str | Path) -> SaveeName:
     """The fields of a SAVEE file: speaker (from the prefix or the folder), emotion, sentence number."""
     path = Path(path)
     match = NAME.fullmatch(path.stem.lower())
@@ -39,7 +52,7 @@ def parse_savee_name(path: str | Path) -> dict:
     most = 30 if code == "n" else 15
     if not 1 <= number <= most:
         raise CorpusError(f"{path}: SAVEE sentence number {number:02d} is outside 01-{most} for code '{code}'")
-    return {"speaker": speaker, "emotion": EMOTION_CODES[code], "code": code, "sentence": number}
+    return SaveeName(speaker=speaker, emotion=EMOTION_CODES[code], code=code, sentence=number)
 
 
 def scan_savee(root: str | Path, emotions: Sequence[str], *, lenient: bool = False) -> ScanResult:
@@ -47,6 +60,24 @@ def scan_savee(root: str | Path, emotions: Sequence[str], *, lenient: bool = Fal
 
     def parse(path: Path) -> Utterance:
         name = parse_savee_name(path)
-        return Utterance(path.resolve(), name["emotion"], name["speaker"], "male", CORPUS, name)
+        return Utterance(path.resolve(), name.emotion, name.speaker, "male", "savee", asdict(name))
 
     return scan_folder(root, parse, emotions, lenient=lenient, corpus="SAVEE", example=EXAMPLE)
+
+
+def synthetic_speakers(count: int) -> list[SyntheticSpeaker]:
+    """DC, JE, JK, KL (all male)."""
+    return synthetic_voices([(name, "male") for name in SPEAKERS][:count])
+
+
+def synthetic_files(speaker: SyntheticSpeaker, emotions: Sequence[str]) -> list[SyntheticFile]:
+    """``SPEAKER/CODENN.wav`` (the AudioData archive's layout), sentences 01-03."""
+    codes = {emotion: code for code, emotion in EMOTION_CODES.items()}
+    return synthetic_takes(speaker, emotions, 3, lambda emotion, take, strong: f"{speaker.id}/{codes[emotion]}{take + 1:02d}.wav")
+
+
+CORPUS = Corpus(
+    name="savee", title="SAVEE", classes=CLASSES, example=EXAMPLE, scan=scan_savee,
+    synthetic_speakers=synthetic_speakers, synthetic_files=synthetic_files, default_speakers=4,
+    max_speakers=len(SPEAKERS),
+)

@@ -8,8 +8,9 @@ the way the literature describes (Scherer 2003; Juslin & Laukka 2003): pitch lev
 speaking rate, loudness, spectral tilt (vocal effort), jitter and breathiness; the strong
 intensity exaggerates the shift. Actor voices and per-file randomness make the classes overlap.
 
-Every file has its own random generator seeded from (seed, actor, file code), so a corpus with
-fewer actors or emotions is an exact subset of the full one.
+Every file has its own random generator seeded from (random seed, actor, file code), so a corpus
+with fewer actors or emotions is an exact subset of the full one. Each corpus module says how its
+files are named (``Corpus.synthetic_files``); this module only renders audio.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from . import cremad, emodb, savee, tess
+from .corpora import CORPORA, corpus_info
 from .records import EMOTIONS
 
 log = logging.getLogger(__name__)
@@ -85,9 +86,9 @@ class Voice:
     rate: float
 
 
-def actor_voice(seed: int, actor: int) -> Voice:
+def actor_voice(random_seed: int, actor: int) -> Voice:
     """Draw an actor's voice; odd actors are male, even female (as in RAVDESS)."""
-    rng = np.random.default_rng([seed, actor, 7919])
+    rng = np.random.default_rng([random_seed, actor, 7919])
     male = actor % 2 == 1
     return Voice(
         f0=rng.uniform(95, 145) if male else rng.uniform(170, 245),
@@ -219,79 +220,8 @@ def render_utterance(
     return np.clip(out, -1.0, 1.0).astype(np.float32)
 
 
-def ravdess_file_codes(emotions: Sequence[str]) -> list[tuple[str, str, int, int, int]]:
-    """(emotion, emotion code, intensity, statement, repetition) for each file of one actor."""
-    codes = []
-    for emotion in emotions:
-        code = f"{EMOTIONS.index(emotion) + 1:02d}"
-        for intensity in (1,) if emotion == "neutral" else (1, 2):
-            for statement in (1, 2):
-                for repetition in (1, 2):
-                    codes.append((emotion, code, intensity, statement, repetition))
-    return codes
-
-
-LAYOUTS = ("ravdess", "cremad", "tess", "savee", "emodb", "manifest")
-LAYOUT_CLASSES = {
-    "ravdess": EMOTIONS, "cremad": cremad.CLASSES, "tess": tess.CLASSES, "savee": savee.CLASSES,
-    "emodb": emodb.CLASSES, "manifest": EMOTIONS,
-}
-DEFAULT_SPEAKERS = {"ravdess": 24, "cremad": 6, "tess": 2, "savee": 4, "emodb": 10, "manifest": 6}
-MAX_SPEAKERS = {"ravdess": 99, "cremad": 91, "tess": 2, "savee": 4, "emodb": 10, "manifest": 99}
-TAKES = 3
-"""Files per speaker and emotion in the non-RAVDESS layouts."""
-
-
-@dataclass(frozen=True)
-class PlannedFile:
-    """One file of a synthetic corpus: where it goes and what it says."""
-
-    relpath: str
-    emotion: str
-    strong: bool
-    statement: int
-    take: int
-
-
-def layout_speakers(layout: str, count: int) -> list[tuple[str, str]]:
-    """The first ``count`` (speaker id, sex) pairs of a non-RAVDESS layout, as the corpus names them."""
-    alternating = ("male", "female")  # synthetic sexes where the corpus does not fix them
-    if layout == "cremad":
-        return [(str(cremad.ACTORS[j]), alternating[j % 2]) for j in range(count)]
-    if layout == "tess":
-        return [(name, "female") for name in sorted(tess.SPEAKERS)][:count]
-    if layout == "savee":
-        return [(name, "male") for name in savee.SPEAKERS][:count]
-    if layout == "emodb":
-        return sorted(emodb.SPEAKER_SEX.items())[:count]
-    return [(f"spk{j + 1:02d}", alternating[j % 2]) for j in range(count)]
-
-
-def layout_files(layout: str, speaker: str, emotions: Sequence[str]) -> list[PlannedFile]:
-    """The files one speaker records in a non-RAVDESS layout, named by the corpus's convention."""
-    files = []
-    for emotion in emotions:
-        for take in range(TAKES):
-            statement, strong = take % 2 + 1, take == 2 and emotion != "neutral"
-            if layout == "cremad":
-                code = next(c for c, e in cremad.EMOTION_CODES.items() if e == emotion)
-                sentence, level = ("DFA", "XX", "TIE", "XX", "IEO", "HI" if strong else "XX")[2 * take : 2 * take + 2]
-                rel = f"AudioWAV/{speaker}_{sentence}_{code}_{level}.wav"
-            elif layout == "tess":
-                word = ("back", "bar", "base")[take]
-                short = {"fearful": "fear", "surprised": "ps"}.get(emotion, emotion)
-                folder = {"fearful": "Fear", "surprised": "pleasant_surprised"}.get(emotion, emotion)
-                rel = f"{speaker}_{folder}/{speaker}_{word}_{short}.wav"
-            elif layout == "savee":
-                code = next(c for c, e in savee.EMOTION_CODES.items() if e == emotion)
-                rel = f"{speaker}/{code}{take + 1:02d}.wav"
-            elif layout == "emodb":
-                code = next(c for c, e in emodb.EMOTION_CODES.items() if e == emotion)
-                rel = f"wav/{speaker}{('a01', 'a02', 'b01')[take]}{code}a.wav"
-            else:
-                rel = f"audio/{speaker}/{emotion}_{take + 1:03d}.wav"
-            files.append(PlannedFile(rel, emotion, strong, statement, take))
-    return files
+LAYOUTS = tuple(CORPORA)
+"""Corpora whose file layout the synthesizer writes (all of them)."""
 
 
 def synthesize_corpus(
@@ -300,71 +230,44 @@ def synthesize_corpus(
     actors: int | None = None,
     emotions: Sequence[str] = EMOTIONS,
     sample_rate: int = 16000,
-    seed: int = 0,
+    random_seed: int = 0,
     layout: str = "ravdess",
 ) -> list[Path]:
-    """Write a synthetic corpus (16-bit PCM) in the file layout of ``layout``; returns the audio paths.
+    """Write a synthetic corpus (16-bit PCM) in the file layout of corpus ``layout``; returns the audio paths.
 
     ravdess: ``Actor_NN/03-01-EE-II-SS-RR-NN.wav``, 60 files per actor for all eight emotions
     (neutral has no strong intensity), 24 actors by default. The other layouts write three files
-    per speaker and emotion under the corpus's own names and speaker ids (``actors`` takes the
-    first speakers; defaults: cremad 6, tess 2, savee 4, emodb 10, manifest 6): cremad
-    ``AudioWAV/1001_DFA_ANG_XX.wav`` plus ``VideoDemographics.csv``; tess
-    ``OAF_angry/OAF_back_angry.wav``; savee ``DC/a01.wav``; emodb ``wav/03a01Wa.wav``; manifest
-    ``audio/spk01/angry_001.wav`` plus ``manifest.csv`` (path,label,speaker,sex,take). Emotions a
-    layout's corpus lacks (e.g. calm for cremad) are left out.
+    per speaker and emotion under the corpus's own names and speaker ids, plus its side files
+    (each corpus module describes its layout). ``actors`` takes the first speakers (default: the
+    corpus's ``default_speakers``). Emotions a corpus lacks (e.g. calm for cremad) are left out.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout: unknown layout '{layout}'; choose from {list(LAYOUTS)}")
-    actors = DEFAULT_SPEAKERS[layout] if actors is None else actors
-    if not 1 <= actors <= MAX_SPEAKERS[layout]:
-        raise ValueError(f"actors: the {layout} layout takes 1 to {MAX_SPEAKERS[layout]} speakers, got {actors}")
+    corpus = corpus_info(layout, option="layout")
+    actors = corpus.default_speakers if actors is None else actors
+    if not 1 <= actors <= corpus.max_speakers:
+        raise ValueError(f"actors: the {layout} layout takes 1 to {corpus.max_speakers} speakers, got {actors}")
     if sample_rate < 8000:
         raise ValueError(f"sample_rate: must be at least 8000 Hz, got {sample_rate}")
     unknown = [e for e in emotions if e not in EMOTIONS]
     if unknown or not emotions:
         raise ValueError(f"emotions: unknown or empty {list(emotions)}; valid names are {list(EMOTIONS)}")
-    emotions = [e for e in LAYOUT_CLASSES[layout] if e in emotions]
+    classes = corpus.classes or EMOTIONS
+    emotions = [e for e in classes if e in emotions]
     if not emotions:
-        raise ValueError(f"emotions: the {layout} layout has none of these; it has {list(LAYOUT_CLASSES[layout])}")
+        raise ValueError(f"emotions: the {layout} layout has none of these; it has {list(classes)}")
     out_dir = Path(out_dir)
-    if layout == "ravdess":
-        return _synthesize_ravdess(out_dir, actors, emotions, sample_rate, seed)
-    speakers = layout_speakers(layout, actors)
     paths, rows = [], []
-    for j, (speaker, sex) in enumerate(speakers):
-        voice_index = 2 * j + (1 if sex == "male" else 2)  # actor_voice: odd male, even female
-        voice = actor_voice(seed, voice_index)
-        for f in layout_files(layout, speaker, emotions):
-            key = [seed, LAYOUTS.index(layout), voice_index, EMOTIONS.index(f.emotion), f.take]
-            wave = render_utterance(np.random.default_rng(key), voice, f.emotion, f.strong, f.statement, sample_rate)
-            path = out_dir / f.relpath
+    for speaker in corpus.synthetic_speakers(actors):
+        voice = actor_voice(random_seed, speaker.voice)
+        for planned in corpus.synthetic_files(speaker, emotions):
+            generator = np.random.default_rng([random_seed, *planned.random_key])
+            wave = render_utterance(generator, voice, planned.emotion, planned.strong, planned.statement, sample_rate)
+            path = out_dir / planned.relpath
             path.parent.mkdir(parents=True, exist_ok=True)
             sf.write(str(path), wave, sample_rate, subtype="PCM_16")
             paths.append(path)
-            rows.append((f.relpath, f.emotion, speaker, sex, f.take + 1))
-    if layout == "cremad":
-        lines = ["ActorID,Sex", *(f"{speaker},{sex.capitalize()}" for speaker, sex in speakers)]
-        (out_dir / cremad.DEMOGRAPHICS).write_text("\n".join(lines) + "\n")
-    if layout == "manifest":
-        lines = ["path,label,speaker,sex,take", *(",".join(map(str, row)) for row in rows)]
-        (out_dir / "manifest.csv").write_text("\n".join(lines) + "\n")
-    return paths
-
-
-def _synthesize_ravdess(out_dir: Path, actors: int, emotions: Sequence[str], sample_rate: int, seed: int) -> list[Path]:
-    """The RAVDESS layout (see ``synthesize_corpus``)."""
-    paths = []
-    for actor in range(1, actors + 1):
-        voice = actor_voice(seed, actor)
-        folder = out_dir / f"Actor_{actor:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for emotion, code, intensity, statement, repetition in ravdess_file_codes(emotions):
-            rng = np.random.default_rng([seed, actor, int(code), intensity, statement, repetition])
-            wave = render_utterance(rng, voice, emotion, intensity == 2, statement, sample_rate)
-            path = folder / f"03-01-{code}-{intensity:02d}-{statement:02d}-{repetition:02d}-{actor:02d}.wav"
-            sf.write(str(path), wave, sample_rate, subtype="PCM_16")
-            paths.append(path)
+            rows.append((planned, speaker))
+    if corpus.write_synthetic_metadata is not None:
+        corpus.write_synthetic_metadata(out_dir, rows)
     return paths
 
 
@@ -374,29 +277,31 @@ def default_cache_dir() -> Path:
 
 
 def default_synthetic_root(
-    cache_dir: str | Path | None = None, *, actors: int = 24, sample_rate: int = 16000, seed: int = 0
+    cache_dir: str | Path | None = None, *, actors: int = 24, sample_rate: int = 16000, random_seed: int = 0
 ) -> Path:
     """Where the built-in synthetic corpus for these parameters lives."""
     base = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    return base / "synthetic" / f"ravdess-like-v{GENERATOR_VERSION}-actors{actors}-sr{sample_rate}-seed{seed}"
+    name = f"ravdess-like-v{GENERATOR_VERSION}-actors{actors}-sr{sample_rate}-random{random_seed}"
+    return base / "synthetic" / name
 
 
 def ensure_synthetic_corpus(
-    cache_dir: str | Path | None = None, *, actors: int = 24, sample_rate: int = 16000, seed: int = 0
+    cache_dir: str | Path | None = None, *, actors: int = 24, sample_rate: int = 16000, random_seed: int = 0
 ) -> Path:
     """Generate the synthetic corpus (all eight emotions) once and reuse it afterwards.
 
     It is written to a temporary folder that is renamed into place when complete, so an interrupted
     run never leaves a half-written corpus behind.
     """
-    root = default_synthetic_root(cache_dir, actors=actors, sample_rate=sample_rate, seed=seed)
+    root = default_synthetic_root(cache_dir, actors=actors, sample_rate=sample_rate, random_seed=random_seed)
     if (root / COMPLETE_MARKER).exists():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
-    log.info("generating the synthetic corpus (%d actors, %d Hz, seed %d) in %s", actors, sample_rate, seed, root)
+    log.info("generating the synthetic corpus (%d actors, %d Hz, random seed %d) in %s", actors, sample_rate,
+             random_seed, root)
     try:
-        synthesize_corpus(tmp, actors=actors, sample_rate=sample_rate, seed=seed)
+        synthesize_corpus(tmp, actors=actors, sample_rate=sample_rate, random_seed=random_seed)
         (tmp / COMPLETE_MARKER).write_text(f"generator version {GENERATOR_VERSION}\n")
         if root.exists() and not (root / COMPLETE_MARKER).exists():
             shutil.rmtree(root)  # an incomplete folder from an older, interrupted layout
@@ -408,3 +313,27 @@ def ensure_synthetic_corpus(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def synth_main(argv: list[str]) -> None:
+    """Write a synthetic corpus in the layout of RAVDESS (default) or another corpus."""
+    import argparse
+
+    from .records import resolve_emotions
+
+    parser = argparse.ArgumentParser(prog="python -m ser_lightning synth", description=synth_main.__doc__)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--layout", choices=LAYOUTS, default="ravdess", help="the corpus whose file layout to write")
+    parser.add_argument("--actors", type=int,
+                        help="number of speakers (default: 24 for ravdess, the corpus's own default otherwise)")
+    parser.add_argument("--emotions", default="all", help="'all', 'default' or a comma-separated list of names")
+    parser.add_argument("--sample_rate", type=int, default=16000)
+    parser.add_argument("--random_seed", type=int, default=0, help="another value gives other voices and files")
+    args = parser.parse_args(argv)
+    try:
+        emotions = resolve_emotions(args.emotions, option="--emotions")
+        paths = synthesize_corpus(args.out_dir, actors=args.actors, emotions=emotions, sample_rate=args.sample_rate,
+                                  random_seed=args.random_seed, layout=args.layout)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    print(f"wrote {len(paths)} files to {args.out_dir}")

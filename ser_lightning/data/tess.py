@@ -1,4 +1,4 @@
-"""TESS (Toronto emotional speech set) file-name parsing and folder scanning.
+"""TESS (Toronto emotional speech set): file names, classes, speakers and the synthetic layout.
 
 Names look like ``OAF_back_angry.wav``: speaker (OAF older, YAF younger adult female; both
 female), the carrier word, the emotion. Files usually sit in one folder per speaker and emotion
@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .records import CorpusError, ScanResult, Utterance, scan_folder
+from .records import (
+    Corpus, CorpusError, ScanResult, SyntheticFile, SyntheticSpeaker, Utterance, scan_folder, synthetic_takes,
+    synthetic_voices,
+)
 
-CORPUS = "tess"
 EXAMPLE = "OAF_back_angry.wav"
 CLASSES = ("neutral", "happy", "sad", "angry", "fearful", "disgust", "surprised")
 SPEAKERS = {"OAF": "older adult female", "YAF": "younger adult female"}
@@ -37,7 +40,17 @@ def _normalise(text: str) -> str:
     return re.sub(r"\s*_\s*", "_", text.strip().lower())
 
 
-def parse_tess_name(path: str | Path) -> dict:
+@dataclass(frozen=True)
+class TessName:
+    """The fields encoded in one TESS file name."""
+
+    speaker: str
+    word: str
+    emotion: str
+    age_group: str
+
+
+def parse_tess_name(path: str | Path) -> TessName:
     """The fields of a TESS file: speaker, word, emotion (checked against its folder); CorpusError if malformed."""
     path = Path(path)
     match = NAME.fullmatch(_normalise(path.stem))
@@ -52,7 +65,7 @@ def parse_tess_name(path: str | Path) -> dict:
     folder = FOLDER.fullmatch(_normalise(path.parent.name))
     if folder and (folder["speaker"].upper(), EMOTION_NAMES[folder["emotion"]]) != (speaker, emotion):
         raise CorpusError(f"{path}: the file name says {speaker}/{emotion} but its folder '{path.parent.name}' disagrees")
-    return {"speaker": speaker, "word": match["word"], "emotion": emotion, "age_group": SPEAKERS[speaker]}
+    return TessName(speaker=speaker, word=match["word"], emotion=emotion, age_group=SPEAKERS[speaker])
 
 
 def scan_tess(root: str | Path, emotions: Sequence[str], *, lenient: bool = False) -> ScanResult:
@@ -60,6 +73,30 @@ def scan_tess(root: str | Path, emotions: Sequence[str], *, lenient: bool = Fals
 
     def parse(path: Path) -> Utterance:
         name = parse_tess_name(path)
-        return Utterance(path.resolve(), name["emotion"], name["speaker"], "female", CORPUS, name)
+        return Utterance(path.resolve(), name.emotion, name.speaker, "female", "tess", asdict(name))
 
     return scan_folder(root, parse, emotions, lenient=lenient, corpus="TESS", example=EXAMPLE)
+
+
+def synthetic_speakers(count: int) -> list[SyntheticSpeaker]:
+    """OAF, then YAF (both female)."""
+    return synthetic_voices([(name, "female") for name in sorted(SPEAKERS)][:count])
+
+
+def synthetic_files(speaker: SyntheticSpeaker, emotions: Sequence[str]) -> list[SyntheticFile]:
+    """``SPEAKER_EMOTION/SPEAKER_WORD_EMOTION.wav`` with the words back, bar, base and TESS's spellings."""
+    short = {"fearful": "fear", "surprised": "ps"}
+    folder = {"fearful": "Fear", "surprised": "pleasant_surprised"}
+
+    def relpath(emotion: str, take: int, strong: bool) -> str:
+        word = ("back", "bar", "base")[take]
+        return f"{speaker.id}_{folder.get(emotion, emotion)}/{speaker.id}_{word}_{short.get(emotion, emotion)}.wav"
+
+    return synthetic_takes(speaker, emotions, 2, relpath)
+
+
+CORPUS = Corpus(
+    name="tess", title="TESS", classes=CLASSES, example=EXAMPLE, scan=scan_tess,
+    synthetic_speakers=synthetic_speakers, synthetic_files=synthetic_files, default_speakers=2,
+    max_speakers=len(SPEAKERS),
+)

@@ -1,18 +1,20 @@
-"""`cv`: k-fold cross-validation, one fold at a time, resumable.
+"""``cv``: k-fold cross-validation (optionally repeated with several random seeds), resumable.
 
-Each fold trains on its training speakers, lets its validation speakers choose the checkpoint
-(best validation UA), then tests that checkpoint once on its test speakers. Results go to
-`OUT/fold_K/result.json` (written atomically); a rerun skips complete folds and resumes an
-interrupted one from its last checkpoint.
+Each run (fold, repeat) trains on the fold's training speakers, lets its validation speakers
+choose the checkpoint (best validation UA), then tests that checkpoint once on the fold's test
+speakers; the linear baseline is fitted and tested on the same split. The result goes to
+``OUT/fold_K/result.json`` (``OUT/fold_K_repeat_R/`` for repeats after the first), written
+atomically; a rerun skips complete runs and resumes an interrupted one from its last checkpoint.
+Runs are independent, so an executor can run them in any order and place (``executors``).
 """
+from __future__ import annotations
 
 import argparse
 import hashlib
 import json
-import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 import yaml
 
 from ser_lightning.evaluation.report import atomic_write_text, write_report
@@ -20,74 +22,132 @@ from ser_lightning.evaluation.report import atomic_write_text, write_report
 RUN_NAME = "run"
 
 
-def fold_dir(out: Path, fold: int) -> Path:
-    return out / f"fold_{fold}"
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of a study: configuration arguments, output folder, fold and repeat."""
+
+    args: tuple[str, ...]
+    out: str
+    fold: int
+    num_folds: int
+    repeat: int = 0
+    base_seed: int = 0
+
+    @property
+    def folder(self) -> Path:
+        return run_dir(Path(self.out), self.fold, self.repeat)
+
+    @property
+    def seed(self) -> int:
+        return self.base_seed + self.repeat
+
+
+def run_dir(out: Path, fold: int, repeat: int = 0) -> Path:
+    return out / (f"fold_{fold}" if repeat == 0 else f"fold_{fold}_repeat_{repeat}")
 
 
 def config_key(config: dict) -> str:
-    """Hash of everything in the configuration that must agree across the folds of one report."""
+    """Hash of everything in the configuration that must agree across the runs of one report."""
     config = json.loads(json.dumps(config, default=str))
     config.get("data", {}).pop("fold", None)
-    config.get("trainer", {}).pop("logger", None)
-    config.get("trainer", {}).pop("default_root_dir", None)
-    config.pop("config", None)
+    for key in ("logger", "default_root_dir", "enable_progress_bar"):
+        config.get("trainer", {}).pop(key, None)
+    for key in ("config", "seed_everything"):
+        config.pop(key, None)
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_fold_result(out: Path, fold: int) -> dict | None:
-    path = fold_dir(out, fold) / "result.json"
+def load_result(folder: Path) -> dict | None:
+    path = folder / "result.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def run_fold(lightning_args: list[str], out: Path, fold: int, num_folds: int) -> dict:
-    """Fit fold `fold`, test its best checkpoint, and return (and store) the fold's result."""
-    from ser_lightning.cli import run_lightning
-
+def run_args(spec: RunSpec) -> list[str]:
+    """The configuration arguments of one run: the study's, plus its fold, seed and logger."""
     logger = {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": str(out), "name": f"fold_{fold}", "version": RUN_NAME},
+        "init_args": {"save_dir": str(spec.folder.parent), "name": spec.folder.name, "version": RUN_NAME},
     }
-    cli = run_lightning(
-        [*lightning_args, f"--data.fold={fold}", f"--data.num_folds={num_folds}",
-         f"--trainer.logger={json.dumps(logger)}"],
-        run=False,
-    )
+    return [*spec.args, f"--data.fold={spec.fold}", f"--data.num_folds={spec.num_folds}",
+            f"--seed_everything={spec.seed}", f"--trainer.logger={json.dumps(logger)}"]
+
+
+def run_fold(spec: RunSpec) -> dict:
+    """Fit one run, test its best checkpoint and the baselines, and return (and store) its result."""
+    from ser_lightning.evaluation.baseline import run_baselines
+    from ser_lightning.lightning_cli import baseline_names, build_cli
+    from ser_lightning.training import fit_and_test
+
+    cli = build_cli(run_args(spec))
     config = yaml.safe_load(cli.parser.dump(cli.config, skip_link_targets=False, skip_none=False))
-    trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
-    last = fold_dir(out, fold) / RUN_NAME / "checkpoints" / "last.ckpt"
-    start = time.monotonic()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
-    best = trainer.checkpoint_callback.best_model_path
-    metrics = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
-    confusion = model.test_confusion.to(torch.int64)
+    trainer, module, datamodule = cli.trainer, cli.model, cli.datamodule
+    last = spec.folder / RUN_NAME / "checkpoints" / "last.ckpt"
+    resumed_from = resume_epoch(last)
+    outcome = fit_and_test(trainer, module, datamodule, resume_from=last if resumed_from is not None else None)
     plan = datamodule.fold_plan
-    class_names = list(datamodule.class_names)
-    recall = confusion.diag().double() / confusion.sum(1).clamp(min=1).double()
+    baselines = run_baselines(datamodule, baseline_names(cli))
+    order = {index: position for position, index in enumerate(outcome.test_predictions.index.tolist())}
+    probabilities = outcome.test_predictions.probabilities[[order[i] for i in plan.test]]
     result = {
-        "fold": fold,
-        "num_folds": num_folds,
+        "fold": spec.fold,
+        "repeat": spec.repeat,
+        "num_folds": spec.num_folds,
         "config_key": config_key(config),
         "config": config,
         "protocol": plan.protocol,
         "speaker_dependent": plan.speaker_dependent,
-        "seed_everything": config.get("seed_everything"),
-        "data_seed": config["data"]["seed"],
-        "class_names": class_names,
-        "metrics": {name: float(metrics[f"test/{name}"]) for name in ("WA", "UA", "F1")},
-        "per_class_recall": dict(zip(class_names, recall.tolist())),
-        "confusion_matrix": confusion.tolist(),
+        "seed_everything": spec.seed,
+        "data_random_seed": config["data"]["random_seed"],
+        "class_names": list(datamodule.class_names),
+        "metrics": outcome.test.metrics,
+        "val_metrics": outcome.val.metrics,
+        "per_class_recall": outcome.test.per_class_recall,
+        "confusion_matrix": outcome.test.confusion,
+        "baselines": {
+            b.name: {"C": b.C, "selection": b.selection, "val_metrics": b.val.metrics if b.val else None,
+                     "metrics": b.test.metrics, "per_class_recall": b.test.per_class_recall,
+                     "confusion_matrix": b.test.confusion}
+            for b in baselines
+        },
         "num_test_utterances": len(plan.test),
         "test_utterances": [str(datamodule.utterances[i].path) for i in plan.test],
+        "test_labels": [datamodule.labels[i] for i in plan.test],
+        "test_probabilities": [[round(float(p), 6) for p in row] for row in probabilities],
         "train_speakers": plan.train_speakers,
         "val_speakers": plan.val_speakers,
         "test_speakers": plan.test_speakers,
-        "best_checkpoint": best,
-        "best_val_UA": float(trainer.checkpoint_callback.best_model_score or float("nan")),
-        "epochs_trained": trainer.current_epoch,
-        "wall_seconds": time.monotonic() - start,
+        "best_checkpoint": outcome.best_checkpoint,
+        "best_val_UA": outcome.best_val_UA,
+        "epochs_trained": outcome.epochs_trained,
+        "resumed_from_epoch": resumed_from,
+        "wall_seconds": outcome.wall_seconds,
     }
-    atomic_write_text(fold_dir(out, fold) / "result.json", json.dumps(result, indent=2))
+    atomic_write_text(spec.folder / "result.json", json.dumps(result, indent=2))
     return result
+
+
+def resume_epoch(last: Path) -> int | None:
+    """The epoch an interrupted run can resume from (its ``last.ckpt``), or None to start afresh.
+
+    A checkpoint that cannot be read (e.g. cut short when the run was killed while writing it) is
+    set aside with a warning and the run starts again.
+    """
+    if not last.exists():
+        return None
+    import warnings
+
+    import torch
+
+    from ser_lightning.checkpoints import safe_loading
+
+    try:
+        with safe_loading():
+            return int(torch.load(last, map_location="cpu", weights_only=True)["epoch"])
+    except Exception as error:  # noqa: BLE001 - any unreadable file
+        warnings.warn(f"{last}: cannot resume from it ({type(error).__name__}: {error}); the run starts again",
+                      stacklevel=2)
+        last.rename(last.with_suffix(".unreadable"))
+        return None
 
 
 def parse_folds(spec: str | None, num_folds: int) -> list[int]:
@@ -100,61 +160,75 @@ def parse_folds(spec: str | None, num_folds: int) -> list[int]:
     return folds
 
 
-def configured_num_folds(lightning_args: list[str]) -> int:
-    """The data.num_folds of the configuration (parsing it also validates it before any training)."""
-    from ser_lightning.cli import run_lightning
+def study_settings(lightning_args: list[str]) -> tuple[int, int]:
+    """(data.num_folds, seed_everything) of the configuration; parsing it validates it before any training."""
+    from ser_lightning.lightning_cli import build_cli
 
-    data = run_lightning(lightning_args, run=False).config.data
-    if data.test_root is not None:
+    cli = build_cli(lightning_args)
+    if cli.config.data.test_root is not None:
         raise SystemExit("cv: data.test_root is set (cross-corpus evaluation has one train/test split, not folds); "
                          "use `fit` for it")
-    return int(data.num_folds)
+    if cli.trainer.world_size > 1:
+        raise SystemExit("cv: one process per run; use --executor processes or ray to run runs in parallel "
+                         "(trainer.devices / num_nodes > 1 is for `fit`)")
+    return int(cli.config.data.num_folds), int(cli.config.seed_everything)
 
 
-def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+def plan_runs(lightning_args: list[str], out: Path, folds_spec: str | None, num_folds: int | None,
+              repeats: int) -> list[RunSpec]:
+    """Every run of the study, validated before any training."""
+    configured, base_seed = study_settings(lightning_args)
+    num_folds = num_folds or configured
+    return [RunSpec(tuple(lightning_args), str(out), fold, num_folds, repeat, base_seed)
+            for repeat in range(repeats) for fold in parse_folds(folds_spec, num_folds)]
 
 
 def cv_main(argv: list[str]) -> None:
-    """`cv [--folds K] [--only 0,3] [--out DIR] [LightningCLI options]`: speaker-independent k-fold CV."""
-    parser = argparse.ArgumentParser(prog="python -m ser_lightning cv", description=cv_main.__doc__)
+    """Speaker-independent k-fold cross-validation with the linear baseline on the same folds."""
+    from ser_lightning.evaluation.executors import EXECUTORS, run_study
+
+    parser = argparse.ArgumentParser(
+        prog="python -m ser_lightning cv", description=cv_main.__doc__,
+        epilog="Any configuration option can follow (--config FILE|NAME, --data.root DIR, --trainer.max_epochs N).",
+    )
     parser.add_argument("--folds", type=int, help="number of folds (default: the config's data.num_folds)")
     parser.add_argument("--only", help="comma-separated fold indices to run here (merge later with cv-report)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per fold with seeds seed_everything + 0..R-1; the report separates the variance "
+                             "over folds from the variance over seeds (default 1)")
     parser.add_argument("--out", type=Path, default=Path("cv_runs"), help="output folder (default: cv_runs)")
+    parser.add_argument("--executor", choices=sorted(EXECUTORS), default="local",
+                        help="local: one run after another in this process (default); processes: parallel worker "
+                             "processes on this machine; ray: Ray tasks on a local or existing cluster")
+    parser.add_argument("--workers", type=int, default=2, help="parallel runs for processes/ray (default 2)")
+    parser.add_argument("--threads_per_worker", type=int, default=1,
+                        help="torch threads per parallel run (default 1: no oversubscription)")
+    parser.add_argument("--gpus_per_worker", type=float, default=0.0, help="GPU share per run with ray (e.g. 0.25)")
+    parser.add_argument("--ray_address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a local one)")
     args, lightning_args = parser.parse_known_args(argv)
-    configured = configured_num_folds(lightning_args)  # also validates the configuration before any training
-    num_folds = args.folds or configured
-    folds = parse_folds(args.only, num_folds)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    runs = plan_runs(lightning_args, args.out, args.only, args.folds, args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
-
-    started, fold_times = time.monotonic(), []
-    for position, fold in enumerate(folds):
-        done = load_fold_result(args.out, fold)
-        elapsed = time.monotonic() - started
-        if done is not None:
-            print(f"[cv] fold {fold} ({position + 1}/{len(folds)}): complete, skipped "
-                  f"(test UA {100 * done['metrics']['UA']:.1f} %)", flush=True)
-            continue
-        eta = (sum(fold_times) / len(fold_times) * (len(folds) - position)) if fold_times else None
-        print(f"[cv] fold {fold} ({position + 1}/{len(folds)}): running; elapsed {format_duration(elapsed)}"
-              + (f", ETA {format_duration(eta)}" if eta is not None else ""), flush=True)
-        result = run_fold(lightning_args, args.out, fold, num_folds)
-        fold_times.append(result["wall_seconds"])
-        print(f"[cv] fold {fold}: test WA {100 * result['metrics']['WA']:.1f} %, "
-              f"UA {100 * result['metrics']['UA']:.1f} %, F1 {100 * result['metrics']['F1']:.1f} % "
-              f"({format_duration(result['wall_seconds'])})", flush=True)
-
+    run_study(runs, args)
     report = write_report([args.out], args.out)
     print(report["markdown"])
-    print(f"[cv] report written to {args.out} in {format_duration(time.monotonic() - started)}")
+    print(f"[cv] report written to {args.out}")
 
 
 def cv_report_main(argv: list[str]) -> None:
-    """`cv-report DIR [DIR ...] [--out OUT]`: merge fold results (e.g. from --only runs) into one report."""
+    """Merge fold results (e.g. from --only runs on several machines) into one report."""
     parser = argparse.ArgumentParser(prog="python -m ser_lightning cv-report", description=cv_report_main.__doc__)
     parser.add_argument("dirs", type=Path, nargs="+", help="folders holding fold_K/result.json")
     parser.add_argument("--out", type=Path, help="where to write the report (default: the first folder)")
     args = parser.parse_args(argv)
-    report = write_report(args.dirs, args.out or args.dirs[0])
+    try:
+        report = write_report(args.dirs, args.out or args.dirs[0])
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     print(report["markdown"])
+
+
+def spec_dict(spec: RunSpec) -> dict:
+    """A RunSpec as plain data (for executors that ship it to another process)."""
+    return asdict(spec)

@@ -1,4 +1,12 @@
-"""Cross-validation report: per-fold metrics, mean +- std, summed confusion matrix."""
+"""Cross-validation report: the model and its baselines per fold, mean +- std, paired differences.
+
+With several repeats per fold (``cv --repeats``) a fold's score is the mean over its repeats; the
+report gives the standard deviation over folds (of those means) and over seeds (the mean over folds
+of the within-fold standard deviation) separately. Baselines are deterministic given the split, so
+each fold has one baseline score; the paired difference of UA (model minus baseline) is taken fold
+by fold, and a fold is a win when it is positive.
+"""
+from __future__ import annotations
 
 import io
 import json
@@ -8,11 +16,15 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 
-from ser_lightning.plotting import draw_confusion_matrix
+from ser_lightning.evaluation.metrics import METRICS, split_scores
 
-METRICS = ("WA", "UA", "F1")
+BASELINE_TITLES = {
+    "pooled": "pooled statistics + logistic regression",
+    "pooled_speaker": "speaker-normalised pooled statistics + logistic regression",
+    "egemaps": "openSMILE eGeMAPSv02 functionals + logistic regression",
+    "compare": "openSMILE ComParE_2016 functionals + logistic regression",
+}
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -31,27 +43,28 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def collect_fold_results(dirs: list[Path]) -> list[dict]:
-    """Fold results found under `dirs`, checked to come from one configuration, sorted by fold."""
-    results = {}
+def collect_results(dirs: list[Path]) -> list[dict]:
+    """Run results found under ``dirs``, checked to come from one configuration, sorted by (fold, repeat)."""
+    results: dict[tuple[int, int], dict] = {}
     for folder in dirs:
         for path in sorted(Path(folder).glob("fold_*/result.json")):
             result = json.loads(path.read_text())
-            if result["fold"] in results:
-                raise ValueError(f"fold {result['fold']} appears twice (again in {path})")
-            results[result["fold"]] = result
+            key = (result["fold"], result.get("repeat", 0))
+            if key in results:
+                raise ValueError(f"fold {key[0]} repeat {key[1]} appears twice (again in {path})")
+            results[key] = result
     if not results:
         raise ValueError(f"no fold results (fold_K/result.json) under {', '.join(map(str, dirs))}")
-    folds = [results[k] for k in sorted(results)]
-    first = folds[0]
-    for result in folds[1:]:
+    runs = [results[key] for key in sorted(results)]
+    first = runs[0]
+    for result in runs[1:]:
         for key in ("config_key", "num_folds", "class_names"):
             if result[key] != first[key]:
                 raise ValueError(
                     f"fold {result['fold']} and fold {first['fold']} differ in {key}: they come from different "
                     "configurations and cannot be merged into one report"
                 )
-    return folds
+    return runs
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -59,11 +72,50 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(folds: list[dict]) -> dict:
-    first = folds[0]
+def _fold_entry(runs: list[dict]) -> dict:
+    """One fold: the model's metrics averaged over its repeats, their spread, and the baselines."""
+    first = runs[0]
+    metrics = {name: statistics.fmean(r["metrics"][name] for r in runs) for name in METRICS}
+    recall = {c: statistics.fmean(r["per_class_recall"][c] for r in runs) for c in first["class_names"]}
+    baselines = {name: {k: b[k] for k in ("C", "selection", "metrics", "per_class_recall")}
+                 for name, b in first.get("baselines", {}).items()}
+    return {
+        "fold": first["fold"],
+        "test_speakers": first["test_speakers"],
+        "num_test_utterances": first["num_test_utterances"],
+        "repeats": len(runs),
+        "seeds": [r["seed_everything"] for r in runs],
+        "metrics": metrics,
+        "seed_std": {name: mean_std([r["metrics"][name] for r in runs])[1] for name in METRICS},
+        "per_class_recall": recall,
+        "min_class_recall": min(min(r["per_class_recall"].values()) for r in runs),
+        "val_UA": statistics.fmean(r.get("val_metrics", {}).get("UA", float("nan")) for r in runs),
+        "epochs_trained": [r["epochs_trained"] for r in runs],
+        "baselines": baselines,
+        "test_utterances": first["test_utterances"],
+        "wall_seconds": sum(r["wall_seconds"] for r in runs),
+    }
+
+
+def _ensemble_entry(runs: list[dict]) -> dict | None:
+    """The fold's seed ensemble: the mean of its runs' test probabilities, scored like a single model."""
+    if len(runs) < 2 or not all("test_probabilities" in r for r in runs):
+        return None
+    probabilities = np.mean([np.asarray(r["test_probabilities"]) for r in runs], axis=0)
+    return split_scores(runs[0]["test_labels"], probabilities.argmax(1), runs[0]["class_names"]).metrics
+
+
+def summarize(runs: list[dict]) -> dict:
+    first = runs[0]
     class_names = first["class_names"]
-    confusion = np.sum([np.array(f["confusion_matrix"]) for f in folds], axis=0)
-    missing = sorted(set(range(first["num_folds"])) - {f["fold"] for f in folds})
+    by_fold: dict[int, list[dict]] = {}
+    for result in runs:
+        by_fold.setdefault(result["fold"], []).append(result)
+    folds = [_fold_entry(group) for _, group in sorted(by_fold.items())]
+    for fold, (_, group) in zip(folds, sorted(by_fold.items())):
+        fold["ensemble_metrics"] = _ensemble_entry(group)
+    confusion = np.sum([np.array(r["confusion_matrix"]) for r in runs], axis=0)
+    missing = sorted(set(range(first["num_folds"])) - set(by_fold))
     summary = {
         "protocol": first["protocol"],
         "speaker_dependent": first["speaker_dependent"],
@@ -71,23 +123,50 @@ def summarize(folds: list[dict]) -> dict:
         "folds_reported": [f["fold"] for f in folds],
         "folds_missing": missing,
         "complete": not missing,
-        "seeds": {"seed_everything": first["seed_everything"], "data_seed": first["data_seed"]},
+        "repeats": max(f["repeats"] for f in folds),
+        "seeds": {"seed_everything": sorted({r["seed_everything"] for r in runs}),
+                  "data_random_seed": first["data_random_seed"]},
         "class_names": class_names,
         "config": first["config"],
-        "mean": {},
-        "std": {},
+        "mean": {}, "std": {}, "std_over_seeds": {},
         "per_class_recall": {},
+        "baselines": {},
         "confusion_matrix_sum": confusion.tolist(),
-        "num_test_utterances": int(confusion.sum()),
+        "confusion_matrix_runs": len(runs),
+        "num_test_utterances": sum(f["num_test_utterances"] for f in folds),
         "wall_seconds": sum(f["wall_seconds"] for f in folds),
-        "folds": [{k: v for k, v in f.items() if k != "config"} for f in folds],
+        "folds": folds,
     }
     for name in METRICS:
         summary["mean"][name], summary["std"][name] = mean_std([f["metrics"][name] for f in folds])
+        summary["std_over_seeds"][name] = statistics.fmean(f["seed_std"][name] for f in folds)
     for cls in class_names:
         mean, std = mean_std([f["per_class_recall"][cls] for f in folds])
         summary["per_class_recall"][cls] = {"mean": mean, "std": std}
+    for name in folds[0]["baselines"]:
+        present = [f for f in folds if name in f["baselines"]]
+        entry = {"title": BASELINE_TITLES.get(name, name), "mean": {}, "std": {}}
+        for metric in METRICS:
+            entry["mean"][metric], entry["std"][metric] = mean_std([f["baselines"][name]["metrics"][metric]
+                                                                    for f in present])
+        entry["UA_difference"] = _paired([f["metrics"]["UA"] - f["baselines"][name]["metrics"]["UA"] for f in present])
+        if all(f["ensemble_metrics"] for f in present):
+            entry["ensemble_UA_difference"] = _paired(
+                [f["ensemble_metrics"]["UA"] - f["baselines"][name]["metrics"]["UA"] for f in present])
+        summary["baselines"][name] = entry
+    if all(f["ensemble_metrics"] for f in folds):
+        summary["ensemble"] = {"mean": {}, "std": {}}
+        for name in METRICS:
+            summary["ensemble"]["mean"][name], summary["ensemble"]["std"][name] = mean_std(
+                [f["ensemble_metrics"][name] for f in folds])
     return summary
+
+
+def _paired(differences: list[float]) -> dict:
+    """Per-fold differences, their mean and std, and the number of folds where the model is ahead."""
+    mean, std = mean_std(differences)
+    return {"per_fold": differences, "mean": mean, "std": std, "wins": sum(d > 0 for d in differences),
+            "folds": len(differences)}
 
 
 def protocol_line(summary: dict) -> str:
@@ -97,33 +176,87 @@ def protocol_line(summary: dict) -> str:
     return f"Protocol: speaker-independent, {summary['num_folds']} folds (no speaker in two splits of a fold)"
 
 
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
 def markdown(summary: dict) -> str:
-    pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
+    baselines = list(summary["baselines"])
     lines = ["# Cross-validation report", "", protocol_line(summary), ""]
     if not summary["complete"]:
         lines += [f"**INCOMPLETE**: folds {summary['folds_missing']} are missing; means are over "
                   f"{len(summary['folds_reported'])} of {summary['num_folds']} folds.", ""]
-    lines += ["| Fold | Test speakers | Test utterances | WA % | UA % | macro-F1 % |", "|---|---|---|---|---|---|"]
+    if summary["repeats"] > 1:
+        lines += [f"Each fold ran {summary['repeats']} times (seeds {summary['seeds']['seed_everything']}); a fold's "
+                  "score is the mean over its runs.", ""]
+    head = "| Fold | Test speakers | Utterances | WA % | UA % | macro-F1 % | min class recall % |"
+    rule = "|---|---|---|---|---|---|---|"
+    for name in baselines:
+        head += f" {name} UA % | UA diff |"
+        rule += "---|---|"
+    lines += [head, rule]
     for f in summary["folds"]:
         m = f["metrics"]
         speakers = ", ".join(f["test_speakers"]) if len(f["test_speakers"]) <= 8 else f"{len(f['test_speakers'])} speakers"
-        lines.append(f"| {f['fold']} | {speakers} | {f['num_test_utterances']} | {pct(m['WA'])} | {pct(m['UA'])} | {pct(m['F1'])} |")
+        row = (f"| {f['fold']} | {speakers} | {f['num_test_utterances']} | {_pct(m['WA'])} | {_pct(m['UA'])} | "
+               f"{_pct(m['F1'])} | {_pct(f['min_class_recall'])} |")
+        for name in baselines:
+            other = f["baselines"].get(name)
+            row += (f" {_pct(other['metrics']['UA'])} | {100 * (m['UA'] - other['metrics']['UA']):+.1f} |"
+                    if other else " - | - |")
+        lines.append(row)
     mean, std = summary["mean"], summary["std"]
-    lines.append(f"| **mean +- std** | | {summary['num_test_utterances']} | "
-                 + " | ".join(f"**{pct(mean[n])} +- {pct(std[n])}**" for n in METRICS) + " |")
+    row = f"| **mean +- std** | | {summary['num_test_utterances']} | " + " | ".join(
+        f"**{_pct(mean[n])} +- {_pct(std[n])}**" for n in METRICS) + " | |"
+    for name in baselines:
+        b = summary["baselines"][name]
+        d = b["UA_difference"]
+        row += f" {_pct(b['mean']['UA'])} +- {_pct(b['std']['UA'])} | **{100 * d['mean']:+.1f} +- {100 * d['std']:.1f}** |"
+    lines.append(row)
+    if summary["repeats"] > 1:
+        seeds = summary["std_over_seeds"]
+        lines += ["", "Standard deviation over seeds (mean over folds of the within-fold std): "
+                  + ", ".join(f"{n} {_pct(seeds[n])}" for n in METRICS)
+                  + "; over folds (of the fold means): " + ", ".join(f"{n} {_pct(std[n])}" for n in METRICS) + "."]
+    if "ensemble" in summary:
+        ensemble = summary["ensemble"]
+        lines += ["", f"Seed ensemble (per fold, the mean of its {summary['repeats']} runs' test probabilities): "
+                  + ", ".join(f"{n} {_pct(ensemble['mean'][n])} +- {_pct(ensemble['std'][n])} %" for n in METRICS)
+                  + "; per fold UA: " + ", ".join(_pct(f["ensemble_metrics"]["UA"]) for f in summary["folds"]) + "."]
+    if baselines:
+        lines += ["", "Baselines, fitted and tested on exactly the same splits (UA diff = model UA minus baseline UA, "
+                  "per fold; a win is a positive difference):", ""]
+        for name in baselines:
+            b = summary["baselines"][name]
+            d = b["UA_difference"]
+            line = (f"- **{name}** ({b['title']}): " + ", ".join(
+                f"{n} {_pct(b['mean'][n])} +- {_pct(b['std'][n])} %" for n in METRICS)
+                + f"; the model wins {d['wins']} of {d['folds']} folds, UA difference "
+                f"{100 * d['mean']:+.1f} +- {100 * d['std']:.1f} points")
+            if "ensemble_UA_difference" in b:
+                e = b["ensemble_UA_difference"]
+                line += (f"; the seed ensemble wins {e['wins']} of {e['folds']}, UA difference "
+                         f"{100 * e['mean']:+.1f} +- {100 * e['std']:.1f} points")
+            lines.append(line)
     lines += ["", "Per-class recall % (mean +- std over folds):", "",
               "| " + " | ".join(summary["class_names"]) + " |", "|" + "---|" * len(summary["class_names"]),
-              "| " + " | ".join(f"{pct(r['mean'])} +- {pct(r['std'])}" for r in summary["per_class_recall"].values()) + " |",
-              "", "Confusion matrix summed over folds (rows: true, columns: predicted):", "",
+              "| " + " | ".join(f"{_pct(r['mean'])} +- {_pct(r['std'])}" for r in summary["per_class_recall"].values())
+              + " |", "", f"Confusion matrix summed over {summary['confusion_matrix_runs']} run(s) (rows: true, "
+              "columns: predicted):", "",
               "| true \\ predicted | " + " | ".join(summary["class_names"]) + " |",
               "|---|" + "---|" * len(summary["class_names"])]
     for name, row in zip(summary["class_names"], summary["confusion_matrix_sum"]):
         lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
-    lines += ["", f"Std is the sample standard deviation over folds. Seeds: {summary['seeds']}."]
+    lines += ["", f"Std is the sample standard deviation over folds. Seeds: {summary['seeds']}. "
+              "Checkpoints were chosen by the validation speakers' UA; every test fold was used once per run."]
     return "\n".join(lines) + "\n"
 
 
 def confusion_png(summary: dict) -> bytes:
+    from matplotlib.figure import Figure
+
+    from ser_lightning.plotting import draw_confusion_matrix
+
     matrix = np.array(summary["confusion_matrix_sum"])
     fig = Figure(figsize=(11, 4.8), layout="constrained")
     counts_ax, recall_ax = fig.subplots(1, 2)
@@ -138,7 +271,7 @@ def confusion_png(summary: dict) -> bytes:
 
 def write_report(dirs: list[Path], out: Path) -> dict:
     """Write cv_report.json, cv_report.md and confusion_matrix.png into `out`; return the summary."""
-    summary = summarize(collect_fold_results(dirs))
+    summary = summarize(collect_results(dirs))
     text = markdown(summary)
     atomic_write_text(out / "cv_report.json", json.dumps(summary, indent=2))
     atomic_write_text(out / "cv_report.md", text)

@@ -1,11 +1,16 @@
 """The `predict` and `export` commands of `python -m ser_lightning`.
 
 `python -m ser_lightning predict --ckpt_path CKPT PATH [PATH ...]` classifies audio files; PATHs are
-files, folders (searched recursively for .wav .flac .ogg .aiff .aif .au) or glob patterns. It prints
-a table, writes ``--output results.csv`` or ``results.json``, and with ``--plot-dir DIR`` one PNG per
-file (features with the attention over them, class probabilities, and the window probabilities over
-time for long recordings). A file that cannot be used gets an error row and the others go on; the
-exit status is 1 when any file failed.
+files, folders (searched recursively for every format the decoder reads: WAV, FLAC, OGG/Opus, MP3,
+AIFF, CAF, ...) or glob patterns. It prints a table, writes ``--output results.csv`` or
+``results.json``, and with ``--plot_dir DIR`` one PNG per file (features with the attention over
+them, class probabilities, and the window probabilities over time for long recordings). A file that
+cannot be used gets an error row and the others go on; the exit status is 1 when any file failed.
+Files in folders that are not audio are counted in the summary line, never skipped silently.
+
+A model trained with ``normalization: speaker`` normalises each recording with the statistics of its
+speaker's recordings: ``--speaker_groups folder`` (default) treats every folder's files as one
+speaker, ``file`` treats each file as its own speaker (weaker: its own emotion shifts its statistics).
 
 CSV columns, one ``window=all`` row per file plus one row per window of a long recording:
 
@@ -31,14 +36,14 @@ import csv
 import glob
 import json
 import sys
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from ser_lightning.data.records import list_files
 from ser_lightning.inference.recognizer import CheckpointError, EmotionRecognizer, Prediction
-
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".au")
-"""Extensions searched for in folders (what soundfile reads); files named explicitly are tried whatever their name."""
 
 
 @dataclass
@@ -55,8 +60,12 @@ class FileResult:
         return self.prediction is not None and not self.error
 
 
-def expand_paths(paths: Iterable[str]) -> list[tuple[str, str | None]]:
-    """Files from PATH arguments as (path, problem) pairs; problem says why a PATH gave no file (else None)."""
+def expand_paths(paths: Iterable[str], ignored: list[str] | None = None) -> list[tuple[str, str | None]]:
+    """Files from PATH arguments as (path, problem) pairs; problem says why a PATH gave no file (else None).
+
+    Files named explicitly are tried whatever their extension; in folders, non-audio files are
+    appended to ``ignored`` (when given).
+    """
     found: list[tuple[str, str | None]] = []
     seen: set[str] = set()
 
@@ -76,9 +85,11 @@ def expand_paths(paths: Iterable[str]) -> list[tuple[str, str | None]]:
                 continue
         for match in matches:
             if match.is_dir():
-                files = sorted(p for p in match.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+                files, other = list_files(match)
+                if ignored is not None:
+                    ignored += [str(p) for p in other]
                 if not files:
-                    found.append((str(match), f"the folder contains no audio files ({', '.join(AUDIO_EXTENSIONS)})"))
+                    found.append((str(match), "the folder contains no audio files"))
                 for file in files:
                     add(file)
             else:
@@ -92,21 +103,53 @@ def _error_text(error: Exception, path: str) -> str:
     return text if path in text else f"{path}: {text}"
 
 
+def speaker_groups(paths: Sequence[tuple[str, str | None]], mode: str) -> dict[str, str]:
+    """File -> speaker group: its folder (``folder``) or itself (``file``)."""
+    return {path: (str(Path(path).parent) if mode == "folder" else path) for path, problem in paths if problem is None}
+
+
+def group_statistics(recognizer: EmotionRecognizer, groups: dict[str, str]) -> dict[str, Any]:
+    """Per speaker group, its (2, F) statistics, or the error that prevented them (a string)."""
+    members: dict[str, list[str]] = {}
+    for path, group in groups.items():
+        members.setdefault(group, []).append(path)
+    statistics: dict[str, Any] = {}
+    for group, files in members.items():
+        usable = []
+        for file in files:  # a file that cannot be read is left out of its group's statistics (and fails itself)
+            try:
+                recognizer.speaker_statistics([file])
+                usable.append(file)
+            except Exception:  # noqa: BLE001 - the file's own prediction reports the reason
+                continue
+        try:
+            statistics[group] = recognizer.speaker_statistics(usable)
+        except Exception as error:  # noqa: BLE001
+            statistics[group] = f"no usable recording of this speaker group ({group}) for its statistics: {error}"
+    return statistics
+
+
 def predict_paths(
-    recognizer: EmotionRecognizer, paths: Sequence[tuple[str, str | None]], plot_dir: Path | None = None
+    recognizer: EmotionRecognizer, paths: Sequence[tuple[str, str | None]], plot_dir: Path | None = None,
+    groups: str = "folder",
 ) -> list[FileResult]:
     """Predict every file; any failure becomes that file's error and the others go on."""
     from tqdm import tqdm
 
     results = []
     plot_names: set[str] = set()
+    group_of = speaker_groups(paths, groups) if recognizer.needs_speaker_stats else {}
+    statistics = group_statistics(recognizer, group_of) if group_of else {}
     bar = tqdm(paths, desc="predict", unit="file", file=sys.stderr, disable=len(paths) <= 1)
     for path, problem in bar:
+        stats = statistics.get(group_of.get(path))
+        if problem is None and isinstance(stats, str):
+            problem = stats
         if problem is not None:
             results.append(FileResult(path, error=f"{path}: {problem}"))
             continue
         try:
-            result = FileResult(path, recognizer.predict_file(path))
+            result = FileResult(path, recognizer.predict_file(path, stats))
         except Exception as error:  # one bad file never stops the others
             results.append(FileResult(path, error=_error_text(error, path)))
             continue
@@ -208,8 +251,9 @@ def format_table(results: Sequence[FileResult]) -> str:
 
 # ----------------------------------------------------------------- commands
 def _add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", required=True, type=Path,
-                        help="checkpoint written by `python -m ser_lightning fit`")
+    parser.add_argument("--ckpt_path", required=True, type=Path, help="checkpoint written by `python -m ser_lightning fit`")
+    parser.add_argument("--trust_checkpoint", action="store_true",
+                        help="load a checkpoint that needs more than the safe loader allows (only files you trust)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
 
 
@@ -222,28 +266,39 @@ def predict_main(argv: list[str]) -> None:
     _add_checkpoint_options(parser)
     parser.add_argument("paths", nargs="+", metavar="PATH", help="audio files, folders (recursive) or glob patterns")
     parser.add_argument("--output", type=Path, help="write results to a .csv or .json file")
-    parser.add_argument("--plot-dir", type=Path, help="write one attention/probability PNG per file here")
-    parser.add_argument("--window-seconds", type=float, default=4.0,
+    parser.add_argument("--plot_dir", type=Path, help="write one attention/probability PNG per file here")
+    parser.add_argument("--window_seconds", type=float, default=4.0,
                         help="recordings longer than this are split into windows (default 4)")
-    parser.add_argument("--hop-seconds", type=float, help="step between windows (default: half a window, 2)")
-    parser.add_argument("--batch-size", type=int, default=16, help="windows classified at once (default 16)")
+    parser.add_argument("--hop_seconds", type=float, help="step between windows (default: half a window, 2)")
+    parser.add_argument("--batch_size", type=int, default=16, help="windows classified at once (default 16)")
+    parser.add_argument("--speaker_groups", choices=("folder", "file"), default="folder",
+                        help="for models with speaker normalisation: the files of one folder are one speaker "
+                             "(default), or every file is its own")
     args = parser.parse_args(argv)
     if args.output is not None and args.output.suffix.lower() not in (".csv", ".json"):
         parser.error(f"--output: expected a .csv or .json file name, got {args.output}")
     try:
         recognizer = EmotionRecognizer.from_checkpoint(
             args.ckpt_path, device=args.device, window_seconds=args.window_seconds,
-            hop_seconds=args.hop_seconds, batch_size=args.batch_size,
+            hop_seconds=args.hop_seconds, batch_size=args.batch_size, trusted=args.trust_checkpoint,
         )
     except (CheckpointError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
-    results = predict_paths(recognizer, expand_paths(args.paths), args.plot_dir)
+    ignored: list[str] = []
+    results = predict_paths(recognizer, expand_paths(args.paths, ignored), args.plot_dir, args.speaker_groups)
     print(format_table(results))
     if args.output is not None:
         write_results(results, args.output, recognizer.class_names)
         print(f"results written to {args.output}")
     failed = sum(not r.ok for r in results)
-    print(f"{len(results)} files: {len(results) - failed} predicted, {failed} failed")
+    summary = f"{len(results)} files: {len(results) - failed} predicted, {failed} failed"
+    if ignored:
+        kinds = Counter(Path(p).suffix.lower() or "(no extension)" for p in ignored)
+        summary += f"; {len(ignored)} non-audio file(s) in folders skipped (" + ", ".join(
+            f"{ext} x{count}" for ext, count in sorted(kinds.items())) + ")"
+    if recognizer.needs_speaker_stats:
+        summary += f"; speaker statistics per {args.speaker_groups}"
+    print(summary)
     if failed:
         raise SystemExit(1)
 
@@ -260,7 +315,8 @@ def export_main(argv: list[str]) -> None:
     parser.add_argument("output", type=Path, metavar="OUT.onnx")
     args = parser.parse_args(argv)
     try:
-        recognizer = EmotionRecognizer.from_checkpoint(args.ckpt_path, device=args.device)
+        recognizer = EmotionRecognizer.from_checkpoint(args.ckpt_path, device=args.device,
+                                                       trusted=args.trust_checkpoint)
         report = export_onnx(recognizer.module, args.output, feature=recognizer.feature, tolerance=args.tolerance)
     except (CheckpointError, ValueError, RuntimeError) as error:
         raise SystemExit(f"error: {error}") from None

@@ -64,9 +64,14 @@ class ExportWrapper(nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        output = self.module(features, lengths)
+    def forward(self, features: Tensor, lengths: Tensor, speaker_stats: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        output = self.module(features, lengths, speaker_stats)
         return output.logits.softmax(dim=1), output.alpha
+
+
+def _speaker_input(module: nn.Module) -> bool:
+    """Whether the exported model takes each utterance's speaker statistics as a third input."""
+    return module.hparams["normalization"] == "speaker"
 
 
 def exportable(module: nn.Module) -> ExportWrapper:
@@ -142,7 +147,12 @@ def _parity_inputs(module: nn.Module, export_min: int) -> list[tuple[Tensor, Ten
         noise = torch.randn(batch, module.hparams.num_features, frames, generator=generator)
         features = module.feature_mean[None, :, None].cpu() + module.feature_std[None, :, None].cpu() * noise
         mask = torch.arange(frames)[None, :] < torch.tensor(lengths)[:, None]
-        inputs.append((features * mask[:, None, :], torch.tensor(lengths, dtype=torch.int64)))
+        case = (features * mask[:, None, :], torch.tensor(lengths, dtype=torch.int64))
+        if _speaker_input(module):  # speakers near the training statistics
+            mean = module.feature_mean.cpu() + 0.1 * torch.randn(batch, module.hparams.num_features, generator=generator)
+            std = module.feature_std.cpu() * (1 + 0.1 * torch.rand(batch, module.hparams.num_features, generator=generator))
+            case += (torch.stack([mean, std], dim=1),)
+        inputs.append(case)
     return inputs
 
 
@@ -153,7 +163,8 @@ def _metadata(module: nn.Module, feature: Any) -> dict[str, str]:
         "class_names": json.dumps(list(hparams["class_names"])),
         "num_features": str(hparams["num_features"]),
         "min_input_frames": str(module.model.min_input_frames),
-        "inputs": "features (B, F, N) float32 raw features zero-padded in time; lengths (B,) int64 valid frames",
+        "inputs": "features (B, F, N) float32 raw features zero-padded in time; lengths (B,) int64 valid frames"
+        + ("; speaker_stats (B, 2, F) float32 mean and std of each utterance's speaker" if _speaker_input(module) else ""),
         "outputs": "probabilities (B, K); alpha (B, L) attention weights",
     }
     if feature is not None:
@@ -174,16 +185,23 @@ def export_onnx(module: nn.Module, path: str | Path, *, feature: Any = None, tol
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = exportable(module)
     export_min = _export_min_frames(wrapper.module)
+    num_features = wrapper.module.hparams.num_features
     example = (
-        torch.zeros(2, wrapper.module.hparams.num_features, export_min + 11),
+        torch.zeros(2, num_features, export_min + 11),
         torch.tensor([export_min + 11, export_min], dtype=torch.int64),
     )
     batch, frames = torch.export.Dim("batch", min=1), torch.export.Dim("frames", min=export_min)
-    with warnings.catch_warnings():  # features and lengths share the batch axis, which the exporter remarks on
+    dynamic = {"features": {0: batch, 2: frames}, "lengths": {0: batch}}
+    input_names = list(INPUT_NAMES)
+    if _speaker_input(wrapper.module):
+        example += (torch.stack([torch.zeros(2, num_features), torch.ones(2, num_features)], dim=1),)
+        dynamic["speaker_stats"] = {0: batch}
+        input_names.append("speaker_stats")
+    with warnings.catch_warnings():  # the inputs share the batch axis, which the exporter remarks on
         warnings.filterwarnings("ignore", message=".*axis name.*will not be used", category=UserWarning)
         program = torch.onnx.export(
-            wrapper, example, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
-            dynamic_shapes={"features": {0: batch, 2: frames}, "lengths": {0: batch}}, dynamo=True, verbose=False,
+            wrapper, example, input_names=input_names, output_names=OUTPUT_NAMES, dynamic_shapes=dynamic,
+            dynamo=True, verbose=False,
         )
     program.save(str(path), external_data=False)
     model = onnx.load(str(path))
@@ -195,9 +213,10 @@ def export_onnx(module: nn.Module, path: str | Path, *, feature: Any = None, tol
     device = next(module.parameters()).device
     cases = []
     with torch.no_grad():
-        for features, lengths in _parity_inputs(wrapper.module, export_min):
-            probabilities, alpha = (t.float().cpu() for t in original(features.to(device), lengths.to(device)))
-            feeds = {"features": features.numpy(), "lengths": lengths.numpy()}
+        for case in _parity_inputs(wrapper.module, export_min):
+            features, lengths = case[0], case[1]
+            probabilities, alpha = (t.float().cpu() for t in original(*(t.to(device) for t in case)))
+            feeds = {name: tensor.numpy() for name, tensor in zip(input_names, case)}
             ort_probabilities, ort_alpha = session.run(OUTPUT_NAMES, feeds)
             cases.append(ParityCase(
                 features.shape[0], features.shape[-1], lengths.tolist(),

@@ -1,4 +1,4 @@
-"""The `predict --plot-dir` figure: attention over the input, class probabilities, window probabilities."""
+"""The `predict --plot_dir` figure: attention over the input, class probabilities, window probabilities."""
 
 from __future__ import annotations
 

@@ -21,7 +21,6 @@ feature extractor the checkpoint was trained with, and predicts files or in-memo
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,14 +31,15 @@ import torch
 import torchaudio.functional as AF
 from torch import Tensor
 
+from ser_lightning.checkpoints import (
+    CheckpointError, as_feature_config, feature_config, module_from_checkpoint, read_checkpoint,
+)
 from ser_lightning.data.audio import AudioError, audio_duration, iter_audio_blocks, load_audio
 from ser_lightning.data.features import FeatureConfig, FeatureExtractor
+from ser_lightning.models.normalization import feature_stats
+from ser_lightning.padding import pad_last
 
 __all__ = ["CheckpointError", "EmotionRecognizer", "Prediction", "WindowPrediction"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, or disagrees with its own feature configuration."""
 
 
 @dataclass(frozen=True)
@@ -87,37 +87,6 @@ class _Segment:
     grid: tuple[int, int] | None
     features: Tensor  # (F, N)
     padded: bool
-
-
-def _feature_config(value: Any) -> FeatureConfig:
-    """The datamodule's saved ``feature`` hyper-parameter (dict, dataclass or Namespace) as a FeatureConfig."""
-    if isinstance(value, FeatureConfig):
-        return value
-    if dataclasses.is_dataclass(value):
-        value = dataclasses.asdict(value)
-    elif hasattr(value, "as_dict"):  # jsonargparse Namespace
-        value = value.as_dict()
-    elif hasattr(value, "__dict__") and not isinstance(value, Mapping):
-        value = vars(value)
-    if not isinstance(value, Mapping):
-        raise CheckpointError(f"cannot read the feature configuration {value!r}")
-    value = {k: v for k, v in value.items() if k != "__path__"}  # jsonargparse's note of a config file
-    unknown = sorted(set(value) - {f.name for f in dataclasses.fields(FeatureConfig)})
-    if unknown:
-        raise CheckpointError(f"unknown data.feature options {unknown}")
-    return FeatureConfig(**value)
-
-
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many types for corrupt files
-        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(error).__name__}: {error})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise CheckpointError(f"checkpoint {path}: not a Lightning checkpoint of SERModule (no hyper_parameters)")
-    return checkpoint
 
 
 def check_compatible(model_hparams: Mapping[str, Any], feature: FeatureConfig, data_hparams: Mapping[str, Any]) -> None:
@@ -182,56 +151,71 @@ class EmotionRecognizer:
         hop_seconds: float | None = None,
         batch_size: int = 16,
         feature: FeatureConfig | Mapping[str, Any] | None = None,
+        trusted: bool = False,
     ) -> EmotionRecognizer:
-        """Load a checkpoint written by ``python -m ser_lightning fit``.
+        """Load a checkpoint written by ``python -m ser_lightning fit`` (or ``cv``), safely.
 
         Recordings longer than ``window_seconds`` are split into windows every ``hop_seconds``
         (default: half a window). The feature configuration comes from the checkpoint's datamodule hyper-parameters; pass
         ``feature`` to give it explicitly (e.g. for a checkpoint trained without the datamodule).
-        Raises CheckpointError naming the file, or the mismatching option with both values.
+        The file is read with the safe loader (``ser_lightning.checkpoints``); ``trusted=True``
+        allows a file that needs more, with a warning. Raises CheckpointError naming the file, or
+        the mismatching option with both values.
         """
-        from ser_lightning.models.module import SERModule
-
         path = Path(path)
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine")
-        checkpoint = _read_checkpoint(path)
+        checkpoint = read_checkpoint(path, trusted=trusted)
         data_hparams = checkpoint.get("datamodule_hyper_parameters") or {}
-        if feature is None:
-            if "feature" not in data_hparams:
-                raise CheckpointError(
-                    f"checkpoint {path}: no data.feature configuration saved; pass feature=FeatureConfig(...)"
-                )
-            feature = data_hparams["feature"]
+        config = feature_config(checkpoint, path) if feature is None else as_feature_config(feature, path)
         try:
-            feature_config = _feature_config(feature)
-        except (TypeError, ValueError) as error:
-            raise CheckpointError(f"checkpoint {path}: invalid data.feature configuration: {error}") from None
-        try:
-            check_compatible(checkpoint["hyper_parameters"], feature_config, data_hparams)
+            check_compatible(checkpoint["hyper_parameters"], config, data_hparams)
         except CheckpointError as error:
             raise CheckpointError(f"checkpoint {path}: {error}") from None
-        try:
-            module = SERModule.load_from_checkpoint(path, map_location=torch.device(device), weights_only=False)
-        except Exception as error:
-            raise CheckpointError(
-                f"checkpoint {path}: cannot rebuild the model ({type(error).__name__}: {error})"
-            ) from None
-        return cls(
-            module, feature_config, window_seconds=window_seconds, hop_seconds=hop_seconds, batch_size=batch_size
-        )
+        module = module_from_checkpoint(checkpoint, path, device=torch.device(device))
+        return cls(module, config, window_seconds=window_seconds, hop_seconds=hop_seconds, batch_size=batch_size)
 
     # ----------------------------------------------------------------- model
+    @property
+    def needs_speaker_stats(self) -> bool:
+        """Whether the model normalises with speaker statistics (``normalization: speaker``)."""
+        return self.module.hparams.normalization == "speaker"
+
     @torch.no_grad()
-    def _classify(self, waves: Sequence[Tensor]) -> list[_Segment]:
+    def speaker_statistics(self, sources: Iterable[str | Path | Tensor]) -> Tensor:
+        """(2, F) mean and std of the features of one speaker's recordings (files, or waveforms at the model's rate).
+
+        Files are streamed in blocks, so long recordings are never held whole. Raises AudioError naming
+        the first file that cannot be read.
+        """
+        features = []
+        for source in sources:
+            if isinstance(source, Tensor):
+                blocks = source.split(self.window_samples)
+            else:
+                blocks = iter_audio_blocks(source, self.sample_rate, block_seconds=max(self.window_seconds, 30.0))
+            features += [self.extractor(block.to(self.device)).cpu() for block in blocks if block.numel()]
+        if not features:
+            raise AudioError("speaker statistics: no audio to compute them from")
+        return torch.stack(feature_stats(features))
+
+    def _stats_for(self, speaker_stats: Tensor | None, count: int, name: str) -> Tensor | None:
+        if not self.needs_speaker_stats:
+            return None
+        if speaker_stats is None:
+            raise ValueError(f"{name}: the model normalises each speaker with that speaker's own statistics; pass "
+                             "speaker_stats=recognizer.speaker_statistics([...the speaker's recordings...])")
+        return speaker_stats.to(self.device).expand(count, *speaker_stats.shape)
+
+    @torch.no_grad()
+    def _classify(self, waves: Sequence[Tensor], speaker_stats: Tensor | None = None) -> list[_Segment]:
         """Features of each waveform, padded into batches of ``batch_size``; one result per waveform."""
         results: list[_Segment] = []
         min_frames = self.module.model.min_input_frames
         for first in range(0, len(waves), self.batch_size):
             feats = [self.extractor(w.to(self.device)) for w in waves[first : first + self.batch_size]]
-            lengths = torch.tensor([f.shape[-1] for f in feats], dtype=torch.int64, device=self.device)
-            batch = torch.nn.utils.rnn.pad_sequence([f.transpose(0, 1) for f in feats], batch_first=True)
-            output = self.module(batch.transpose(1, 2), lengths)
+            batch, lengths = pad_last(feats)
+            output = self.module(batch, lengths, self._stats_for(speaker_stats, len(feats), "prediction"))
             probabilities = output.logits.float().softmax(dim=1).cpu()
             for k, feat in enumerate(feats):
                 positions = int(output.positions[k])
@@ -272,7 +256,8 @@ class EmotionRecognizer:
         if 0 < last_end < total:  # align one more window to the end of the recording
             yield total - window, buffer[buffer.numel() - window :]
 
-    def _predict_windows(self, path: str | None, blocks: Iterable[Tensor]) -> Prediction | None:
+    def _predict_windows(self, path: str | None, blocks: Iterable[Tensor],
+                         speaker_stats: Tensor | None = None) -> Prediction | None:
         """Classify a long recording window by window; None when it fits within one window."""
         windows: list[WindowPrediction] = []
         best: dict[int, tuple[float, _Segment, int]] = {}  # class k -> the window with the highest p_k so far
@@ -282,7 +267,7 @@ class EmotionRecognizer:
 
         def flush() -> None:
             nonlocal probability_sum, padded
-            for (start, _), segment in zip(pending, self._classify([w for _, w in pending])):
+            for (start, _), segment in zip(pending, self._classify([w for _, w in pending], speaker_stats)):
                 label, probs = self._named(segment.probabilities)
                 end = start + self.window_samples
                 windows.append(WindowPrediction(start / self.sample_rate, end / self.sample_rate, label, probs))
@@ -322,36 +307,39 @@ class EmotionRecognizer:
                           segment.features.numpy(), span, note)
 
     # ----------------------------------------------------------------- public API
-    def predict_file(self, path: str | Path) -> Prediction:
+    def predict_file(self, path: str | Path, speaker_stats: Tensor | None = None) -> Prediction:
         """Classify one audio file (any rate / channel count / format soundfile reads).
 
+        ``speaker_stats`` (from ``speaker_statistics``) is needed when the model normalises per speaker.
         Raises AudioError naming the file when it cannot be used.
         """
         path = Path(path)
         if audio_duration(path) > self.window_seconds:
             blocks = iter_audio_blocks(path, self.sample_rate, block_seconds=self.hop_seconds)
-            prediction = self._predict_windows(str(path), blocks)
+            prediction = self._predict_windows(str(path), blocks, speaker_stats)
             if prediction is not None:  # None: shorter than a window once decoded and resampled
                 return prediction
         wave = load_audio(path, self.sample_rate, trim_silence=self.feature.trim_silence)
         _check_not_silent(wave, str(path))
-        return self._single(str(path), wave.numel(), self._classify([wave])[0])
+        return self._single(str(path), wave.numel(), self._classify([wave], speaker_stats)[0])
 
-    def predict_batch(self, waveforms: Sequence[Tensor | np.ndarray], sample_rate: int) -> list[Prediction]:
-        """Classify in-memory mono waveforms (T,) sampled at ``sample_rate``.
+    def predict_batch(self, waveforms: Sequence[Tensor | np.ndarray], sample_rate: int,
+                      speaker_stats: Tensor | None = None) -> list[Prediction]:
+        """Classify in-memory mono waveforms (T,) sampled at ``sample_rate`` (all of one speaker when
+        ``speaker_stats`` is given).
 
         Waveforms within one window are classified together in padded batches; longer ones are
         split into windows like files. Per-sample results equal those of single calls.
         """
         waves = [self._prepare(w, sample_rate, k) for k, w in enumerate(waveforms)]
         short = [k for k, w in enumerate(waves) if w.numel() <= self.window_samples]
-        segments = dict(zip(short, self._classify([waves[k] for k in short])))
+        segments = dict(zip(short, self._classify([waves[k] for k in short], speaker_stats)))
         results: list[Prediction] = []
         for k, wave in enumerate(waves):
             if k in segments:
                 results.append(self._single(None, wave.numel(), segments[k]))
             else:
-                results.append(self._predict_windows(None, wave.split(self.hop_samples)))
+                results.append(self._predict_windows(None, wave.split(self.hop_samples), speaker_stats))
         return results
 
     def _prepare(self, wave: Tensor | np.ndarray, sample_rate: int, index: int) -> Tensor:

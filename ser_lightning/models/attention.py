@@ -24,13 +24,7 @@ class AttentionPool(nn.Module):
 
     def __init__(self, channels: int, dim: int | None = None, lam: float = 1.0, backend: Backend = "auto") -> None:
         super().__init__()
-        if not lam > 0:
-            raise ValueError(f"model.lam must be > 0, got {lam}")
-        if backend not in BACKENDS:
-            raise ValueError(f"model.backend must be one of {BACKENDS}, got {backend!r}")
         dim = channels if dim is None else dim
-        if dim < 1:
-            raise ValueError(f"model.attention_dim must be >= 1, got {dim}")
         self.lam = float(lam)
         self.backend = backend
         self.weight = nn.Parameter(nn.init.xavier_uniform_(torch.empty(dim, channels)))

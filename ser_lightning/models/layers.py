@@ -12,6 +12,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ser_lightning.padding import length_mask
+
 TimeGeometry = tuple[int, int, int, int]  # kernel, stride, padding, dilation along time
 
 
@@ -51,8 +53,7 @@ def time_geometry(layer: nn.Module) -> TimeGeometry | None:
 
 def mask_time(x: Tensor, lengths: Tensor) -> Tensor:
     """Zero every time position t >= lengths[b] of row b (time is the last axis)."""
-    positions = torch.arange(x.shape[-1], device=x.device)
-    valid = positions < lengths.view(-1, *([1] * (x.dim() - 1)))
+    valid = length_mask(lengths, x.shape[-1]).view(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1])
     return x * valid.to(x.dtype)
 
 
@@ -105,14 +106,23 @@ def pad_to_min_length(features: Tensor, lengths: Tensor, min_length: int) -> tup
 
 
 def check_lengths(features: Tensor, lengths: Tensor | None) -> Tensor:
-    """Validate lengths against (B, ..., N) features; None means every row is full."""
+    """Validate lengths against (B, ..., N) features; None means every row is full.
+
+    Lengths outside 1..N are an error on every device. On the CPU the check is eager (ValueError);
+    on a GPU and under torch.compile or tracing it is an asynchronous assertion, so the forward
+    never waits for the device (the error then surfaces at the next synchronisation).
+    """
     batch, frames = features.shape[0], features.shape[-1]
     if lengths is None:
         return torch.full((batch,), frames, dtype=torch.int64, device=features.device)
     if lengths.shape != (batch,):
         raise ValueError(f"lengths must have shape ({batch},), got {tuple(lengths.shape)}")
     lengths = lengths.to(device=features.device, dtype=torch.int64)
-    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
-    if not tracing and bool(((lengths < 1) | (lengths > frames)).any()):
-        raise ValueError(f"lengths must lie in 1..{frames} (the padded number of frames), got {lengths.tolist()}")
+    message = f"lengths must lie in 1..{frames} (the padded number of frames)"
+    eager = lengths.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+    if eager:
+        if bool(((lengths < 1) | (lengths > frames)).any()):
+            raise ValueError(f"{message}, got {lengths.tolist()}")
+    elif not torch.jit.is_tracing():
+        torch._assert_async(((lengths >= 1) & (lengths <= frames)).all(), message)
     return lengths

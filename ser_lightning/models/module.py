@@ -1,27 +1,35 @@
-"""SERModule: the LightningModule that trains, evaluates and serves either model."""
+"""SERModule: the ``model:`` section of a configuration, validated here, and the steps that train it.
+
+Figures (attention maps, confusion matrices) are drawn by ``ser_lightning.callbacks.FigureCallback``;
+fitting and testing the best checkpoint is ``ser_lightning.training.fit_and_test``.
+"""
+from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from ser_lightning.data.features import normalize
+from ser_lightning.data.batches import Batch
+from ser_lightning.models.attention import BACKENDS
 from ser_lightning.models.layers import ModelOutput
+from ser_lightning.models.normalization import NORMALIZATIONS, normalize, num_statistics, utterance_statistics
 from ser_lightning.models.seed1d import Seed1D
 from ser_lightning.models.zhang2d import Zhang2D
-from ser_lightning.plotting import attention_figure, confusion_matrix_figure
 
 ARCHS = ("seed1d", "zhang2d")
 DEFAULT_LAM = {"seed1d": 0.8, "zhang2d": 0.3}
-NORMALIZATIONS = ("global", "utterance", "none")
+DEFAULT_DROPOUT = {"seed1d": 0.0, "zhang2d": 0.5}
+LR_SCHEDULES = ("constant", "cosine")
+MONITOR = "val/UA"
+CHECKPOINT_FILENAME = "epoch{epoch:03d}-valUA{val/UA:.4f}"
 
 
 def class_weights_from_counts(counts: Tensor) -> Tensor:
@@ -31,20 +39,19 @@ def class_weights_from_counts(counts: Tensor) -> Tensor:
     return torch.where(counts > 0, weights, torch.zeros_like(weights)).float()
 
 
-def stage_metrics(num_classes: int, prefix: str) -> MetricCollection:
-    """WA (overall accuracy), UA (mean per-class recall) and macro-F1, logged as `<prefix>WA` etc."""
+def stage_metrics(num_classes: int) -> MetricCollection:
+    """WA (overall accuracy), UA (mean per-class recall) and macro-F1."""
     return MetricCollection(
         {
             "WA": MulticlassAccuracy(num_classes, average="micro"),
             "UA": MulticlassAccuracy(num_classes, average="macro"),
             "F1": MulticlassF1Score(num_classes, average="macro"),
-        },
-        prefix=prefix,
+        }
     )
 
 
 def check_options(options: Mapping[str, Any]) -> None:
-    """Raise ValueError naming the `model.<option>` that is wrong."""
+    """Raise ValueError naming the `model.<option>` that is wrong (the only place these are checked)."""
     o = options
     checks = [
         (o["arch"] in ARCHS, f"model.arch must be one of {ARCHS}, got {o['arch']!r}"),
@@ -53,19 +60,32 @@ def check_options(options: Mapping[str, Any]) -> None:
         (o["class_names"] is None or len(o["class_names"]) == o["num_classes"],
          f"model.class_names has {len(o['class_names'] or [])} names but model.num_classes is {o['num_classes']}"),
         (o["lam"] is None or o["lam"] > 0, f"model.lam must be > 0, got {o['lam']}"),
+        (o["attention_dim"] is None or o["attention_dim"] >= 1,
+         f"model.attention_dim must be >= 1 or null, got {o['attention_dim']}"),
         (o["width"] > 0, f"model.width must be > 0, got {o['width']}"),
-        (0 <= o["dropout"] < 1, f"model.dropout must be in [0, 1), got {o['dropout']}"),
+        (o["pretrained_alexnet"] is None or (o["arch"] == "zhang2d" and o["width"] == 1.0),
+         f"model.pretrained_alexnet needs model.arch zhang2d and model.width 1.0, got {o['arch']} at {o['width']}"),
+        (o["dropout"] is None or 0 <= o["dropout"] < 1, f"model.dropout must be in [0, 1) or null, got {o['dropout']}"),
+        (o["backend"] in BACKENDS, f"model.backend must be one of {BACKENDS}, got {o['backend']!r}"),
         (o["normalization"] in NORMALIZATIONS,
          f"model.normalization must be one of {NORMALIZATIONS}, got {o['normalization']!r}"),
+        (o["mixup_alpha"] >= 0, f"model.mixup_alpha must be >= 0, got {o['mixup_alpha']}"),
         (o["lr"] > 0, f"model.lr must be > 0, got {o['lr']}"),
         (o["weight_decay"] >= 0, f"model.weight_decay must be >= 0, got {o['weight_decay']}"),
+        (o["lr_schedule"] in LR_SCHEDULES, f"model.lr_schedule must be one of {LR_SCHEDULES}, got {o['lr_schedule']!r}"),
         (o["early_stopping_patience"] is None or o["early_stopping_patience"] >= 1,
          f"model.early_stopping_patience must be >= 1 or null, got {o['early_stopping_patience']}"),
-        (o["num_attention_maps"] >= 0, f"model.num_attention_maps must be >= 0, got {o['num_attention_maps']}"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+
+
+class StepOutput(NamedTuple):
+    """One forward pass: the model's output with the combined logits, and every head's own logits."""
+
+    output: ModelOutput  # logits = the sum of the heads' logits
+    head_logits: tuple[Tensor, ...]  # (attention head, statistics head) or (attention head,)
 
 
 class SERModule(LightningModule):
@@ -78,18 +98,24 @@ class SERModule(LightningModule):
         class_names: names of the K classes, for logs and figures (default class_0 ...).
         lam: attention softmax sharpness lambda (> 0); None uses the arch default (0.8 seed1d, 0.3 zhang2d).
         attention_dim: attention projection size; None uses the last map's channels.
-        width: zhang2d channel multiplier (> 0); below 1 for CPU-sized models.
-        dropout: zhang2d dropout before the classifier.
+        width: channel multiplier (> 0): 1.0 is the course project's 5-10-20-30 (seed1d) or the paper's
+            96-256-384-384-256 (zhang2d).
+        dropout: dropout before the attention head's classifier; None uses the arch default (0 seed1d, 0.5 zhang2d).
         lrn: zhang2d local response normalisation after convs 1 and 2.
         pretrained_alexnet: zhang2d: local torchvision AlexNet state dict to initialise the convs from (read when
             the module is built; give pretrained_alexnet=None to load_from_checkpoint where the file is absent).
         backend: attention implementation: "auto", "fused" or "reference".
-        normalization: "global" (training-split mean/std per feature row), "utterance" or "none".
+        normalization: "global", "speaker", "utterance" or "none" (see ``models.normalization``); linked from data.
+        utterance_stats: add a linear head on the utterance's pooled statistics (per-row mean, std and mean
+            absolute change, loudness dynamics, log duration), standardised with training-split statistics;
+            its logits are added to the attention head's, and each head also gets its own loss (deep supervision).
         class_weighted_loss: weight the cross-entropy by inverse training-split class frequency.
-        lr: Adam learning rate.
-        weight_decay: Adam weight decay.
+        mixup_alpha: mixup of training batches (after normalisation) with a Beta(alpha, alpha) weight for the
+            attention head; 0 = off. The statistics head always learns from the clean batch.
+        lr: AdamW learning rate.
+        weight_decay: AdamW (decoupled) weight decay.
+        lr_schedule: "constant" or "cosine" (cosine decay to 0 over the trainer's steps).
         early_stopping_patience: stop after this many validation epochs without a better val/UA (None: never).
-        num_attention_maps: attention maps of the first validation utterances logged each validation epoch.
     """
 
     def __init__(
@@ -101,133 +127,182 @@ class SERModule(LightningModule):
         lam: float | None = None,
         attention_dim: int | None = None,
         width: float = 1.0,
-        dropout: float = 0.5,
+        dropout: float | None = None,
         lrn: bool = True,
         pretrained_alexnet: str | None = None,
         backend: Literal["auto", "fused", "reference"] = "auto",
-        normalization: Literal["global", "utterance", "none"] = "global",
+        normalization: Literal["global", "speaker", "utterance", "none"] = "global",
+        utterance_stats: bool = False,
         class_weighted_loss: bool = True,
+        mixup_alpha: float = 0.0,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
         early_stopping_patience: int | None = None,
-        num_attention_maps: int = 4,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         check_options(self.hparams)
         self.class_names = list(class_names) if class_names else [f"class_{k}" for k in range(num_classes)]
         lam = DEFAULT_LAM[arch] if lam is None else lam
+        dropout = DEFAULT_DROPOUT[arch] if dropout is None else dropout
         self.model: Seed1D | Zhang2D
         if arch == "seed1d":
-            self.model = Seed1D(num_features, num_classes, lam=lam, attention_dim=attention_dim, backend=backend)
+            self.model = Seed1D(num_features, num_classes, lam=lam, attention_dim=attention_dim, width=width,
+                                dropout=dropout, backend=backend)
         else:
             self.model = Zhang2D(num_features, num_classes, width=width, lam=lam, lrn=lrn, dropout=dropout,
                                  attention_dim=attention_dim, pretrained_alexnet=pretrained_alexnet, backend=backend)
         self.register_buffer("feature_mean", torch.zeros(num_features))
         self.register_buffer("feature_std", torch.ones(num_features))
+        self.statistics_head = None
+        if utterance_stats:
+            self.statistics_head = nn.Linear(num_statistics(num_features), num_classes)
+            self.register_buffer("statistics_mean", torch.zeros(num_statistics(num_features)))
+            self.register_buffer("statistics_std", torch.ones(num_statistics(num_features)))
         self.register_buffer("class_weights", torch.ones(num_classes))
-
-        self.train_metrics = stage_metrics(num_classes, "train/")
-        self.val_metrics = stage_metrics(num_classes, "val/")
-        self.test_metrics = stage_metrics(num_classes, "test/")
-        self.val_confmat = MulticlassConfusionMatrix(num_classes)
-        self.test_confmat = MulticlassConfusionMatrix(num_classes)
-        self.test_confusion: Tensor | None = None  # (K, K) counts after a test epoch
-        self.test_per_class_recall: Tensor | None = None  # (K,) after a test epoch
-        self._attention_samples: dict[str, Any] | None = None  # first validation utterances, for figures
+        metrics = stage_metrics(num_classes)
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
 
     # ----------------------------------------------------------------- setup and model
     def setup(self, stage: str) -> None:
-        """For fit: take normalisation statistics and class weights from the datamodule's training split."""
+        """For fit: normalisation statistics and class weights from the datamodule's training split.
+
+        The datamodule provides ``feature_stats`` (F,) mean and std, ``class_counts("train")`` and,
+        for the statistics head, ``train_utterances()`` ((features, speaker statistics or None) pairs).
+        """
         if stage != "fit":
             return
         datamodule = self.trainer.datamodule
         if datamodule is None:
-            if self.hparams.normalization == "global" or self.hparams.class_weighted_loss:
-                rank_zero_warn("SERModule: no datamodule, so global feature statistics and class weights stay unset")
+            rank_zero_warn("SERModule: no datamodule, so training-split statistics and class weights stay unset")
             return
         mean, std = datamodule.feature_stats
-        if mean.shape != self.feature_mean.shape or std.shape != self.feature_std.shape:
-            raise ValueError(
-                f"model.num_features is {self.hparams.num_features} but the data's feature statistics have "
-                f"shape {tuple(mean.shape)}"
-            )
         self.feature_mean.copy_(mean)
         self.feature_std.copy_(std)
         if self.hparams.class_weighted_loss:
-            counts = torch.as_tensor(datamodule.class_counts("train"))
-            if counts.shape != self.class_weights.shape:
-                raise ValueError(
-                    f"model.num_classes is {self.hparams.num_classes} but the training split has counts "
-                    f"for {len(counts)} classes"
-                )
+            counts = datamodule.class_counts("train")
             missing = [self.class_names[k] for k in range(len(counts)) if counts[k] == 0]
             if missing:
                 rank_zero_warn(f"SERModule: no training examples of {missing}: their loss weight is 0")
             self.class_weights.copy_(class_weights_from_counts(counts))
+        if self.statistics_head is not None:
+            self._fit_statistics(datamodule)
 
-    def forward(self, features: Tensor, lengths: Tensor | None = None) -> ModelOutput:
-        """Normalise raw (B, F, N) features with the stored statistics and run the model."""
+    @torch.no_grad()
+    def _fit_statistics(self, datamodule: Any) -> None:
+        """Mean and std of the statistics head's inputs over the training split (whole utterances, unaugmented)."""
+        rows = []
+        for features, speaker_stats in datamodule.train_utterances():
+            features = features.unsqueeze(0).to(self.feature_mean.device)
+            lengths = torch.tensor([features.shape[-1]], device=features.device)
+            stats = None if speaker_stats is None else speaker_stats.unsqueeze(0).to(features.device)
+            rows.append(utterance_statistics(self.normalize(features, lengths, stats), lengths))
+        rows = torch.cat(rows)
+        self.statistics_mean.copy_(rows.mean(0))
+        self.statistics_std.copy_(rows.std(0).clamp_min(1e-5))
+
+    def normalize(self, features: Tensor, lengths: Tensor, speaker_stats: Tensor | None = None) -> Tensor:
+        """Raw (B, F, N) features -> the model's input, per ``normalization`` (speaker: stats (B, 2, F) needed)."""
+        mode = self.hparams.normalization
+        if mode == "speaker":
+            if speaker_stats is None:
+                raise ValueError("normalization 'speaker' needs speaker_stats (B, 2, F): each utterance's speaker "
+                                 "mean and std (see ser_lightning.data.speakers)")
+            return normalize(features, lengths, mode, speaker_stats[:, 0], speaker_stats[:, 1])
+        return normalize(features, lengths, mode, self.feature_mean, self.feature_std)
+
+    def heads(self, x: Tensor, lengths: Tensor) -> StepOutput:
+        """Run the model (and the statistics head) on normalised input."""
+        output = self.model(x, lengths)
+        if self.statistics_head is None:
+            return StepOutput(output, (output.logits,))
+        statistics_logits = self._statistics_logits(x, lengths)
+        return StepOutput(output._replace(logits=output.logits + statistics_logits), (output.logits, statistics_logits))
+
+    def _statistics_logits(self, x: Tensor, lengths: Tensor) -> Tensor:
+        statistics = (utterance_statistics(x, lengths) - self.statistics_mean) / self.statistics_std
+        return self.statistics_head(statistics)
+
+    def forward(self, features: Tensor, lengths: Tensor | None = None, speaker_stats: Tensor | None = None) -> ModelOutput:
+        """Normalise raw (B, F, N) features and run the model; lengths default to every frame."""
         if lengths is None:
             lengths = torch.full((features.shape[0],), features.shape[-1], dtype=torch.int64, device=features.device)
-        x = normalize(features, lengths, self.hparams.normalization, self.feature_mean, self.feature_std)
-        return self.model(x, lengths)
+        return self.heads(self.normalize(features, lengths, speaker_stats), lengths).output
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.lr_schedule == "constant":
+            return optimizer
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list[Callback]:
-        """Checkpoints (the best val/UA, and `last.ckpt` after every epoch for resuming) and optional early stopping.
+        """One checkpoint callback (the best val/UA, plus `last.ckpt` for resuming) and optional early stopping.
 
-        They replace the trainer's default checkpoint; with `trainer.enable_checkpointing: false` none is added.
+        It replaces the trainer's default checkpoint; with `trainer.enable_checkpointing: false` or `fast_dev_run`
+        none is added.
         """
         callbacks: list[Callback] = []
-        if self.trainer.checkpoint_callback is not None:
-            best = ModelCheckpoint(
-                monitor="val/UA", mode="max", filename="epoch{epoch:03d}-valUA{val/UA:.4f}", auto_insert_metric_name=False
-            )
-            latest = ModelCheckpoint(filename="last", save_top_k=1, enable_version_counter=False)
-            callbacks += [best, latest]  # the first is `trainer.checkpoint_callback`
+        if self.trainer.checkpoint_callback is not None and not self.trainer.fast_dev_run:
+            callbacks.append(ModelCheckpoint(
+                monitor=MONITOR, mode="max", filename=CHECKPOINT_FILENAME, auto_insert_metric_name=False, save_last=True
+            ))
         if self.hparams.early_stopping_patience is not None:
-            callbacks.append(EarlyStopping(monitor="val/UA", mode="max", patience=self.hparams.early_stopping_patience))
+            callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=self.hparams.early_stopping_patience))
         return callbacks
 
     # ----------------------------------------------------------------- steps
-    def _shared_step(self, batch: dict[str, Tensor]) -> tuple[ModelOutput, Tensor]:
-        output = self(batch["features"], batch["lengths"])
+    def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         weight = self.class_weights if self.hparams.class_weighted_loss else None
-        loss = F.cross_entropy(output.logits, batch["labels"], weight=weight)
-        return output, loss
+        return F.cross_entropy(logits, labels, weight=weight)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        output, loss = self._shared_step(batch)
-        batch_size = len(batch["labels"])
-        self.train_metrics.update(output.logits, batch["labels"])
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
-        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=batch_size)
+    def model_step(self, batch: Batch) -> tuple[StepOutput, Tensor]:
+        """Forward pass and loss (the sum over the heads) on an unmixed batch."""
+        x = self.normalize(batch["features"], batch["lengths"], batch.get("speaker_stats"))
+        step = self.heads(x, batch["lengths"])
+        loss = self._loss(step.output.logits, batch["labels"])
+        if len(step.head_logits) > 1:
+            loss = loss + sum(self._loss(logits, batch["labels"]) for logits in step.head_logits)
+        return step, loss
+
+    def _mixup_step(self, batch: Batch) -> tuple[StepOutput, Tensor]:
+        """Loss with mixup: the attention head sees the batch mixed with a shuffled copy of itself (after
+        normalisation) and learns both labels by their weights; the statistics head, a linear model that
+        mixing would only blur, learns from the clean batch."""
+        lengths, labels = batch["lengths"], batch["labels"]
+        x = self.normalize(batch["features"], lengths, batch.get("speaker_stats"))
+        alpha = torch.tensor(float(self.hparams.mixup_alpha))
+        weight = float(torch.distributions.Beta(alpha, alpha).sample())
+        order = torch.randperm(len(labels), device=labels.device)
+        output = self.model(weight * x + (1 - weight) * x[order], torch.maximum(lengths, lengths[order]))
+        loss = weight * self._loss(output.logits, labels) + (1 - weight) * self._loss(output.logits, labels[order])
+        if self.statistics_head is None:
+            return StepOutput(output, (output.logits,)), loss
+        statistics_logits = self._statistics_logits(x, lengths)
+        return StepOutput(output, (output.logits, statistics_logits)), loss + self._loss(statistics_logits, labels)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        step, loss = self._mixup_step(batch) if self.hparams.mixup_alpha > 0 else self.model_step(batch)
+        self._log_stage("train", step.output.logits, batch["labels"], loss)
         return loss
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        output, loss = self._shared_step(batch)
-        batch_size = len(batch["labels"])
-        self.val_metrics.update(output.logits, batch["labels"])
-        self.val_confmat.update(output.logits, batch["labels"])
-        self.log("val/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size)
-        self.log_dict(self.val_metrics, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
-        if batch_idx == 0 and self.hparams.num_attention_maps > 0:
-            self._keep_attention_samples(batch, output)
+    def validation_step(self, batch: Batch, batch_idx: int) -> ModelOutput:
+        step, loss = self.model_step(batch)
+        self._log_stage("val", step.output.logits, batch["labels"], loss)
+        return step.output
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        output, loss = self._shared_step(batch)
-        batch_size = len(batch["labels"])
-        self.test_metrics.update(output.logits, batch["labels"])
-        self.test_confmat.update(output.logits, batch["labels"])
-        self.log("test/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size)
-        self.log_dict(self.test_metrics, on_step=False, on_epoch=True, batch_size=batch_size)
+    def test_step(self, batch: Batch, batch_idx: int) -> ModelOutput:
+        step, loss = self.model_step(batch)
+        self._log_stage("test", step.output.logits, batch["labels"], loss)
+        return step.output
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
         """Per utterance: index, class probabilities (B, K), predictions, attention alpha and valid positions."""
-        output = self(batch["features"], batch["lengths"])
+        output = self(batch["features"], batch["lengths"], batch.get("speaker_stats"))
         probabilities = output.logits.softmax(dim=1)
         return {
             "index": batch["index"],
@@ -237,71 +312,10 @@ class SERModule(LightningModule):
             "positions": output.positions,
         }
 
-    # ----------------------------------------------------------------- epoch ends and figures
-    def on_validation_epoch_end(self) -> None:
-        confusion = self.val_confmat.compute()  # every rank computes: it synchronises under DDP
-        self.val_confmat.reset()
-        samples, self._attention_samples = self._attention_samples, None
-        writer = self._tensorboard()
-        if writer is None or self.trainer.sanity_checking:
-            return
-        figure = confusion_matrix_figure(confusion, self.class_names, title=f"validation, epoch {self.current_epoch}")
-        writer.add_figure("val/confusion_matrix", figure, global_step=self.global_step, close=True)
-        if samples is not None:
-            self._log_attention_maps(writer, samples)
-
-    def on_test_epoch_end(self) -> None:
-        confusion = self.test_confmat.compute()
-        self.test_confmat.reset()
-        self.test_confusion = confusion.cpu()
-        totals = self.test_confusion.sum(dim=1)
-        recall = self.test_confusion.diagonal().double() / totals.clamp(min=1)
-        self.test_per_class_recall = recall.float()
-        for name, value in zip(self.class_names, self.test_per_class_recall):
-            self.log(f"test/recall_{name}", value, sync_dist=True)
-        writer = self._tensorboard()
-        if writer is not None:
-            figure = confusion_matrix_figure(confusion, self.class_names, title="test")
-            writer.add_figure("test/confusion_matrix", figure, global_step=self.global_step, close=True)
-
-    def _tensorboard(self) -> Any:
-        """The TensorBoard SummaryWriter on global rank 0, else None."""
-        if not self.trainer.is_global_zero:
-            return None
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                return logger.experiment
-        return None
-
-    def _keep_attention_samples(self, batch: dict[str, Tensor], output: ModelOutput) -> None:
-        """Remember the first validation utterances (the loader is not shuffled, so they are fixed)."""
-        n = self.hparams.num_attention_maps
-        self._attention_samples = {
-            "features": batch["features"][:n].detach().cpu(),
-            "lengths": batch["lengths"][:n].detach().cpu(),
-            "labels": batch["labels"][:n].detach().cpu(),
-            "alpha": output.alpha[:n].detach().float().cpu(),
-            "positions": output.positions[:n].detach().cpu(),
-            "probabilities": output.logits[:n].detach().float().softmax(dim=1).cpu(),
-            "grid": output.grid,
-        }
-
-    def _log_attention_maps(self, writer: Any, samples: dict[str, Any]) -> None:
-        """One figure per kept utterance: its features with the attention weights over input time."""
-        min_frames = self.model.min_input_frames
-        for k in range(len(samples["labels"])):
-            length, positions = int(samples["lengths"][k]), int(samples["positions"][k])
-            # the model pads clips shorter than its receptive field with silence: show that padding too
-            features = F.pad(samples["features"][k, :, :length], (0, max(0, min_frames - length)))
-            grid = samples["grid"]
-            shape = (positions,) if grid is None else (grid[0], positions // grid[0])
-            figure = attention_figure(
-                features,
-                samples["alpha"][k, :positions],
-                shape,
-                self.hparams.arch,
-                probabilities=samples["probabilities"][k],
-                class_names=self.class_names,
-                title=f"val utterance {k} (true {self.class_names[int(samples['labels'][k])]})",
-            )
-            writer.add_figure(f"val/attention_{k}", figure, global_step=self.global_step, close=True)
+    def _log_stage(self, stage: str, logits: Tensor, labels: Tensor, loss: Tensor) -> None:
+        """Update the stage's metrics; Lightning computes and logs them once per epoch."""
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics.update(logits.detach(), labels)
+        self.log(f"{stage}/loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=stage != "test",
+                 sync_dist=stage != "train", batch_size=len(labels))
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=len(labels))

@@ -1,4 +1,5 @@
-"""The seed's 1-D fully convolutional network, with attention over the time positions of one utterance."""
+"""The 1-D fully convolutional network of the "Emotion in Motion" course project (``seed1d``), with
+attention over the time positions of one utterance."""
 
 from torch import Tensor, nn
 
@@ -6,9 +7,14 @@ from ser_lightning.models.attention import AttentionPool, Backend
 from ser_lightning.models.layers import MaskedStack, ModelOutput, check_lengths, pad_to_min_length
 
 
+CHANNELS = (5, 10, 20, 30)
+"""The course project's conv channels (width 1.0)."""
+
+
 class Seed1D(nn.Module):
-    """Conv 5/10/20/30 channels (kernels 11, 5, 3, 3; strides 4, 1, 1, 1; valid padding; ReLU; max-pool 3/2
-    after convs 1, 2, 4), attention over time positions, linear classifier on the context.
+    """Conv 5/10/20/30 channels times ``width`` (kernels 11, 5, 3, 3; strides 4, 1, 1, 1; valid padding;
+    ReLU; max-pool 3/2 after convs 1, 2, 4), attention over time positions, dropout and a linear
+    classifier on the context.
 
     Input features (B, F, N) are read with the F feature rows as input channels.
     """
@@ -19,26 +25,30 @@ class Seed1D(nn.Module):
         num_classes: int,
         lam: float = 0.8,
         attention_dim: int | None = None,
+        width: float = 1.0,
+        dropout: float = 0.0,
         backend: Backend = "auto",
     ) -> None:
         super().__init__()
+        c1, c2, c3, c4 = (max(1, round(channels * width)) for channels in CHANNELS)
         self.stack = MaskedStack(
             [
-                nn.Conv1d(num_features, 5, kernel_size=11, stride=4),
+                nn.Conv1d(num_features, c1, kernel_size=11, stride=4),
                 nn.ReLU(),
                 nn.MaxPool1d(3, 2),
-                nn.Conv1d(5, 10, kernel_size=5),
+                nn.Conv1d(c1, c2, kernel_size=5),
                 nn.ReLU(),
                 nn.MaxPool1d(3, 2),
-                nn.Conv1d(10, 20, kernel_size=3),
+                nn.Conv1d(c2, c3, kernel_size=3),
                 nn.ReLU(),
-                nn.Conv1d(20, 30, kernel_size=3),
+                nn.Conv1d(c3, c4, kernel_size=3),
                 nn.ReLU(),
                 nn.MaxPool1d(3, 2),
             ]
         )
-        self.attention = AttentionPool(30, attention_dim, lam=lam, backend=backend)
-        self.classifier = nn.Linear(30, num_classes)
+        self.attention = AttentionPool(c4, attention_dim, lam=lam, backend=backend)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(c4, num_classes)
 
     @property
     def min_input_frames(self) -> int:
@@ -51,4 +61,4 @@ class Seed1D(nn.Module):
         features, lengths = pad_to_min_length(features, lengths, self.min_input_frames)
         maps, positions = self.stack(features, lengths)  # (B, C, T'), (B,)
         context, alpha = self.attention(maps.transpose(1, 2), positions)
-        return ModelOutput(self.classifier(context), alpha, positions)
+        return ModelOutput(self.classifier(self.dropout(context)), alpha, positions)

@@ -47,10 +47,6 @@ class Zhang2D(nn.Module):
         backend: Backend = "auto",
     ) -> None:
         super().__init__()
-        if not width > 0:
-            raise ValueError(f"model.width must be > 0, got {width}")
-        if pretrained_alexnet is not None and width != 1.0:
-            raise ValueError(f"model.pretrained_alexnet needs model.width 1.0, got {width}")
         base = PAPER_CHANNELS if pretrained_alexnet is None else TORCHVISION_CHANNELS
         c1, c2, c3, c4, c5 = (max(1, round(c * width)) for c in base)
 
@@ -79,8 +75,7 @@ class Zhang2D(nn.Module):
         # every kernel is square, so the frequency axis follows the same arithmetic as time
         if num_features < self.stack.min_input_length:
             raise ValueError(
-                f"model.num_features: zhang2d needs at least {self.stack.min_input_length} frequency bins, "
-                f"got {num_features}"
+                f"zhang2d needs at least {self.stack.min_input_length} frequency bins (feature rows), got {num_features}"
             )
         self.freq_positions = int(self.stack.output_length(num_features))
         self.attention = AttentionPool(c5, attention_dim, lam=lam, backend=backend)

@@ -1,4 +1,20 @@
-"""Attention pooling: the fused C++/CUDA operator with a pure-PyTorch reference and fallback."""
+"""Attention pooling: the fused C++/CUDA operator with a pure-PyTorch reference and fallback.
+
+Contracts shared by every backend and device:
+
+- `lam` is a fixed hyper-parameter, a finite Python number > 0. A tensor `lam` is rejected
+  (TypeError) rather than losing its gradient in the fused operator.
+- `lengths`, when given, lie in 1..L. A violation is an error on every device, and no call reads a
+  CUDA tensor back to the host to check it: on CPU it raises at once (ValueError from this module,
+  RuntimeError from the raw operator or from compiled code); on CUDA it raises a device-side
+  assertion, which surfaces as a RuntimeError at the next synchronisation (and leaves the CUDA
+  context unusable, as PyTorch's own index checks do). Validate lengths where they enter (the
+  collate function builds them from the real frame counts) to keep errors early.
+
+The CPU kernels exist once per instruction set (`cpu_capabilities()`); the best one the CPU
+supports runs unless SER_LIGHTNING_CPU_CAPABILITY (avx512, avx2 or default; read at import) or
+`set_cpu_capability` names another.
+"""
 
 import warnings
 
@@ -6,9 +22,11 @@ import torch
 from torch import Tensor
 
 from ser_lightning.ops import fused
-from ser_lightning.ops.reference import attention_pool_reference, check_attention_inputs
+from ser_lightning.ops.fused import compiled_cpu_capabilities, cpu_capabilities, cpu_capability
+from ser_lightning.ops.reference import attention_pool_reference, check_attention_inputs, check_lam
 
-__all__ = ["attention_pool", "attention_pool_reference", "fused_available"]
+__all__ = ["attention_pool", "attention_pool_reference", "compiled_cpu_capabilities", "cpu_capabilities",
+           "cpu_capability", "fused_available", "set_cpu_capability"]
 
 BACKENDS = ("auto", "fused", "reference")
 SUPPORTED_DTYPES = {
@@ -24,6 +42,32 @@ def fused_available(device: torch.device | str) -> bool:
     if device.type == "cuda" and not torch.cuda.is_available():
         return False
     return fused.has_kernel(device.type)
+
+
+class set_cpu_capability:
+    """Run the CPU kernels on the instruction-set path `name` (one of `cpu_capabilities()`).
+
+    Takes effect at once; used as a context manager it restores the previous path on exit:
+
+        with set_cpu_capability("avx2"):
+            ...
+    """
+
+    def __init__(self, name: str) -> None:
+        supported = cpu_capabilities()
+        if name not in supported:
+            compiled = compiled_cpu_capabilities()
+            why = "this CPU does not support it" if name in compiled else "it is not a compiled path"
+            raise ValueError(f"set_cpu_capability: `name` {name!r} is unavailable ({why}); "
+                             f"this CPU runs {supported or 'none (the extension is not loaded)'}")
+        self.previous = cpu_capability()
+        torch.ops.ser_lightning._set_cpu_capability(name)
+
+    def __enter__(self) -> "set_cpu_capability":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        torch.ops.ser_lightning._set_cpu_capability(self.previous)
 
 
 def _unavailable_reason(a: Tensor) -> str | None:
@@ -50,6 +94,7 @@ def attention_pool(
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention_pool: unknown `backend` {backend!r}, expected one of {BACKENDS}")
+    check_lam(lam)
     if backend == "reference":
         return attention_pool_reference(a, weight, bias, u, lam, lengths)
     reason = _unavailable_reason(a)
@@ -61,13 +106,15 @@ def attention_pool(
             warnings.warn(f"attention_pool: using the reference implementation because {reason}", stacklevel=2)
         return attention_pool_reference(a, weight, bias, u, lam, lengths)
     # The CPU operator checks all its inputs itself, and the Python check costs as much as the kernel
-    # at small shapes: there it only runs when the operator fails, to raise a ValueError naming the problem.
+    # at small shapes: there it only runs when the operator fails, to raise a ValueError naming the
+    # problem. Elsewhere it checks shapes, dtypes and devices; the operator checks the lengths values.
     if a.device.type != "cpu" or a.dim() != 3 or torch.compiler.is_compiling():
-        check_attention_inputs(a, weight, bias, u, lam, lengths)
+        check_attention_inputs(a, weight, bias, u, lam, lengths, values=False)
     if lengths is None:
         lengths = torch.full((a.shape[0],), a.shape[1], dtype=torch.int64, device=a.device)
     try:
         return torch.ops.ser_lightning.attention_pool(a, weight, bias, u, float(lam), lengths)
     except RuntimeError:
-        check_attention_inputs(a, weight, bias, u, lam, lengths)
+        if a.device.type == "cpu":
+            check_attention_inputs(a, weight, bias, u, lam, lengths)
         raise

@@ -1,4 +1,4 @@
-"""Loads the compiled operators and registers their fake kernels with torch.library.
+"""Loads the compiled operators, registers their fake kernels and wraps the utility operators.
 
 Autograd of `attention_pool` is registered in C++ (csrc/attention_pool.cpp, dispatch key
 Autograd): a Python `register_autograd` costs more per call than the kernels at small shapes.
@@ -28,6 +28,26 @@ def has_kernel(device_type: str) -> bool:
     return LOAD_ERROR is None and device_type in KERNEL_DEVICES
 
 
+def cpu_capability() -> str | None:
+    """The instruction-set path the CPU kernels run ("avx512", "avx2", "default"); None without the extension."""
+    return None if LOAD_ERROR is not None else torch.ops.ser_lightning._cpu_capability()
+
+
+def cpu_capabilities() -> list[str]:
+    """The compiled paths this CPU can run, best first (empty without the extension)."""
+    return [] if LOAD_ERROR is not None else list(torch.ops.ser_lightning._cpu_capabilities())
+
+
+def compiled_cpu_capabilities() -> list[str]:
+    """Every path compiled into the extension, whether or not this CPU can run it."""
+    return [] if LOAD_ERROR is not None else list(torch.ops.ser_lightning._compiled_cpu_capabilities())
+
+
+def set_wave_elements(elements: int) -> int:
+    """Tests: cap the kernels' transient buffers at `elements` values (0 = defaults); returns the previous cap."""
+    return torch.ops.ser_lightning._set_wave_elements(elements)
+
+
 def _fake_forward(a: Tensor, weight: Tensor, bias: Tensor, u: Tensor, lam: float, lengths: Tensor) -> tuple[Tensor, Tensor]:
     return a.new_empty(a.shape[0], a.shape[2]), a.new_empty(a.shape[0], a.shape[1])
 
@@ -42,3 +62,5 @@ def _fake_backward(
 if LOAD_ERROR is None:
     torch.library.register_fake("ser_lightning::attention_pool")(_fake_forward)
     torch.library.register_fake("ser_lightning::attention_pool_backward")(_fake_backward)
+    torch.library.register_fake("ser_lightning::_tanh")(lambda x: torch.empty_like(x))
+    cpu_capability()  # reads SER_LIGHTNING_CPU_CAPABILITY now (a warning names a value it cannot honour)

@@ -1,13 +1,49 @@
 """Pure-PyTorch attention pooling: the reference the fused operator is checked against."""
 
+import math
+
 import torch
 from torch import Tensor
 
 
+def check_lam(lam: float) -> None:
+    """`lam` is a fixed hyper-parameter: a finite Python number > 0.
+
+    A tensor is rejected rather than converted: the fused operator takes `lam` as a float, so a
+    tensor's gradient would be lost silently (and reading a CUDA tensor would synchronise).
+    """
+    if isinstance(lam, Tensor):
+        raise TypeError("attention_pool: `lam` must be a Python number (a fixed hyper-parameter), got a tensor; "
+                        "its gradient is not supported (pass float(lam) to use its value)")
+    if not (math.isfinite(lam) and lam > 0):
+        raise ValueError(f"attention_pool: `lam` must be finite and > 0, got {lam}")
+
+
+def check_length_values(lengths: Tensor, positions: int) -> None:
+    """The lengths contract, 1 <= lengths[b] <= L, without synchronising with a device.
+
+    Host tensors in eager mode raise ValueError. CUDA tensors, and any tensor under torch.compile,
+    get an asynchronous assertion (torch._assert_async): a violation raises RuntimeError at the next
+    synchronisation (CUDA, a device-side assertion) or when the compiled code runs (CPU).
+    """
+    if lengths.device.type == "cpu" and not torch.compiler.is_compiling():
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < 1 or high > positions:
+            raise ValueError(f"attention_pool: `lengths` must lie in 1..L={positions}, got values in {low}..{high}")
+        return
+    valid = ((lengths >= 1) & (lengths <= positions)).all()
+    torch._assert_async(valid, f"attention_pool: `lengths` must lie in 1..L={positions}")
+
+
 def check_attention_inputs(
-    a: Tensor, weight: Tensor, bias: Tensor, u: Tensor, lam: float, lengths: Tensor | None
+    a: Tensor, weight: Tensor, bias: Tensor, u: Tensor, lam: float, lengths: Tensor | None, values: bool = True
 ) -> None:
-    """Raise ValueError naming the argument when shapes, devices or values do not fit."""
+    """Raise naming the argument when shapes, devices or values do not fit.
+
+    `values=False` leaves out the lengths contract (the fused operator checks it itself); nothing
+    here reads a CUDA tensor back to the host.
+    """
+    check_lam(lam)
     if a.dim() != 3:
         raise ValueError(f"attention_pool: `a` must be (B, L, C), got shape {tuple(a.shape)}")
     batch, positions, channels = a.shape
@@ -25,8 +61,6 @@ def check_attention_inputs(
             raise ValueError(f"attention_pool: `{name}` is on {t.device} but `a` is on {a.device}")
         if t.dtype != a.dtype:
             raise ValueError(f"attention_pool: `{name}` has dtype {t.dtype} but `a` has {a.dtype}")
-    if not float(lam) > 0:
-        raise ValueError(f"attention_pool: `lam` must be > 0, got {lam}")
     if lengths is not None:
         if lengths.shape != (batch,) or lengths.dtype != torch.int64:
             raise ValueError(
@@ -35,10 +69,8 @@ def check_attention_inputs(
             )
         if lengths.device != a.device:
             raise ValueError(f"attention_pool: `lengths` is on {lengths.device} but `a` is on {a.device}")
-        if not torch.compiler.is_compiling():
-            low, high = int(lengths.min()), int(lengths.max())
-            if low < 1 or high > positions:
-                raise ValueError(f"attention_pool: `lengths` must lie in 1..L={positions}, got values in {low}..{high}")
+        if values:
+            check_length_values(lengths, positions)
 
 
 def attention_pool_reference(

@@ -1,0 +1,131 @@
+"""FigureCallback: attention maps and confusion matrices in TensorBoard, drawn only now and then.
+
+Drawing figures costs far more than a validation epoch of a small model, so the callback keeps
+what it needs every epoch (a confusion-matrix update per batch and the first validation batch's
+attention) and renders only every ``every_n_epochs`` epochs and once at the end of fitting, on
+global rank 0 only. The configuration section is ``figures:``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from ser_lightning.data.batches import Batch
+from ser_lightning.models.layers import ModelOutput
+
+
+class FigureCallback(Callback):
+    """Validation/test confusion matrices and attention maps of fixed validation utterances.
+
+    Args:
+        every_n_epochs: draw the validation figures every this many epochs (and after the last one); 0 = only
+            at the end of fitting.
+        num_attention_maps: attention maps of the first validation utterances (the loader is not shuffled,
+            so they are the same utterances every time); 0 = none.
+    """
+
+    def __init__(self, every_n_epochs: int = 10, num_attention_maps: int = 4) -> None:
+        if every_n_epochs < 0:
+            raise ValueError(f"figures.every_n_epochs must be >= 0, got {every_n_epochs}")
+        if num_attention_maps < 0:
+            raise ValueError(f"figures.num_attention_maps must be >= 0, got {num_attention_maps}")
+        self.every_n_epochs, self.num_attention_maps = every_n_epochs, num_attention_maps
+        self._confusion: dict[str, MulticlassConfusionMatrix] = {}
+        self._pending: tuple[torch.Tensor, dict[str, Any] | None, int, int] | None = None  # not drawn yet
+        self._samples: dict[str, Any] | None = None
+
+    # ----------------------------------------------------------------- collecting
+    def _metric(self, stage: str, module: LightningModule) -> MulticlassConfusionMatrix:
+        if stage not in self._confusion:
+            self._confusion[stage] = MulticlassConfusionMatrix(module.hparams.num_classes).to(module.device)
+        return self._confusion[stage]
+
+    def on_validation_batch_end(self, trainer: Trainer, module: LightningModule, outputs: ModelOutput,
+                                batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._metric("val", module).update(outputs.logits.detach(), batch["labels"])
+        if batch_idx == 0 and self.num_attention_maps > 0 and trainer.is_global_zero:
+            self._samples = _first_samples(batch, outputs, self.num_attention_maps)
+
+    def on_test_batch_end(self, trainer: Trainer, module: LightningModule, outputs: ModelOutput, batch: Batch,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._metric("test", module).update(outputs.logits.detach(), batch["labels"])
+
+    # ----------------------------------------------------------------- drawing
+    def on_validation_epoch_end(self, trainer: Trainer, module: LightningModule) -> None:
+        confusion = self._metric("val", module).compute().cpu()  # every rank: synchronises under DDP
+        self._metric("val", module).reset()
+        samples, self._samples = self._samples, None
+        if trainer.sanity_checking:
+            return
+        self._pending = (confusion, samples, module.current_epoch, module.global_step)
+        epoch = module.current_epoch + 1
+        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        if last or (self.every_n_epochs and epoch % self.every_n_epochs == 0):
+            self._draw_pending(trainer, module)
+
+    def on_fit_end(self, trainer: Trainer, module: LightningModule) -> None:
+        self._draw_pending(trainer, module)  # e.g. when early stopping ended training between drawings
+
+    def on_test_epoch_end(self, trainer: Trainer, module: LightningModule) -> None:
+        confusion = self._metric("test", module).compute().cpu()
+        self._metric("test", module).reset()
+        writer = _tensorboard(trainer)
+        if writer is not None:
+            from ser_lightning.plotting import confusion_matrix_figure
+
+            figure = confusion_matrix_figure(confusion, module.class_names, title="test")
+            writer.add_figure("test/confusion_matrix", figure, global_step=module.global_step, close=True)
+
+    def _draw_pending(self, trainer: Trainer, module: LightningModule) -> None:
+        pending, self._pending = self._pending, None
+        writer = _tensorboard(trainer)
+        if pending is None or writer is None:
+            return
+        from ser_lightning.plotting import attention_figure, confusion_matrix_figure
+
+        confusion, samples, epoch, step = pending
+        figure = confusion_matrix_figure(confusion, module.class_names, title=f"validation, epoch {epoch}")
+        writer.add_figure("val/confusion_matrix", figure, global_step=step, close=True)
+        if samples is None:
+            return
+        min_frames = module.model.min_input_frames
+        for k in range(len(samples["labels"])):
+            length, positions = int(samples["lengths"][k]), int(samples["positions"][k])
+            # the model pads clips shorter than its receptive field with silence: show that padding too
+            features = F.pad(samples["features"][k, :, :length], (0, max(0, min_frames - length)))
+            grid = samples["grid"]
+            shape = (positions,) if grid is None else (grid[0], positions // grid[0])
+            figure = attention_figure(
+                features, samples["alpha"][k, :positions], shape, module.hparams.arch,
+                probabilities=samples["probabilities"][k], class_names=module.class_names,
+                title=f"val utterance {k} (true {module.class_names[int(samples['labels'][k])]})",
+            )
+            writer.add_figure(f"val/attention_{k}", figure, global_step=step, close=True)
+
+
+def _first_samples(batch: Batch, output: ModelOutput, count: int) -> dict[str, Any]:
+    """The first ``count`` utterances of a batch with their attention, on the CPU."""
+    return {
+        "features": batch["features"][:count].detach().cpu(),
+        "lengths": batch["lengths"][:count].detach().cpu(),
+        "labels": batch["labels"][:count].detach().cpu(),
+        "alpha": output.alpha[:count].detach().float().cpu(),
+        "positions": output.positions[:count].detach().cpu(),
+        "probabilities": output.logits[:count].detach().float().softmax(dim=1).cpu(),
+        "grid": output.grid,
+    }
+
+
+def _tensorboard(trainer: Trainer) -> Any:
+    """The TensorBoard SummaryWriter on global rank 0, else None."""
+    if not trainer.is_global_zero:
+        return None
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None

@@ -1,0 +1,156 @@
+"""The linear baseline shown beside every result: pooled statistics -> standardisation -> logistic regression.
+
+For each fold, on exactly the model's split: the utterance statistics of the configured input
+(``models.normalization.utterance_statistics``: per-row mean, standard deviation and mean absolute
+change over the valid frames, the loudness dynamics and the log duration), a ``StandardScaler``
+fitted on the training split, and a class-balanced ``LogisticRegression`` whose C is chosen by the
+validation speakers' UA (ties: the smaller C). The test split is scored once, at the end.
+
+Variants (``baseline_features``):
+
+- ``pooled``: the statistics of the raw features (the specified baseline, always first);
+- ``pooled_speaker``: the same after speaker normalisation (added automatically when the model uses
+  ``normalization: speaker``, so a reader sees how much of a gain the normalisation alone gives);
+- ``egemaps`` / ``compare``: openSMILE eGeMAPSv02 / ComParE_2016 functionals (the ``opensmile``
+  package, an optional extra), with C chosen by speaker-grouped 5-fold CV on the training and
+  validation speakers and the final model refitted on both: the field's classical recipe.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ser_lightning.data.folds import FoldPlan
+from ser_lightning.evaluation.metrics import SplitScores, split_scores
+from ser_lightning.models.normalization import normalize, utterance_statistics
+
+C_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
+BASELINE_FEATURES = ("pooled", "pooled_speaker", "egemaps", "compare")
+OPENSMILE_SETS = {"egemaps": "eGeMAPSv02", "compare": "ComParE_2016"}
+INNER_FOLDS = 5
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    """One baseline on one fold: the C it chose, its validation and test scores."""
+
+    name: str
+    C: float  # noqa: N815 (scikit-learn's name)
+    selection: str
+    val: SplitScores | None  # None when C was chosen by inner cross-validation
+    test: SplitScores
+
+
+def pooled_statistics(features: Sequence[Tensor], speaker_stats: Sequence[Tensor] | None = None) -> np.ndarray:
+    """(N, 3F + 2) statistics of each (F, n) utterance, optionally after speaker normalisation ((2, F) each)."""
+    rows = []
+    for position, utterance in enumerate(features):
+        x = utterance.double().unsqueeze(0)
+        lengths = torch.tensor([utterance.shape[-1]])
+        if speaker_stats is not None:
+            stats = speaker_stats[position].double()
+            x = normalize(x, lengths, "speaker", stats[0].unsqueeze(0), stats[1].unsqueeze(0))
+        rows.append(utterance_statistics(x, lengths)[0])
+    return torch.stack(rows).numpy()
+
+
+def _classifier(c: float):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=5000))
+
+
+def _ua(labels: np.ndarray, predictions: np.ndarray) -> float:
+    from sklearn.metrics import balanced_accuracy_score
+
+    return float(balanced_accuracy_score(labels, predictions))
+
+
+def linear_baseline(name: str, x: np.ndarray, labels: Sequence[int], plan: FoldPlan, class_names: list[str],
+                    *, selection: str = "validation", groups: Sequence[str] | None = None) -> BaselineResult:
+    """Fit the baseline on ``plan.train`` (C by ``selection``) and score validation and test.
+
+    selection ``validation``: C maximises the validation split's UA, the model is the one fitted
+    on the training split. ``inner_cv``: C maximises the mean UA of a speaker-grouped
+    ``INNER_FOLDS``-fold CV over the training and validation utterances (``groups``: their
+    speakers), and the final model is refitted on both. The test split never takes part in a choice.
+    """
+    y = np.asarray(labels)
+    train, val, test = (np.asarray(indices) for indices in (plan.train, plan.val, plan.test))
+    if selection == "validation":
+        fitted = [(_classifier(c).fit(x[train], y[train]), c) for c in C_GRID]
+        scores = [_ua(y[val], model.predict(x[val])) for model, _ in fitted]
+        model, best_c = fitted[int(np.argmax(scores))]  # argmax: the first (smallest) C on ties
+        val_scores = split_scores(y[val], model.predict(x[val]), class_names)
+    elif selection == "inner_cv":
+        from sklearn.model_selection import GroupKFold
+
+        pool = np.concatenate([train, val])
+        speakers = np.asarray(groups)[pool]
+        splits = list(GroupKFold(n_splits=min(INNER_FOLDS, len(set(speakers)))).split(pool, groups=speakers))
+        means = []
+        for c in C_GRID:
+            means.append(np.mean([
+                _ua(y[pool[inner_val]], _classifier(c).fit(x[pool[inner_train]], y[pool[inner_train]]).predict(x[pool[inner_val]]))
+                for inner_train, inner_val in splits
+            ]))
+        best_c = C_GRID[int(np.argmax(means))]
+        model, val_scores = _classifier(best_c).fit(x[pool], y[pool]), None
+    else:
+        raise ValueError(f"baseline selection must be 'validation' or 'inner_cv', got {selection!r}")
+    test_scores = split_scores(y[test], model.predict(x[test]), class_names)
+    return BaselineResult(name, best_c, selection, val_scores, test_scores)
+
+
+def opensmile_functionals(paths: Sequence[Path], feature_set: str, cache_dir: Path) -> np.ndarray:
+    """(N, D) openSMILE functionals of each file (cached on disk like the other features)."""
+    try:
+        import opensmile
+    except ImportError as err:
+        raise ImportError(
+            f"baseline features '{feature_set}' need the opensmile package: pip install opensmile"
+        ) from err
+    from ser_lightning.data.audio import load_audio
+    from ser_lightning.data.cache import FeatureCache
+
+    smile = opensmile.Smile(feature_set=getattr(opensmile.FeatureSet, OPENSMILE_SETS[feature_set]),
+                            feature_level=opensmile.FeatureLevel.Functionals)
+    cache = FeatureCache(cache_dir, f"opensmile-{opensmile.__version__}-{OPENSMILE_SETS[feature_set]}-16k")
+
+    def compute(path: Path) -> Tensor:
+        wave = load_audio(path, 16000).numpy()
+        values = smile.process_signal(wave, 16000).to_numpy(dtype=np.float64)[0]
+        return torch.from_numpy(np.nan_to_num(values)).float().unsqueeze(1)
+
+    return np.stack([cache.get_or_compute(path, lambda p=path: compute(p), None)[:, 0].numpy() for path in paths])
+
+
+def run_baselines(datamodule, names: Sequence[str] = ("pooled",)) -> list[BaselineResult]:
+    """The requested baselines on the datamodule's current fold (after its ``setup``)."""
+    plan, labels, class_names = datamodule.fold_plan, datamodule.labels, datamodule.class_names
+    results = []
+    for name in names:
+        if name == "pooled":
+            x = pooled_statistics(datamodule.features)
+            results.append(linear_baseline(name, x, labels, plan, class_names))
+        elif name == "pooled_speaker":
+            speakers = [(u.corpus, u.speaker) for u in datamodule.utterances]
+            from ser_lightning.data.speakers import per_utterance, speaker_statistics
+
+            stats = per_utterance(speaker_statistics(datamodule.features, speakers), speakers)
+            results.append(linear_baseline(name, pooled_statistics(datamodule.features, stats), labels, plan,
+                                           class_names))
+        elif name in OPENSMILE_SETS:
+            x = opensmile_functionals([u.path for u in datamodule.utterances], name, datamodule.cache_dir)
+            groups = [f"{u.corpus}/{u.speaker}" for u in datamodule.utterances]
+            results.append(linear_baseline(name, x, labels, plan, class_names, selection="inner_cv", groups=groups))
+        else:
+            raise ValueError(f"baseline: unknown features {name!r}; choose from {list(BASELINE_FEATURES)}")
+    return results

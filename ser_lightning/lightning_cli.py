@@ -1,0 +1,160 @@
+"""The Lightning commands: ``fit``, ``validate``, ``test`` and ``predict-split``.
+
+The configuration (``--config`` YAML files and ``--section.option value`` overrides) is parsed and
+instantiated by one ``LightningCLI`` (``build_cli``); the commands then run ``fit_and_test``, the
+evaluation loops or the prediction loop themselves. ``cv`` uses ``build_cli`` too.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from ser_lightning.callbacks import FigureCallback
+from ser_lightning.checkpoints import CheckpointError, load_module
+from ser_lightning.configs import with_default_config
+from ser_lightning.data.datamodule import SERDataModule
+from ser_lightning.evaluation.baseline import BASELINE_FEATURES, BaselineResult, run_baselines
+from ser_lightning.models.module import SERModule
+from ser_lightning.training import FitOutcome, fit_and_test
+
+# The commands hand LightningCLI explicit argument lists on purpose.
+warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+
+
+class SERLightningCLI(LightningCLI):
+    """LightningCLI with the data properties linked into the model and the project's extra sections."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="After fit, evaluate the best checkpoint (chosen on validation UA) on the test fold.")
+        parser.add_argument("--baseline", type=bool, default=True,
+                            help="Also fit the linear baseline (pooled statistics + logistic regression) on the same "
+                                 "split and report it beside the model.")
+        parser.add_argument("--baseline_extra", type=list[str], default=[],
+                            help="Further baseline feature sets: egemaps, compare (openSMILE functionals; needs the "
+                                 "opensmile package).")
+        parser.add_lightning_class_args(FigureCallback, "figures")
+        parser.link_arguments("data.normalization", "model.normalization")
+        parser.link_arguments("data.num_features", "model.num_features", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+
+
+def build_cli(args: Sequence[str]) -> SERLightningCLI:
+    """Parse ``args`` (``configs/demo.yaml`` when no ``--config`` is given) and instantiate trainer, model, data."""
+    return SERLightningCLI(
+        SERModule, SERDataModule, args=with_default_config(list(args)), run=False, seed_everything_default=0,
+        auto_configure_optimizers=False, save_config_kwargs={"overwrite": True},
+    )
+
+
+def baseline_names(cli: SERLightningCLI) -> list[str]:
+    """The baselines the configuration asks for: pooled (+ pooled_speaker with speaker normalisation) + extras."""
+    if not cli.config.baseline:
+        return []
+    names = ["pooled"] + (["pooled_speaker"] if cli.config.data.normalization == "speaker" else [])
+    unknown = [name for name in cli.config.baseline_extra if name not in BASELINE_FEATURES]
+    if unknown:
+        raise SystemExit(f"error: --baseline_extra: unknown {unknown}; choose from {list(BASELINE_FEATURES[2:])}")
+    return names + [name for name in cli.config.baseline_extra if name not in names]
+
+
+def summary_lines(outcome: FitOutcome, baselines: Sequence[BaselineResult]) -> list[str]:
+    """Validation and test metrics of the chosen checkpoint, with each baseline's UA on the same split."""
+    lines = []
+    for split, scores in (("validation", outcome.val), ("test", outcome.test)):
+        if scores is None:
+            continue
+        line = f"{split:>10}: " + ", ".join(f"{name} {100 * scores.metrics[name]:.1f} %" for name in ("WA", "UA", "F1"))
+        for baseline in baselines:
+            other = baseline.val if split == "validation" else baseline.test
+            if other is not None:
+                line += f" | baseline {baseline.name}: UA {100 * other.UA:.1f} %"
+        lines.append(line)
+    return lines
+
+
+def fit_main(argv: list[str]) -> None:
+    """Train one fold, then evaluate the checkpoint its validation speakers chose on its test speakers."""
+    cli = build_cli(argv)
+    trainer, module, datamodule = cli.trainer, cli.model, cli.datamodule
+    if trainer.fast_dev_run:
+        trainer.fit(module, datamodule=datamodule)
+        return
+    outcome = fit_and_test(trainer, module, datamodule, test=cli.config.test_after_fit)
+    log_dir = trainer.log_dir  # every process: it is a collective under DDP
+    if not trainer.is_global_zero:
+        return
+    baselines = run_baselines(datamodule, baseline_names(cli)) if cli.config.test_after_fit else []
+    print("\n".join(summary_lines(outcome, baselines)))
+    if outcome.best_checkpoint:
+        print(f"best checkpoint: {outcome.best_checkpoint}")
+    if log_dir:
+        print(f"TensorBoard: tensorboard --logdir {Path(log_dir).parent}")
+
+
+def _checkpoint_command(argv: list[str], name: str, extra: Callable | None = None):
+    """Split --ckpt_path / --trust_checkpoint (and the command's own options) from the configuration options."""
+    parser = argparse.ArgumentParser(prog=f"python -m ser_lightning {name}", add_help=False)
+    parser.add_argument("--ckpt_path", type=Path, required=True, help="checkpoint written by fit or cv")
+    parser.add_argument("--trust_checkpoint", action="store_true",
+                        help="load a checkpoint that needs more than the safe loader allows (only files you trust)")
+    if extra is not None:
+        extra(parser)
+    args, rest = parser.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        parser.print_help()
+    cli = build_cli(rest)
+    try:
+        module = load_module(args.ckpt_path, trusted=args.trust_checkpoint)
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}") from None
+    trained, configured = module.hparams.normalization, cli.config.data.normalization
+    if trained != configured:
+        raise SystemExit(f"error: checkpoint {args.ckpt_path} was trained with normalization '{trained}' but "
+                         f"data.normalization is '{configured}': pass the configuration it was trained with")
+    return args, cli, module
+
+
+def _evaluate_main(argv: list[str], split: str) -> None:
+    args, cli, module = _checkpoint_command(argv, "validate" if split == "val" else "test")
+    loop = cli.trainer.validate if split == "val" else cli.trainer.test
+    loop(module, datamodule=cli.datamodule)
+
+
+def validate_main(argv: list[str]) -> None:
+    """Evaluate a checkpoint on the fold's validation speakers."""
+    _evaluate_main(argv, "val")
+
+
+def test_main(argv: list[str]) -> None:
+    """Evaluate a checkpoint on the fold's test speakers."""
+    _evaluate_main(argv, "test")
+
+
+def predict_split_main(argv: list[str]) -> None:
+    """Predict every utterance of the fold's test split with a checkpoint and write them to a CSV file."""
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--output", type=Path, default=Path("predictions.csv"),
+                            help="CSV file: path, speaker, label, emotion, p_<class>... (default predictions.csv)")
+
+    args, cli, module = _checkpoint_command(argv, "predict-split", options)
+    datamodule = cli.datamodule
+    batches = cli.trainer.predict(module, datamodule=datamodule)
+    names = module.class_names
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with args.output.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "speaker", "label", "emotion", *(f"p_{name}" for name in names)])
+        for batch in batches:
+            for index, probabilities in zip(batch["index"].tolist(), batch["probabilities"].tolist()):
+                utterance = datamodule.utterances[index]
+                best = max(range(len(names)), key=probabilities.__getitem__)
+                writer.writerow([utterance.path, utterance.speaker, utterance.emotion, names[best],
+                                 *(f"{p:.6f}" for p in probabilities)])
+    print(f"{sum(len(batch['index']) for batch in batches)} test utterances predicted; written to {args.output}")

@@ -1,0 +1,87 @@
+"""Feature normalisation applied inside the model, so that checkpoints carry it.
+
+Modes (``data.normalization``, linked to ``model.normalization``):
+
+- ``global``: per-row mean/std of the training split (stored in the model as buffers);
+- ``speaker``: per-row mean/std of the utterance's speaker, computed from all of that speaker's
+  recordings without their labels (``ser_lightning.data.speakers``); they travel with each batch;
+- ``utterance``: each utterance's own mean/std over its valid frames;
+- ``none``: only the padding is zeroed.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ser_lightning.padding import length_mask
+
+NORMALIZATIONS = ("global", "speaker", "utterance", "none")
+Normalization = Literal["global", "speaker", "utterance", "none"]
+STD_FLOOR = 1e-5
+"""Standard deviations are clamped to at least this, so constant rows do not divide by zero."""
+
+
+def feature_stats(features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-row mean and std (F,) over all frames of a list of (F, n) tensors (float64 sums)."""
+    if not features:
+        raise ValueError("feature_stats needs at least one utterance")
+    total = sum(f.shape[1] for f in features)
+    first = sum(f.double().sum(dim=1) for f in features)
+    second = sum(f.double().pow(2).sum(dim=1) for f in features)
+    mean = first / total
+    var = (second / total - mean.pow(2)).clamp_min(0.0)
+    return mean.float(), var.sqrt().clamp_min(STD_FLOOR).float()
+
+
+def normalize(
+    x: Tensor, lengths: Tensor, mode: Normalization, mean: Tensor | None = None, std: Tensor | None = None
+) -> Tensor:
+    """Normalise (B, F, N) features over their valid frames; padded frames come back exactly 0.
+
+    ``mean``/``std`` are (F,) for ``global`` and (B, F) per utterance for ``speaker``.
+    """
+    mask = length_mask(lengths, x.shape[-1]).unsqueeze(1).to(x.dtype)  # (B, 1, N)
+    if mode in ("global", "speaker"):
+        if mean is None or std is None:
+            raise ValueError(f"normalize(mode={mode!r}) needs the mean and std")
+        mean, std = mean.to(x.dtype), std.to(x.dtype)
+        shape = (-1, x.shape[1], 1) if mean.dim() == 2 else (1, -1, 1)
+        x = (x - mean.reshape(shape)) / std.clamp_min(STD_FLOOR).reshape(shape)
+    elif mode == "utterance":
+        count = mask.sum(dim=-1, keepdim=True).clamp_min(1.0)
+        mu = (x * mask).sum(dim=-1, keepdim=True) / count
+        var = ((x - mu).pow(2) * mask).sum(dim=-1, keepdim=True) / count
+        x = (x - mu) / var.sqrt().clamp_min(STD_FLOOR)
+    elif mode != "none":
+        raise ValueError(f"normalize: unknown mode {mode!r}; choose from {list(NORMALIZATIONS)}")
+    return x * mask
+
+
+def utterance_statistics(x: Tensor, lengths: Tensor) -> Tensor:
+    """Pooled statistics of (B, F, N) features over each utterance's valid frames: (B, 3F + 2).
+
+    Per row: mean, standard deviation and mean absolute frame-to-frame change; then the standard
+    deviation of the row-mean contour (loudness dynamics for log spectra) and the log number of
+    frames (duration). The linear baseline and the models' statistics head use exactly these.
+    """
+    mask = length_mask(lengths, x.shape[-1]).unsqueeze(1).to(x.dtype)
+    count = lengths.to(x.dtype).clamp_min(1).unsqueeze(1)  # (B, 1)
+
+    def masked_mean_std(values: Tensor) -> tuple[Tensor, Tensor]:
+        mean = (values * mask).sum(-1) / count
+        var = ((values - mean.unsqueeze(-1)).pow(2) * mask).sum(-1) / count
+        return mean, var.clamp_min(0).sqrt()
+
+    mean, std = masked_mean_std(x)
+    pairs = mask[..., 1:] * mask[..., :-1]
+    change = ((x[..., 1:] - x[..., :-1]).abs() * pairs).sum(-1) / (count - 1).clamp_min(1)
+    _, contour_std = masked_mean_std(x.mean(dim=1, keepdim=True))
+    return torch.cat([mean, std, change, contour_std, count.log()], dim=1)
+
+
+def num_statistics(num_features: int) -> int:
+    """Width of ``utterance_statistics`` for F feature rows."""
+    return 3 * num_features + 2
