@@ -182,10 +182,16 @@ setup(
         "soundfile>=0.12",
         "numpy>=1.26",
         "matplotlib>=3.8",
+        "scikit-learn>=1.4",
+        "pyyaml>=6",
     ],
     extras_require={
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
+        "studies": ["ray>=2.40", "optuna>=4"],
+        "opensmile": ["opensmile>=2.5"],
         "test": ["pytest>=8"],
     },
+    # the shipped configurations, found by `--config NAME` after a regular (non-editable) install
+    data_files=[("share/ser-lightning/configs", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.yaml")))],
     entry_points={"console_scripts": ["ser-lightning=ser_lightning.cli:main"]},
 )

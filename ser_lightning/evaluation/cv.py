@@ -32,6 +32,7 @@ class RunSpec:
     num_folds: int
     repeat: int = 0
     base_seed: int = 0
+    tuned: tuple[str, ...] = ()  # options chosen per fold by `tune` (dotted names): not part of the config key
 
     @property
     def folder(self) -> Path:
@@ -46,15 +47,27 @@ def run_dir(out: Path, fold: int, repeat: int = 0) -> Path:
     return out / (f"fold_{fold}" if repeat == 0 else f"fold_{fold}_repeat_{repeat}")
 
 
-def config_key(config: dict) -> str:
+def config_key(config: dict, tuned: tuple[str, ...] = ()) -> str:
     """Hash of everything in the configuration that must agree across the runs of one report."""
     config = json.loads(json.dumps(config, default=str))
+    for name in tuned:
+        *sections, option = name.split(".")
+        section = config
+        for key in sections:
+            section = section.get(key, {})
+        section.pop(option, None)
     config.get("data", {}).pop("fold", None)
     for key in ("logger", "default_root_dir", "enable_progress_bar"):
         config.get("trainer", {}).pop(key, None)
     for key in ("config", "seed_everything"):
         config.pop(key, None)
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _dotted(config: dict, name: str) -> object:
+    for key in name.split("."):
+        config = config.get(key, {}) if isinstance(config, dict) else {}
+    return config
 
 
 def load_result(folder: Path) -> dict | None:
@@ -92,7 +105,8 @@ def run_fold(spec: RunSpec) -> dict:
         "fold": spec.fold,
         "repeat": spec.repeat,
         "num_folds": spec.num_folds,
-        "config_key": config_key(config),
+        "config_key": config_key(config, spec.tuned),
+        "tuned": {name: _dotted(config, name) for name in spec.tuned},
         "config": config,
         "protocol": plan.protocol,
         "speaker_dependent": plan.speaker_dependent,

@@ -139,17 +139,25 @@ def run_processes(runs: Sequence[RunSpec], options: argparse.Namespace) -> None:
     _raise_if_failed(progress)
 
 
+def start_ray(options: argparse.Namespace) -> None:
+    """Connect to the cluster at --ray_address / $RAY_ADDRESS, or start a private local instance on 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = options.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=options.workers * options.threads_per_worker, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", log_to_driver=False)
+
+
 def run_ray(runs: Sequence[RunSpec], options: argparse.Namespace) -> None:
     """Ray tasks with declared resources; Ray retries a task whose worker died."""
     import ray
 
-    address = options.ray_address or os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=options.workers * options.threads_per_worker, include_dashboard=False,
-                     _node_ip_address="127.0.0.1", log_to_driver=False)
+    start_ray(options)
     progress = Progress(runs)
     todo = pending_runs(runs, progress)
     task = ray.remote(num_cpus=options.threads_per_worker, num_gpus=options.gpus_per_worker,

@@ -1,0 +1,89 @@
+"""Studies: parallel executors (worker processes, Ray) and the nested hyper-parameter search."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_args
+
+from ser_lightning.cli import main
+
+SPACE = "model.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\nmodel.width: {type: categorical, choices: [1.0, 2.0]}\n"
+
+
+def study_args(command: str, corpus: Path, out: Path, cache: Path, *extra: str) -> list[str]:
+    return [command, "--folds=3", "--only=0,1", f"--out={out}",
+            *tiny_args(corpus, out.parent, "--figures.every_n_epochs=0", "--figures.num_attention_maps=0",
+                       "--baseline=false", cache=cache), *extra]
+
+
+def fold_results(out: Path) -> list[tuple]:
+    results = [json.loads(path.read_text()) for path in sorted(out.glob("fold_*/result.json"))]
+    return [(r["fold"], r["metrics"], r["confusion_matrix"], r["test_probabilities"]) for r in results]
+
+
+@pytest.fixture(scope="module")
+def local_study(tiny_corpus, feature_cache, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("local") / "out"
+    main(study_args("cv", tiny_corpus, out, feature_cache))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", ["processes", "ray"])
+def test_parallel_executors_give_the_local_results(executor, local_study, tiny_corpus, feature_cache, tmp_path, capsys):
+    out = tmp_path / "out"
+    threads = f"--threads_per_worker={torch.get_num_threads()}"  # as many as the local run: the same sums
+    main(study_args("cv", tiny_corpus, out, feature_cache, f"--executor={executor}", "--workers=2", threads))
+    assert fold_results(out) == fold_results(local_study)  # same seeds, same numbers, wherever they ran
+    printed = capsys.readouterr().out
+    assert "[study] 2 run(s) submitted" in printed and "2/2 done, 0 running, 0 failed" in printed
+    main(study_args("cv", tiny_corpus, out, feature_cache, f"--executor={executor}"))  # a rerun skips both
+    assert printed.count("complete, skipped") == 0 and capsys.readouterr().out.count("complete, skipped") == 2
+
+
+def test_space_files_are_validated(tmp_path):
+    from ser_lightning.evaluation.tune import load_space
+
+    for text, problem in [("model.lr: {type: float, low: 1, high: 0}", "'low' < 'high'"),
+                          ("model.lr: {type: gaussian}", "'type' must be"),
+                          ("model.lr: {type: float, low: 0, high: 1, log: true}", "log-scaled"),
+                          ("model.width: {type: categorical, choices: []}", "choices")]:
+        (tmp_path / "space.yaml").write_text(text)
+        with pytest.raises(SystemExit, match=problem):
+            load_space(tmp_path / "space.yaml")
+
+
+@pytest.mark.slow
+def test_nested_search_never_shows_a_trial_the_outer_test_speakers_and_resumes(tiny_corpus, feature_cache, tmp_path,
+                                                                              capsys):
+    import optuna
+
+    (tmp_path / "space.yaml").write_text(SPACE)
+    out = tmp_path / "out"
+    args = study_args("tune", tiny_corpus, out, feature_cache, f"--space={tmp_path / 'space.yaml'}", "--trials=2")
+    main(args)
+    report = (out / "tune_report.md").read_text()
+    assert "No test fold took part in any choice" in report
+    for fold in (0, 1):
+        trials = [json.loads(p.read_text()) for p in (out / f"outer_fold_{fold}").glob("trial_*/trial.json")]
+        assert len(trials) == 2
+        result = json.loads((out / f"fold_{fold}" / "result.json").read_text())
+        for trial in trials:
+            assert trial["outer_test_speakers"] == result["test_speakers"]
+            assert not set(result["test_speakers"]) & (set(trial["train_speakers"]) | set(trial["val_speakers"]))
+        chosen = json.loads((out / f"fold_{fold}" / "chosen.json").read_text())
+        assert result["tuned"] == chosen["params"]  # the final run used the chosen hyper-parameters
+
+    # a search stopped in the middle of a trial: that trial is failed and replaced, finished ones are kept
+    (out / "fold_1" / "result.json").unlink()
+    storage = f"sqlite:///{out / 'outer_fold_1' / 'study.db'}"
+    study = optuna.load_study(study_name="outer_fold_1", storage=storage)
+    study.ask()  # left RUNNING, as a killed search leaves it
+    capsys.readouterr()
+    main([*args[:-1], "--trials=3"])
+    printed = capsys.readouterr().out
+    assert "outer fold 0: complete, skipped" in printed and "outer fold 1: 2/3 trials done" in printed
+    states = [t.state for t in optuna.load_study(study_name="outer_fold_1", storage=storage).trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1 and len(states) == 4
