@@ -42,7 +42,8 @@ class FigureCallback(Callback):
     # ----------------------------------------------------------------- collecting
     def _metric(self, stage: str, module: LightningModule) -> MulticlassConfusionMatrix:
         if stage not in self._confusion:
-            self._confusion[stage] = MulticlassConfusionMatrix(module.hparams.num_classes).to(module.device)
+            metric = MulticlassConfusionMatrix(module.hparams.num_classes, validate_args=False)
+            self._confusion[stage] = metric.to(module.device)
         return self._confusion[stage]
 
     def on_validation_batch_end(self, trainer: Trainer, module: LightningModule, outputs: ModelOutput,
@@ -94,18 +95,18 @@ class FigureCallback(Callback):
         if samples is None:
             return
         min_frames = module.model.min_input_frames
-        for k in range(len(samples["labels"])):
-            length, positions = int(samples["lengths"][k]), int(samples["positions"][k])
+        for row in range(len(samples["labels"])):
+            length, positions = int(samples["lengths"][row]), int(samples["positions"][row])
             # the model pads clips shorter than its receptive field with silence: show that padding too
-            features = F.pad(samples["features"][k, :, :length], (0, max(0, min_frames - length)))
+            features = F.pad(samples["features"][row, :, :length], (0, max(0, min_frames - length)))
             grid = samples["grid"]
             shape = (positions,) if grid is None else (grid[0], positions // grid[0])
             figure = attention_figure(
-                features, samples["alpha"][k, :positions], shape, module.hparams.arch,
-                probabilities=samples["probabilities"][k], class_names=module.class_names,
-                title=f"val utterance {k} (true {module.class_names[int(samples['labels'][k])]})",
+                features, samples["alpha"][row, :positions], shape, module.hparams.arch,
+                probabilities=samples["probabilities"][row], class_names=module.class_names,
+                title=f"val utterance {row} (true {module.class_names[int(samples['labels'][row])]})",
             )
-            writer.add_figure(f"val/attention_{k}", figure, global_step=step, close=True)
+            writer.add_figure(f"val/attention_{row}", figure, global_step=step, close=True)
 
 
 def _first_samples(batch: Batch, output: ModelOutput, count: int) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,12 +51,12 @@ def pooled_statistics(features: Sequence[Tensor], speaker_stats: Sequence[Tensor
     """(N, 3F + 2) statistics of each (F, n) utterance, optionally after speaker normalisation ((2, F) each)."""
     rows = []
     for position, utterance in enumerate(features):
-        x = utterance.double().unsqueeze(0)
+        batch = utterance.double().unsqueeze(0)
         lengths = torch.tensor([utterance.shape[-1]])
         if speaker_stats is not None:
             stats = speaker_stats[position].double()
-            x = normalize(x, lengths, "speaker", stats[0].unsqueeze(0), stats[1].unsqueeze(0))
-        rows.append(utterance_statistics(x, lengths)[0])
+            batch = normalize(batch, lengths, "speaker", stats[0].unsqueeze(0), stats[1].unsqueeze(0))
+        rows.append(utterance_statistics(batch, lengths)[0])
     return torch.stack(rows).numpy()
 
 
@@ -73,39 +74,43 @@ def _ua(labels: np.ndarray, predictions: np.ndarray) -> float:
     return float(balanced_accuracy_score(labels, predictions))
 
 
-def linear_baseline(name: str, x: np.ndarray, labels: Sequence[int], plan: FoldPlan, class_names: list[str],
+def linear_baseline(name: str, inputs: np.ndarray, labels: Sequence[int], plan: FoldPlan, class_names: list[str],
                     *, selection: str = "validation", groups: Sequence[str] | None = None) -> BaselineResult:
     """Fit the baseline on ``plan.train`` (C by ``selection``) and score validation and test.
 
-    selection ``validation``: C maximises the validation split's UA, the model is the one fitted
-    on the training split. ``inner_cv``: C maximises the mean UA of a speaker-grouped
-    ``INNER_FOLDS``-fold CV over the training and validation utterances (``groups``: their
-    speakers), and the final model is refitted on both. The test split never takes part in a choice.
+    ``inputs`` (N, D) holds one row per utterance of the datamodule. selection ``validation``: C
+    maximises the validation split's UA, the model is the one fitted on the training split.
+    ``inner_cv``: C maximises the mean UA of a speaker-grouped ``INNER_FOLDS``-fold CV over the
+    training and validation utterances (``groups``: their speakers), and the final model is
+    refitted on both. The test split never takes part in a choice.
     """
-    y = np.asarray(labels)
+    targets = np.asarray(labels)
     train, val, test = (np.asarray(indices) for indices in (plan.train, plan.val, plan.test))
+
+    def fit(rows: np.ndarray, c: float) -> Any:
+        return _classifier(c).fit(inputs[rows], targets[rows])
+
+    def ua(model: Any, rows: np.ndarray) -> float:
+        return _ua(targets[rows], model.predict(inputs[rows]))
+
     if selection == "validation":
-        fitted = [(_classifier(c).fit(x[train], y[train]), c) for c in C_GRID]
-        scores = [_ua(y[val], model.predict(x[val])) for model, _ in fitted]
-        model, best_c = fitted[int(np.argmax(scores))]  # argmax: the first (smallest) C on ties
-        val_scores = split_scores(y[val], model.predict(x[val]), class_names)
+        fitted = [fit(train, c) for c in C_GRID]
+        best = int(np.argmax([ua(model, val) for model in fitted]))  # argmax: the first (smallest) C on ties
+        model, best_c = fitted[best], C_GRID[best]
+        val_scores = split_scores(targets[val], model.predict(inputs[val]), class_names)
     elif selection == "inner_cv":
         from sklearn.model_selection import GroupKFold
 
         pool = np.concatenate([train, val])
         speakers = np.asarray(groups)[pool]
         splits = list(GroupKFold(n_splits=min(INNER_FOLDS, len(set(speakers)))).split(pool, groups=speakers))
-        means = []
-        for c in C_GRID:
-            means.append(np.mean([
-                _ua(y[pool[inner_val]], _classifier(c).fit(x[pool[inner_train]], y[pool[inner_train]]).predict(x[pool[inner_val]]))
-                for inner_train, inner_val in splits
-            ]))
+        means = [np.mean([ua(fit(pool[inner_train], c), pool[inner_val]) for inner_train, inner_val in splits])
+                 for c in C_GRID]
         best_c = C_GRID[int(np.argmax(means))]
-        model, val_scores = _classifier(best_c).fit(x[pool], y[pool]), None
+        model, val_scores = fit(pool, best_c), None
     else:
         raise ValueError(f"baseline selection must be 'validation' or 'inner_cv', got {selection!r}")
-    test_scores = split_scores(y[test], model.predict(x[test]), class_names)
+    test_scores = split_scores(targets[test], model.predict(inputs[test]), class_names)
     return BaselineResult(name, best_c, selection, val_scores, test_scores)
 
 
@@ -138,8 +143,7 @@ def run_baselines(datamodule, names: Sequence[str] = ("pooled",)) -> list[Baseli
     results = []
     for name in names:
         if name == "pooled":
-            x = pooled_statistics(datamodule.features)
-            results.append(linear_baseline(name, x, labels, plan, class_names))
+            results.append(linear_baseline(name, pooled_statistics(datamodule.features), labels, plan, class_names))
         elif name == "pooled_speaker":
             speakers = [(u.corpus, u.speaker) for u in datamodule.utterances]
             from ser_lightning.data.speakers import per_utterance, speaker_statistics
@@ -148,9 +152,10 @@ def run_baselines(datamodule, names: Sequence[str] = ("pooled",)) -> list[Baseli
             results.append(linear_baseline(name, pooled_statistics(datamodule.features, stats), labels, plan,
                                            class_names))
         elif name in OPENSMILE_SETS:
-            x = opensmile_functionals([u.path for u in datamodule.utterances], name, datamodule.cache_dir)
+            functionals = opensmile_functionals([u.path for u in datamodule.utterances], name, datamodule.cache_dir)
             groups = [f"{u.corpus}/{u.speaker}" for u in datamodule.utterances]
-            results.append(linear_baseline(name, x, labels, plan, class_names, selection="inner_cv", groups=groups))
+            results.append(linear_baseline(name, functionals, labels, plan, class_names, selection="inner_cv",
+                                           groups=groups))
         else:
             raise ValueError(f"baseline: unknown features {name!r}; choose from {list(BASELINE_FEATURES)}")
     return results

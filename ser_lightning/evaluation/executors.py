@@ -47,6 +47,18 @@ class Progress:
     def print(self, event: str) -> None:
         print(self.line(event), flush=True)
 
+    def finished(self, spec: RunSpec, result: dict | None, error: Exception | None, remaining: int,
+                 workers: int) -> None:
+        """Count a run that ended (with a result, or the error that stopped it) and print the line."""
+        self.running = min(workers, remaining)
+        if result is None:
+            self.failed += 1
+            self.print(f"{_name(spec)}: FAILED ({type(error).__name__}: {error})")
+            return
+        self.done += 1
+        self.durations.append(result["wall_seconds"])
+        self.print(f"{_name(spec)}: {_summary(result)}")
+
 
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
@@ -94,10 +106,7 @@ def run_local(runs: Sequence[RunSpec], options: argparse.Namespace) -> None:
     for spec in pending_runs(runs, progress):
         progress.running = 1
         progress.print(f"{_name(spec)}: running")
-        result = run_fold(spec)
-        progress.running, progress.done = 0, progress.done + 1
-        progress.durations.append(result["wall_seconds"])
-        progress.print(f"{_name(spec)}: {_summary(result)}")
+        progress.finished(spec, run_fold(spec), None, 0, 1)
 
 
 def run_processes(runs: Sequence[RunSpec], options: argparse.Namespace) -> None:
@@ -123,14 +132,10 @@ def run_processes(runs: Sequence[RunSpec], options: argparse.Namespace) -> None:
                     except BrokenProcessPool:
                         todo.append(spec)  # a worker died: run it again in a new pool
                         continue
-                    except Exception as error:
-                        progress.failed += 1
-                        progress.print(f"{_name(spec)}: FAILED ({type(error).__name__}: {error})")
+                    except Exception as error:  # noqa: BLE001 - the run failed; the study goes on
+                        progress.finished(spec, None, error, len(remaining), options.workers)
                         continue
-                    progress.done += 1
-                    progress.durations.append(result["wall_seconds"])
-                    progress.running = min(options.workers, len(remaining))
-                    progress.print(f"{_name(spec)}: {_summary(result)}")
+                    progress.finished(spec, result, None, len(remaining), options.workers)
         given_up = [spec for spec in todo if attempts[spec] >= MAX_ATTEMPTS]
         for spec in given_up:
             progress.failed += 1
@@ -172,14 +177,10 @@ def run_ray(runs: Sequence[RunSpec], options: argparse.Namespace) -> None:
         spec = futures[finished[0]]
         try:
             result = ray.get(finished[0])
-        except Exception as error:  # the task raised, or its worker died more than max_retries times
-            progress.failed += 1
-            progress.print(f"{_name(spec)}: FAILED ({type(error).__name__}: {error})")
+        except Exception as error:  # noqa: BLE001 - the task raised, or its worker died more than max_retries times
+            progress.finished(spec, None, error, len(remaining), options.workers)
             continue
-        progress.done += 1
-        progress.durations.append(result["wall_seconds"])
-        progress.running = min(options.workers, len(remaining))
-        progress.print(f"{_name(spec)}: {_summary(result)}")
+        progress.finished(spec, result, None, len(remaining), options.workers)
     _raise_if_failed(progress)
 
 

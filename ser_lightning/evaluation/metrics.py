@@ -32,12 +32,12 @@ def split_scores(labels: np.ndarray | torch.Tensor, predictions: np.ndarray | to
                  class_names: list[str]) -> SplitScores:
     """Scores of integer ``predictions`` against ``labels`` over the classes ``class_names``."""
     target, preds = torch.as_tensor(np.asarray(labels)).long(), torch.as_tensor(np.asarray(predictions)).long()
-    k = len(class_names)
-    confusion = multiclass_confusion_matrix(preds, target, k)
+    classes = len(class_names)
+    confusion = multiclass_confusion_matrix(preds, target, classes)
     recall = confusion.diag().double() / confusion.sum(1).clamp(min=1).double()
     metrics = {
-        "WA": float(multiclass_accuracy(preds, target, k, average="micro")),
-        "UA": float(multiclass_accuracy(preds, target, k, average="macro")),
-        "F1": float(multiclass_f1_score(preds, target, k, average="macro")),
+        "WA": float(multiclass_accuracy(preds, target, classes, average="micro")),
+        "UA": float(multiclass_accuracy(preds, target, classes, average="macro")),
+        "F1": float(multiclass_f1_score(preds, target, classes, average="macro")),
     }
     return SplitScores(metrics, confusion.tolist(), dict(zip(class_names, recall.tolist())))

@@ -195,23 +195,25 @@ def markdown(summary: dict) -> str:
         head += f" {name} UA % | UA diff |"
         rule += "---|---|"
     lines += [head, rule]
-    for f in summary["folds"]:
-        m = f["metrics"]
-        speakers = ", ".join(f["test_speakers"]) if len(f["test_speakers"]) <= 8 else f"{len(f['test_speakers'])} speakers"
-        row = (f"| {f['fold']} | {speakers} | {f['num_test_utterances']} | {_pct(m['WA'])} | {_pct(m['UA'])} | "
-               f"{_pct(m['F1'])} | {_pct(f['min_class_recall'])} |")
+    for fold in summary["folds"]:
+        metrics = fold["metrics"]
+        speakers = fold["test_speakers"]
+        speakers = ", ".join(speakers) if len(speakers) <= 8 else f"{len(speakers)} speakers"
+        row = (f"| {fold['fold']} | {speakers} | {fold['num_test_utterances']} | {_pct(metrics['WA'])} | "
+               f"{_pct(metrics['UA'])} | {_pct(metrics['F1'])} | {_pct(fold['min_class_recall'])} |")
         for name in baselines:
-            other = f["baselines"].get(name)
-            row += (f" {_pct(other['metrics']['UA'])} | {100 * (m['UA'] - other['metrics']['UA']):+.1f} |"
+            other = fold["baselines"].get(name)
+            row += (f" {_pct(other['metrics']['UA'])} | {100 * (metrics['UA'] - other['metrics']['UA']):+.1f} |"
                     if other else " - | - |")
         lines.append(row)
     mean, std = summary["mean"], summary["std"]
     row = f"| **mean +- std** | | {summary['num_test_utterances']} | " + " | ".join(
         f"**{_pct(mean[n])} +- {_pct(std[n])}**" for n in METRICS) + " | |"
     for name in baselines:
-        b = summary["baselines"][name]
-        d = b["UA_difference"]
-        row += f" {_pct(b['mean']['UA'])} +- {_pct(b['std']['UA'])} | **{100 * d['mean']:+.1f} +- {100 * d['std']:.1f}** |"
+        baseline = summary["baselines"][name]
+        paired = baseline["UA_difference"]
+        row += (f" {_pct(baseline['mean']['UA'])} +- {_pct(baseline['std']['UA'])} | "
+                f"**{100 * paired['mean']:+.1f} +- {100 * paired['std']:.1f}** |")
     lines.append(row)
     if summary["repeats"] > 1:
         seeds = summary["std_over_seeds"]
@@ -227,16 +229,16 @@ def markdown(summary: dict) -> str:
         lines += ["", "Baselines, fitted and tested on exactly the same splits (UA diff = model UA minus baseline UA, "
                   "per fold; a win is a positive difference):", ""]
         for name in baselines:
-            b = summary["baselines"][name]
-            d = b["UA_difference"]
-            line = (f"- **{name}** ({b['title']}): " + ", ".join(
-                f"{n} {_pct(b['mean'][n])} +- {_pct(b['std'][n])} %" for n in METRICS)
-                + f"; the model wins {d['wins']} of {d['folds']} folds, UA difference "
-                f"{100 * d['mean']:+.1f} +- {100 * d['std']:.1f} points")
-            if "ensemble_UA_difference" in b:
-                e = b["ensemble_UA_difference"]
-                line += (f"; the seed ensemble wins {e['wins']} of {e['folds']}, UA difference "
-                         f"{100 * e['mean']:+.1f} +- {100 * e['std']:.1f} points")
+            baseline = summary["baselines"][name]
+            paired = baseline["UA_difference"]
+            line = (f"- **{name}** ({baseline['title']}): " + ", ".join(
+                f"{n} {_pct(baseline['mean'][n])} +- {_pct(baseline['std'][n])} %" for n in METRICS)
+                + f"; the model wins {paired['wins']} of {paired['folds']} folds, UA difference "
+                f"{100 * paired['mean']:+.1f} +- {100 * paired['std']:.1f} points")
+            if "ensemble_UA_difference" in baseline:
+                ensemble = baseline["ensemble_UA_difference"]
+                line += (f"; the seed ensemble wins {ensemble['wins']} of {ensemble['folds']}, UA difference "
+                         f"{100 * ensemble['mean']:+.1f} +- {100 * ensemble['std']:.1f} points")
             lines.append(line)
     lines += ["", "Per-class recall % (mean +- std over folds):", "",
               "| " + " | ".join(summary["class_names"]) + " |", "|" + "---|" * len(summary["class_names"]),
