@@ -1,15 +1,26 @@
 """Shared fixtures: tiny synthetic corpora and utterance lists generated on the fly."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# The tests run in two worker processes (pytest.ini): one thread each, for them and the processes they
+# start, so that they do not oversubscribe the cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from ser_lightning.data.records import Utterance
 from ser_lightning.data.synth import synthesize_corpus
 
 TINY_EMOTIONS = ("neutral", "happy", "sad", "angry")
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from ser_lightning.data.savee import parse_savee_name
 from ser_lightning.data.synth import LAYOUTS, synthesize_corpus
 from ser_lightning.data.tess import parse_tess_name
 
-SPEAKERS = {"ravdess": 6, "cremad": 6, "tess": 2, "savee": 4, "emodb": 6, "manifest": 6}
+SPEAKERS = {"ravdess": 6, "cremad": 6, "tess": 2, "savee": 4, "emodb": 6, "manifest": 6, "emobox": 6}
 
 
 def root_of(corpus_dir: Path, layout: str) -> Path:

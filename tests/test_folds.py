@@ -91,3 +91,22 @@ def test_format_fold_plan(utterance_factory):
     assert all(c in text for c in CLASSES) and "test" in text and "val" in text
     random_text = format_fold_plan(plans(utterances, num_folds=3, protocol="random")[0], CLASSES)
     assert "SPEAKER-DEPENDENT" in random_text
+
+
+EMOBOX_RAVDESS_TEST_ACTORS = [{1, 11, 20, 21}, {4, 10, 12, 14}, {8, 9, 19, 23}, {3, 5, 7, 24}, {2, 15, 16, 18},
+                              {6, 13, 17, 22}]
+
+
+def test_emobox_ravdess_plan_tests_exactly_the_benchmarks_actors(utterance_factory):
+    utterances = utterance_factory(24)
+    all_plans = plans(utterances, num_folds=6, protocol="emobox_ravdess", num_val_speakers=2)
+    assert [{int(s) for s in p.test_speakers} for p in all_plans] == EMOBOX_RAVDESS_TEST_ACTORS
+    for p in all_plans:
+        train, val, test = set(p.train_speakers), set(p.val_speakers), set(p.test_speakers)
+        assert len(train) == 18 and len(val) == 2 and not (train & val or train & test or val & test)
+        assert not p.speaker_dependent and "EmoBox fold_" in format_fold_plan(p, CLASSES)
+        assert sorted(p.train + p.val + p.test) == list(range(len(utterances)))
+    with pytest.raises(ValueError, match=r"lacks actor\(s\) \['21', '22', '23', '24'\]"):
+        plans(utterance_factory(20), num_folds=6, protocol="emobox_ravdess")
+    with pytest.raises(ValueError, match="data.num_folds=5: data.protocol=emobox_ravdess has 6 folds"):
+        plans(utterances, num_folds=5, protocol="emobox_ravdess")

@@ -73,18 +73,27 @@ class FeatureCache:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def lookup(self, path: str | Path, num_features: int | None = None) -> torch.Tensor | None:
+        """Cached features of the current version of ``path``, or None (counted as a miss)."""
+        path = Path(path)
+        features = self._load(self.entry_path(path), self._source_id(path), num_features)
+        if features is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return features
+
+    def store(self, path: str | Path, features: torch.Tensor) -> None:
+        """Keep ``features`` as the entry of the current version of ``path``."""
+        path = Path(path)
+        self._save(self.entry_path(path), self._source_id(path), features)
+
     def get_or_compute(
         self, path: str | Path, compute: Callable[[], torch.Tensor], num_features: int | None = None
     ) -> torch.Tensor:
         """Cached features of ``path``, or ``compute()`` stored for next time."""
-        path = Path(path)
-        source = self._source_id(path)
-        entry = self.entry_path(path)
-        features = self._load(entry, source, num_features)
-        if features is not None:
-            self.hits += 1
-            return features
-        self.misses += 1
-        features = compute()
-        self._save(entry, source, features)
+        features = self.lookup(path, num_features)
+        if features is None:
+            features = compute()
+            self.store(path, features)
         return features

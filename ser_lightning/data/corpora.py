@@ -8,6 +8,7 @@
 | savee    | folder   | neutral happy sad angry fearful disgust surprised              |
 | emodb    | folder   | neutral happy sad angry fearful disgust (boredom skipped)      |
 | manifest | CSV file | the vocabulary labels used in the file                         |
+| emobox   | folder   | the vocabulary labels of its EmoBox manifests (label_map.json) |
 
 Adding a corpus means writing its module (parser, classes, speakers, synthetic layout, a ``CORPUS``
 entry) and adding that entry here.
@@ -17,11 +18,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import cremad, emodb, manifest, ravdess, savee, tess
+from . import cremad, emobox, emodb, manifest, ravdess, savee, tess
 from .records import Corpus, ScanResult
 
 CORPORA: dict[str, Corpus] = {
-    module.CORPUS.name: module.CORPUS for module in (ravdess, cremad, tess, savee, emodb, manifest)
+    module.CORPUS.name: module.CORPUS for module in (ravdess, cremad, tess, savee, emodb, manifest, emobox)
 }
 
 
@@ -33,13 +34,13 @@ def corpus_info(name: str, option: str = "data.corpus") -> Corpus:
 
 
 def corpus_classes(name: str, root: str | Path | None = None) -> tuple[str, ...]:
-    """The common-vocabulary classes a corpus has (for a manifest: those its CSV file ``root`` uses)."""
+    """The common-vocabulary classes a corpus has (manifest, emobox: those its data at ``root`` uses)."""
     corpus = corpus_info(name)
     if corpus.classes is not None:
         return corpus.classes
-    if root is None:
-        raise ValueError(f"data.root: corpus '{name}' needs the path of its CSV file")
-    return manifest.manifest_labels(root)
+    if root is None or corpus.read_classes is None:
+        raise ValueError(f"data.root: corpus '{name}' needs data.root to read its classes from")
+    return corpus.read_classes(Path(root))
 
 
 def scan_corpus(name: str, root: str | Path, emotions: Sequence[str], lenient: bool = False) -> ScanResult:

@@ -20,6 +20,7 @@ from ser_lightning.models.normalization import NORMALIZATIONS, feature_stats
 
 from .batches import BucketBatchSampler, UtteranceDataset, collate_utterances
 from .corpora import corpus_classes, corpus_info, scan_corpus
+from .emobox import fold_folders
 from .features import FeatureConfig, FeatureExtractor, SpecAugment, SpecAugmentConfig
 from .folds import (
     PROTOCOLS, SPLITS, FoldPlan, check_fold_feasibility, format_fold_plan, make_cross_corpus_plan, make_fold_plan,
@@ -54,6 +55,12 @@ class SERDataModule(pl.LightningDataModule):
     ``num_val_speakers + 2`` speakers (a test, validation and training speaker per fold): TESS has
     only 2, so on TESS use ``protocol: random`` (speaker-dependent) or test on it cross-corpus.
 
+    Benchmark folds: ``protocol: emobox`` with ``corpus: emobox`` uses the folds of an EmoBox dataset
+    folder as given (``num_folds`` = its number of fold_K folders; ``fold`` 0 is fold_1), and
+    ``protocol: emobox_ravdess`` with ``corpus: ravdess`` uses EmoBox's six RAVDESS folds of four
+    test actors. Validation speakers come from each fold's training speakers. A fold that puts a
+    speaker in both training and test is reported (a warning, and in the printed fold plan).
+
     Cross-corpus evaluation: with ``test_root`` set, the whole of ``corpus``/``root`` trains and
     validates (``num_val_speakers`` speakers held out for validation) and every file of
     ``test_corpus``/``test_root`` tests; ``fold``, ``num_folds`` and ``protocol`` do not apply.
@@ -67,10 +74,12 @@ class SERDataModule(pl.LightningDataModule):
         test_corpus: convention of ``test_root`` (default: same as ``corpus``).
         test_root: a second corpus used only as the test set (cross-corpus evaluation); None = k-fold on ``root``.
         emotions: ``default`` (neutral, happy, sad, angry), ``all`` (the corpus's classes) or a list of emotion names.
-        feature: feature settings (name: logmel | spectrogram | loudness_contour, their parameters, pitch).
+        feature: feature settings (name: logmel | spectrogram | loudness_contour | ssl, their parameters, pitch;
+            ssl_model, ssl_layer, ssl_weights, ssl_arch for the self-supervised front end).
         normalization: ``global`` (training-split mean/std), ``speaker`` (each speaker's own mean/std over
             all of that speaker's recordings, labels never used), ``utterance`` or ``none``; applied by the model.
-        protocol: ``speaker_independent`` (speakers never shared between splits) or ``random`` (speaker-dependent, leaks).
+        protocol: ``speaker_independent`` (speakers never shared between splits), ``random`` (speaker-dependent, leaks),
+            ``emobox`` (an EmoBox folder's own folds) or ``emobox_ravdess`` (EmoBox's RAVDESS folds).
         num_folds: number of cross-validation folds.
         fold: which fold (0 .. num_folds-1) is the test set.
         num_val_speakers: speakers held out of training for validation (early stopping, checkpoint choice);
@@ -96,7 +105,7 @@ class SERDataModule(pl.LightningDataModule):
         emotions: str | list[str] = "default",
         feature: FeatureConfig = FeatureConfig(),
         normalization: Literal["global", "speaker", "utterance", "none"] = "global",
-        protocol: Literal["speaker_independent", "random"] = "speaker_independent",
+        protocol: Literal["speaker_independent", "random", "emobox", "emobox_ravdess"] = "speaker_independent",
         num_folds: int = 5,
         fold: int = 0,
         num_val_speakers: int = 2,
@@ -127,7 +136,15 @@ class SERDataModule(pl.LightningDataModule):
              f"data.protocol={protocol} does not apply to cross-corpus runs (data.test_root set): validation holds out speakers"),
             (normalization in NORMALIZATIONS, f"data.normalization: '{normalization}' is not one of {list(NORMALIZATIONS)}"),
             (protocol in PROTOCOLS, f"data.protocol: '{protocol}' is not one of {list(PROTOCOLS)}"),
-            (num_folds >= 2, f"data.num_folds={num_folds}: at least 2 folds are needed"),
+            (protocol != "emobox" or corpus == "emobox",
+             "data.protocol=emobox takes the folds of an EmoBox data folder: set data.corpus=emobox"),
+            (protocol != "emobox_ravdess" or corpus == "ravdess",
+             f"data.protocol=emobox_ravdess is EmoBox's split of the RAVDESS actors: set data.corpus=ravdess "
+             f"(for EmoBox's own data/ravdess folder use data.corpus=emobox, data.protocol=emobox)"),
+            (protocol != "emobox_ravdess" or num_folds == 6,
+             f"data.num_folds={num_folds}: data.protocol=emobox_ravdess has 6 folds"),
+            (num_folds >= 2 or (protocol == "emobox" and num_folds == 1),
+             f"data.num_folds={num_folds}: at least 2 folds are needed"),
             (0 <= fold < num_folds, f"data.fold={fold} is out of range for data.num_folds={num_folds} (use 0..{num_folds - 1})"),
             (num_val_speakers >= 1, f"data.num_val_speakers={num_val_speakers}: at least 1 is needed"),
             (batch_size >= 1, f"data.batch_size={batch_size}: must be at least 1"),
@@ -143,6 +160,10 @@ class SERDataModule(pl.LightningDataModule):
                 raise ValueError(message)
         _check_root(root, corpus, "data.root")
         _check_root(test_root, self.test_corpus, "data.test_root")
+        given = len(fold_folders(root)) if protocol == "emobox" else num_folds
+        if given != num_folds:
+            raise ValueError(f"data.num_folds={num_folds} but the EmoBox folder '{root}' has {given} folds "
+                             f"(fold_1 .. fold_{given}): set data.num_folds={given}")
         self._class_names = self._select_classes(emotions)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.utterances: list[Utterance] = []
@@ -238,6 +259,11 @@ class SERDataModule(pl.LightningDataModule):
             if not self.fold_plan.split(split):
                 raise ValueError(f"data: the {split} split of fold {hp.fold} is empty; use fewer folds or more data")
         rank_zero_info(format_fold_plan(self.fold_plan, self._class_names))
+        if self.fold_plan.shared_speakers and hp.protocol != "random":
+            rank_zero_warn(
+                f"data: fold {hp.fold} ({hp.protocol}) puts speaker(s) {self.fold_plan.shared_speakers} in both training "
+                "and test: its numbers are speaker-dependent, not comparable with speaker-independent folds"
+            )
         self._feature_stats = feature_stats([self.features[i] for i in self.fold_plan.train])
         if hp.normalization == "speaker":
             speakers = [(u.corpus, u.speaker) for u in self.utterances]

@@ -1,6 +1,6 @@
 """Acoustic features (torchaudio transforms) and SpecAugment.
 
-Three features, chosen by ``FeatureConfig.name`` (the ``data.feature`` YAML section):
+Four features, chosen by ``FeatureConfig.name`` (the ``data.feature`` YAML section):
 
 - ``logmel``: log-mel spectrogram, defaults 16 kHz, 25 ms window, 10 ms hop, 64 mel bands.
 - ``spectrogram``: log-magnitude STFT with a Hamming window as in Zhang et al. 2018; defaults
@@ -10,6 +10,9 @@ Three features, chosen by ``FeatureConfig.name`` (the ``data.feature`` YAML sect
   spectrogram (2048-point FFT, hop 512, centred frames with reflect padding as in librosa 0.8, 128
   bands up to 8 kHz) in dB (ref 1, amin 1e-10, top_db 80), averaged over the mel bands: a 1 x 259
   loudness contour. It requires sample_rate 44100 (the default for this feature).
+- ``ssl``: hidden states of a self-supervised speech model (wav2vec 2.0, HuBERT, WavLM: ``ssl_model``,
+  one layer or the mean of several: ``ssl_layer``), 16 kHz, one frame per 20 ms, F = the model's
+  width (``ser_lightning.data.ssl``).
 
 ``pitch: true`` appends two rows to ``logmel`` or ``spectrogram``: a continuous log-f0 contour and
 the voicing strength per frame (``ser_lightning.data.pitch``).
@@ -17,16 +20,21 @@ the voicing strength per frame (``ser_lightning.data.pitch``).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torchaudio.transforms as T
 from torch import nn
 
 from .pitch import PITCH_ROWS, pitch_track
+from .ssl import SAMPLE_RATE as SSL_SAMPLE_RATE
+from .ssl import SSLExtractor, SSLSpec, resolve_ssl
 
-FEATURE_NAMES = ("logmel", "spectrogram", "loudness_contour")
+FEATURE_NAMES = ("logmel", "spectrogram", "loudness_contour", "ssl")
+SSL_OPTIONS = ("ssl_model", "ssl_layer", "ssl_weights", "ssl_arch")
+FRAME_OPTIONS = ("win_ms", "hop_ms", "n_mels", "n_fft", "f_max")
 LOG_FLOOR = 1e-6
 """Added before the log so that silence gives a finite floor instead of -inf."""
 CONTOUR_OFFSET_S, CONTOUR_WINDOW_S = 0.5, 3.0
@@ -46,9 +54,12 @@ class ResolvedFeatures:
     f_max: float
     trim_silence: bool
     pitch: bool = False
+    ssl: SSLSpec | None = None
 
     @property
     def num_features(self) -> int:
+        if self.ssl is not None:
+            return self.ssl.width
         rows = {"logmel": self.n_mels, "spectrogram": self.n_bins, "loudness_contour": 1}[self.name]
         return rows + (PITCH_ROWS if self.pitch else 0)
 
@@ -64,9 +75,13 @@ class FeatureConfig:
     bins kept (spectrogram). f_max: highest mel frequency (logmel: Nyquist; loudness_contour 8000).
     trim_silence: cut leading/trailing silence before the feature (off by default).
     pitch: append a log-f0 contour and the voicing strength as two more rows (logmel, spectrogram).
+    ssl_model / ssl_layer / ssl_weights / ssl_arch (name ssl only): a torchaudio bundle name (default
+    WAVLM_BASE_PLUS) or ``custom``; a layer 1..L or a list of layers to average (default: the middle
+    one); a local weights file (state dict), else the bundle's file in the torch hub cache; the
+    architecture of a custom model (see ``ser_lightning.data.ssl``).
     """
 
-    name: Literal["logmel", "spectrogram", "loudness_contour"] = "logmel"
+    name: Literal["logmel", "spectrogram", "loudness_contour", "ssl"] = "logmel"
     sample_rate: int | None = None
     win_ms: float | None = None
     hop_ms: float | None = None
@@ -76,6 +91,10 @@ class FeatureConfig:
     f_max: float | None = None
     trim_silence: bool = False
     pitch: bool = False
+    ssl_model: str | None = None
+    ssl_layer: int | list[int] | None = None
+    ssl_weights: str | None = None
+    ssl_arch: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.name not in FEATURE_NAMES:
@@ -84,6 +103,12 @@ class FeatureConfig:
             value = getattr(self, option)
             if value is not None and not value > 0:
                 raise ValueError(f"data.feature.{option}: must be positive, got {value}")
+        if self.name == "ssl":
+            self._check_ssl()
+            return
+        for option in SSL_OPTIONS:
+            if getattr(self, option) is not None:
+                raise ValueError(f"data.feature.{option}: applies to name: ssl only (name is {self.name})")
         r = self.resolved()
         if r.name == "loudness_contour":
             if r.sample_rate != 44100:
@@ -103,8 +128,25 @@ class FeatureConfig:
         if r.name == "logmel" and r.f_max > r.sample_rate / 2:
             raise ValueError(f"data.feature.f_max: {r.f_max} Hz is above the Nyquist frequency {r.sample_rate / 2} Hz")
 
+    def _check_ssl(self) -> None:
+        for option in FRAME_OPTIONS:
+            if getattr(self, option) is not None:
+                raise ValueError(f"data.feature.{option}: the ssl model sets the frames (one per 20 ms for every "
+                                 "torchaudio bundle); leave it unset")
+        if self.sample_rate not in (None, SSL_SAMPLE_RATE):
+            raise ValueError(f"data.feature.sample_rate: the ssl models take {SSL_SAMPLE_RATE} Hz, got {self.sample_rate}")
+        if self.pitch:
+            raise ValueError("data.feature.pitch: the pitch rows go with logmel or spectrogram, not ssl")
+        self.resolved()  # validates the ssl options
+
     def resolved(self) -> ResolvedFeatures:
         """The parameters actually used, every None replaced by the feature's default."""
+        if self.name == "ssl":
+            spec = resolve_ssl(self.ssl_model, self.ssl_layer, self.ssl_weights, self.ssl_arch)
+            return ResolvedFeatures(
+                self.name, SSL_SAMPLE_RATE, spec.receptive_field, spec.hop_length, 0, 0, 0, SSL_SAMPLE_RATE / 2,
+                self.trim_silence, False, spec,
+            )
         if self.name == "loudness_contour":
             return ResolvedFeatures(
                 self.name, self.sample_rate or 44100, 2048, 512, 2048, self.n_mels or 128, self.n_bins,
@@ -130,8 +172,10 @@ class FeatureConfig:
         return self.resolved().num_features
 
     def key(self) -> str:
-        """A stable text key of the resolved parameters (for the feature cache)."""
-        return repr(sorted(asdict(self.resolved()).items()))
+        """A stable text key of the resolved parameters (for the feature cache); with ssl, also the weights' identity."""
+        resolved = self.resolved()
+        key = repr(sorted(asdict(resolved).items()))
+        return key if resolved.ssl is None else f"{key}|weights={resolved.ssl.identity()}"
 
 
 class FeatureExtractor(nn.Module):
@@ -148,6 +192,8 @@ class FeatureExtractor(nn.Module):
                 sample_rate=c.sample_rate, n_fft=c.n_fft, win_length=c.win_length, hop_length=self.hop_length,
                 f_max=c.f_max, n_mels=c.n_mels, power=2.0, center=True, pad_mode="constant",
             )
+        elif c.name == "ssl":
+            self.transform = SSLExtractor(c.ssl)
         elif c.name == "spectrogram":
             self.transform = T.Spectrogram(
                 n_fft=c.n_fft, win_length=c.win_length, hop_length=self.hop_length,
@@ -172,6 +218,8 @@ class FeatureExtractor(nn.Module):
 
     def frames(self, num_samples: int | torch.Tensor) -> int | torch.Tensor:
         """Number of feature frames for a waveform of ``num_samples`` samples."""
+        if self.cfg.name == "ssl":
+            return self.transform.frames(num_samples)
         if self.cfg.name == "loudness_contour":
             frames = 1 + self.window_samples // self.hop_length
             return torch.full_like(num_samples, frames) if isinstance(num_samples, torch.Tensor) else frames
@@ -181,6 +229,8 @@ class FeatureExtractor(nn.Module):
         if wave.dim() not in (1, 2):
             raise ValueError(f"FeatureExtractor expects a waveform (T,) or (B, T), got shape {tuple(wave.shape)}")
         wave = wave.float()
+        if self.cfg.name == "ssl":
+            return self.transform(wave)
         if self.cfg.name == "loudness_contour":
             return self._loudness_contour(wave)
         spec = self.transform(wave)
@@ -193,6 +243,17 @@ class FeatureExtractor(nn.Module):
         pitch = torch.stack([pitch_track(w, self.sample_rate, self.hop_length) for w in waves])
         pitch = pitch.to(features) if wave.dim() == 2 else pitch[0].to(features)
         return torch.cat([features, pitch], dim=-2)
+
+    def load(self) -> None:
+        """Load what the extractor needs before its first waveform (the ssl model); nothing for the others."""
+        if self.cfg.name == "ssl":
+            self.transform.load()
+
+    def extract_many(self, waves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Features of each waveform (T_i,): batched where the front end allows it (ssl), else one by one."""
+        if self.cfg.name == "ssl":
+            return self.transform.extract_many(waves)
+        return [self(wave) for wave in waves]
 
     def _loudness_contour(self, wave: torch.Tensor) -> torch.Tensor:
         window = wave[..., self.offset_samples : self.offset_samples + self.window_samples]

@@ -1,16 +1,29 @@
-"""Cross-validation fold plans: speaker-independent (default) or random (speaker-dependent)."""
+"""Cross-validation fold plans.
+
+- ``speaker_independent`` (default): speakers dealt into balanced groups, one group tests.
+- ``random``: class-stratified random folds (speaker-dependent: speakers leak between splits).
+- ``emobox``: the folds of an EmoBox dataset folder as given (``data.corpus: emobox``).
+- ``emobox_ravdess``: EmoBox's six RAVDESS folds of four test actors (``ravdess.EMOBOX_TEST_ACTORS``).
+
+Where a fold does not give a validation split, validation speakers are drawn from its training
+speakers. Every plan lists the speakers its test split shares with training or validation.
+"""
 from __future__ import annotations
 
 import random
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+from .emobox import benchmark_folds, benchmark_split
+from .ravdess import EMOBOX_TEST_ACTORS
 from .records import Utterance
 
-PROTOCOLS = ("speaker_independent", "random")
+PROTOCOLS = ("speaker_independent", "random", "emobox", "emobox_ravdess")
 SPLITS = ("train", "val", "test")
+EMOBOX_VAL_FRACTION = 0.2
+"""Validation share of a benchmark fold's training utterances when it cannot hold out speakers (EmoBox's own 80/20)."""
 
 
 @dataclass
@@ -28,11 +41,12 @@ class FoldPlan:
     val_speakers: list[str]
     test_speakers: list[str]
     counts: dict[str, dict[str, int]]
+    shared_speakers: list[str] = field(default_factory=list)
 
     @property
     def speaker_dependent(self) -> bool:
-        """True for the random protocol: test speakers also appear in training."""
-        return self.protocol == "random"
+        """True when test speakers also appear in training or validation (always for the random protocol)."""
+        return self.protocol == "random" or bool(self.shared_speakers)
 
     def split(self, name: str) -> list[int]:
         if name not in SPLITS:
@@ -112,6 +126,22 @@ def check_fold_feasibility(
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose from {list(PROTOCOLS)}")
     speakers = {u.speaker for u in utterances}
+    if protocol == "emobox":
+        given = benchmark_folds(utterances)
+        if not given:
+            raise ValueError("data.protocol=emobox takes the folds of an EmoBox data folder: set data.corpus=emobox")
+        if num_folds != given:
+            raise ValueError(f"data.num_folds={num_folds} but {title} has {given} EmoBox folds (fold_1 .. fold_{given})")
+        return
+    if protocol == "emobox_ravdess":
+        wanted = {f"{actor:02d}" for fold in EMOBOX_TEST_ACTORS for actor in fold}
+        missing = sorted(wanted - speakers)
+        if num_folds != len(EMOBOX_TEST_ACTORS):
+            raise ValueError(f"data.num_folds={num_folds}: data.protocol=emobox_ravdess has {len(EMOBOX_TEST_ACTORS)} folds")
+        if missing:
+            raise ValueError(f"data.protocol=emobox_ravdess: {title} lacks actor(s) {missing}; EmoBox's RAVDESS folds "
+                             "test all 24 actors (use the whole Audio_Speech_Actors_01-24 folder)")
+        return
     if protocol == "speaker_independent" and len(speakers) < num_val_speakers + 2:
         raise ValueError(
             f"data.num_folds={num_folds}: {title} has only {len(speakers)} speakers, too few for speaker-independent "
@@ -145,6 +175,8 @@ def make_fold_plan(
     is the test set and ``num_val_speakers`` of the remaining speakers (balanced by sex) validate.
     random: a class-stratified random split of utterances (the course project's protocol; speakers
     leak between splits), with a stratified validation part of the same relative size.
+    emobox_ravdess: EmoBox's RAVDESS fold ``fold`` (0-based: fold_1 is 0) tests its four actors;
+    ``num_val_speakers`` of the other twenty validate. emobox: see ``_benchmark_splits``.
     """
     check_fold_feasibility(utterances, protocol=protocol, num_folds=num_folds, num_val_speakers=num_val_speakers)
     speakers = sorted({u.speaker for u in utterances})
@@ -152,29 +184,75 @@ def make_fold_plan(
     if protocol == "speaker_independent":
         assignment = assign_speaker_folds(utterances, num_folds, random_seed)
         test_speakers = sorted(s for s, k in assignment.items() if k == fold)
-        rest = [s for s in speakers if s not in test_speakers]
-        if num_val_speakers >= len(rest):
-            raise ValueError(
-                f"data.num_val_speakers={num_val_speakers} leaves no training speakers: fold {fold} keeps "
-                f"{len(rest)} speakers outside its test set"
-            )
-        sex = {u.speaker: u.sex or "unknown" for u in utterances}
-        val_speakers = _pick_validation_speakers(rest, sex, num_val_speakers, random.Random(random_seed * 1000 + fold))
-        split_of = {s: "test" for s in test_speakers} | {s: "val" for s in val_speakers}
-        splits: dict[str, list[int]] = {name: [] for name in SPLITS}
-        for i, u in enumerate(utterances):
-            splits[split_of.get(u.speaker, "train")].append(i)
+        splits = _speaker_splits(utterances, test_speakers, fold, num_val_speakers, random_seed)
+    elif protocol == "emobox_ravdess":
+        splits = _speaker_splits(utterances, [f"{actor:02d}" for actor in EMOBOX_TEST_ACTORS[fold]], fold,
+                                 num_val_speakers, random_seed)
+    elif protocol == "emobox":
+        splits = _benchmark_splits(utterances, class_names, fold, num_val_speakers, random_seed)
     else:
         splits = _random_splits(utterances, class_names, num_folds, fold, random_seed, num_val_speakers / len(speakers))
 
+    speakers_of = {name: _speakers_of(utterances, splits[name]) for name in SPLITS}
     return FoldPlan(
         fold=fold, num_folds=num_folds, protocol=protocol, random_seed=random_seed,
         train=splits["train"], val=splits["val"], test=splits["test"],
-        train_speakers=_speakers_of(utterances, splits["train"]),
-        val_speakers=_speakers_of(utterances, splits["val"]),
-        test_speakers=_speakers_of(utterances, splits["test"]),
+        train_speakers=speakers_of["train"], val_speakers=speakers_of["val"], test_speakers=speakers_of["test"],
         counts={name: _counts(utterances, splits[name], class_names) for name in SPLITS},
+        shared_speakers=sorted(set(speakers_of["test"]) & set(speakers_of["train"] + speakers_of["val"])),
     )
+
+
+def _speaker_splits(
+    utterances: Sequence[Utterance], test_speakers: Sequence[str], fold: int, num_val_speakers: int, random_seed: int
+) -> dict[str, list[int]]:
+    """The test speakers test; ``num_val_speakers`` of the others (balanced by sex, seeded) validate; the rest train."""
+    rest = sorted({u.speaker for u in utterances} - set(test_speakers))
+    if num_val_speakers >= len(rest):
+        raise ValueError(
+            f"data.num_val_speakers={num_val_speakers} leaves no training speakers: fold {fold} keeps "
+            f"{len(rest)} speakers outside its test set"
+        )
+    sex = {u.speaker: u.sex or "unknown" for u in utterances}
+    val_speakers = _pick_validation_speakers(rest, sex, num_val_speakers, random.Random(random_seed * 1000 + fold))
+    split_of = {s: "test" for s in test_speakers} | {s: "val" for s in val_speakers}
+    splits: dict[str, list[int]] = {name: [] for name in SPLITS}
+    for i, u in enumerate(utterances):
+        splits[split_of.get(u.speaker, "train")].append(i)
+    return splits
+
+
+def _benchmark_splits(
+    utterances: Sequence[Utterance], class_names: Sequence[str], fold: int, num_val_speakers: int, random_seed: int
+) -> dict[str, list[int]]:
+    """An EmoBox fold as given: its test file tests; its valid file validates when there is one.
+
+    Otherwise ``num_val_speakers`` training speakers that do not also test (balanced by sex, seeded)
+    validate; a fold without enough of them (a random EmoBox split, or very few speakers) validates
+    on a class-stratified EMOBOX_VAL_FRACTION of its training utterances instead.
+    """
+    given: dict[str, list[int]] = {name: [] for name in ("train", "valid", "test")}
+    for i, u in enumerate(utterances):
+        split = benchmark_split(u, fold)
+        if split is not None:
+            given[split].append(i)
+    if given["valid"]:
+        return {"train": given["train"], "val": given["valid"], "test": given["test"]}
+    test_speakers = set(_speakers_of(utterances, given["test"]))
+    candidates = [s for s in _speakers_of(utterances, given["train"]) if s not in test_speakers]
+    rng = random.Random(random_seed * 1000 + fold)
+    if len(candidates) > num_val_speakers:
+        sex = {u.speaker: u.sex or "unknown" for u in utterances}
+        val_speakers = set(_pick_validation_speakers(candidates, sex, num_val_speakers, rng))
+        val = [i for i in given["train"] if utterances[i].speaker in val_speakers]
+    else:
+        val = []
+        for name in class_names:
+            members = [i for i in given["train"] if utterances[i].emotion == name]
+            rng.shuffle(members)
+            val += members[: round(EMOBOX_VAL_FRACTION * len(members))] if len(members) > 1 else []
+    held = set(val)
+    return {"train": [i for i in given["train"] if i not in held], "val": sorted(val), "test": given["test"]}
 
 
 def make_cross_corpus_plan(
@@ -235,7 +313,7 @@ def _random_splits(
 
 def format_fold_plan(plan: FoldPlan, class_names: Sequence[str]) -> str:
     """A readable table: speakers and class counts per split."""
-    if plan.speaker_dependent:
+    if plan.protocol == "random":
         title = (
             f"Fold {plan.fold} of {plan.num_folds} (protocol: random, random seed {plan.random_seed}) -- SPEAKER-DEPENDENT: "
             "test speakers also appear in training; results are inflated by speaker leakage"
@@ -243,7 +321,12 @@ def format_fold_plan(plan: FoldPlan, class_names: Sequence[str]) -> str:
     elif plan.protocol == "cross_corpus":
         title = f"Cross-corpus (random seed {plan.random_seed}): train/val on one corpus, test on all of another"
     else:
-        title = f"Fold {plan.fold} of {plan.num_folds} (protocol: speaker_independent, random seed {plan.random_seed})"
+        benchmark = f", EmoBox fold_{plan.fold + 1}" if plan.protocol.startswith("emobox") else ""
+        title = (f"Fold {plan.fold} of {plan.num_folds} (protocol: {plan.protocol}{benchmark}, "
+                 f"random seed {plan.random_seed})")
+        if plan.shared_speakers:
+            title += (f" -- SPEAKER-DEPENDENT: speaker(s) {' '.join(plan.shared_speakers)} in both training and test; "
+                      "this fold's numbers are not speaker-independent")
     width = max(8, *(len(c) for c in class_names))
     header = f"{'split':<6} " + " ".join(f"{c:>{width}}" for c in class_names) + f" {'total':>6}  speakers"
     lines = [title, header]

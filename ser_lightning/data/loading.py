@@ -21,6 +21,8 @@ from .records import Utterance
 
 log = logging.getLogger(__name__)
 MAX_LISTED = 10
+BATCH_SECONDS = 256
+"""Audio decoded ahead of extraction (bounds memory; the extractor forms its own batches within it)."""
 
 
 @dataclass
@@ -46,22 +48,40 @@ def torch_threads(count: int) -> Iterator[None]:
 def load_features(
     utterances: Sequence[Utterance], feature: FeatureConfig, cache_dir: Path, *, lenient: bool = False
 ) -> LoadedCorpus:
-    """Features of every utterance; AudioError listing every unusable file unless ``lenient``."""
+    """Features of every utterance; AudioError listing every unusable file unless ``lenient``.
+
+    Cached files are read first; the others are decoded and extracted in groups of about
+    ``BATCH_SECONDS`` of audio (``FeatureExtractor.extract_many``: batched for a neural front end)
+    and stored in the cache.
+    """
     extractor = FeatureExtractor(feature)
     cache = FeatureCache(cache_dir, feature.key())
+    features: dict[int, Tensor] = {}
+    failures: dict[int, str] = {}
+    missing = []
+    for index, utterance in enumerate(utterances):
+        cached = cache.lookup(utterance.path, extractor.num_features)
+        if cached is None:
+            missing.append(index)
+        else:
+            features[index] = cached
+    if missing:
+        log.info("features: computing %d of %d files (%s)", len(missing), len(utterances), feature.name)
+    # per-file spectrograms are fastest on one thread; a neural front end uses them all
+    threads = torch.get_num_threads() if feature.name == "ssl" else 1
+    with torch.no_grad(), torch_threads(threads):
+        for group in _decoded_groups(missing, utterances, extractor, feature.trim_silence, failures):
+            for (index, _), values in zip(group, extractor.extract_many([wave for _, wave in group])):
+                cache.store(utterances[index].path, values)
+                features[index] = values
+    log.info("features: %d from cache, %d computed", cache.hits, len(missing) - len(failures))
     loaded = LoadedCorpus([], [])
-    with torch.no_grad(), torch_threads(1):
-        for utterance in utterances:
-
-            def compute(path: Path = utterance.path) -> Tensor:
-                return extractor(load_audio(path, extractor.sample_rate, trim_silence=feature.trim_silence))
-
-            try:
-                loaded.features.append(cache.get_or_compute(utterance.path, compute, extractor.num_features))
-                loaded.utterances.append(utterance)
-            except AudioError as err:
-                loaded.skipped.append((utterance.path, str(err)))
-    log.info("features: %d from cache, %d computed", cache.hits, cache.misses)
+    for index, utterance in enumerate(utterances):
+        if index in failures:
+            loaded.skipped.append((utterance.path, failures[index]))
+        else:
+            loaded.utterances.append(utterance)
+            loaded.features.append(features[index])
     if loaded.skipped and not lenient:
         listing = "\n  ".join(reason for _, reason in loaded.skipped[:MAX_LISTED])
         raise AudioError(
@@ -69,3 +89,25 @@ def load_features(
             f"(set data.lenient=true to skip them):\n  {listing}"
         )
     return loaded
+
+
+def _decoded_groups(
+    indices: Sequence[int], utterances: Sequence[Utterance], extractor: FeatureExtractor, trim_silence: bool,
+    failures: dict[int, str],
+) -> Iterator[list[tuple[int, Tensor]]]:
+    """(index, waveform) groups of about BATCH_SECONDS of audio; undecodable files go to ``failures``."""
+    group: list[tuple[int, Tensor]] = []
+    samples, budget = 0, BATCH_SECONDS * extractor.sample_rate
+    for index in indices:
+        try:
+            wave = load_audio(utterances[index].path, extractor.sample_rate, trim_silence=trim_silence)
+        except AudioError as err:
+            failures[index] = str(err)
+            continue
+        group.append((index, wave))
+        samples += wave.shape[-1]
+        if samples >= budget:
+            yield group
+            group, samples = [], 0
+    if group:
+        yield group

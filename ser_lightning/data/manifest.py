@@ -126,4 +126,5 @@ CORPUS = Corpus(
     name="manifest", title="manifest", classes=None, example="manifest.csv with path,label,speaker",
     scan=scan_manifest, synthetic_speakers=synthetic_speakers, synthetic_files=synthetic_files,
     default_speakers=6, max_speakers=99, root_is_file=True, write_synthetic_metadata=write_synthetic_metadata,
+    read_classes=manifest_labels,
 )

@@ -17,7 +17,7 @@ from .records import (
     scan_folder,
 )
 
-__all__ = ["CORPUS", "RavdessName", "parse_ravdess_name", "ravdess_utterance", "scan_ravdess"]
+__all__ = ["CORPUS", "EMOBOX_TEST_ACTORS", "RavdessName", "parse_ravdess_name", "ravdess_utterance", "scan_ravdess"]
 EXAMPLE = "03-01-05-02-01-01-12.wav"
 EMOTION_CODES = {f"{i:02d}": name for i, name in enumerate(EMOTIONS, start=1)}
 MODALITY_CODES = {"01": "audio-video", "02": "video-only", "03": "audio-only"}
@@ -26,6 +26,10 @@ INTENSITY_CODES = {"01": "normal", "02": "strong"}
 STATEMENT_CODES = {"01": 1, "02": 2}  # "Kids are talking by the door", "Dogs are sitting by the door"
 REPETITION_CODES = {"01": 1, "02": 2}
 MAX_ACTORS = 99
+EMOBOX_TEST_ACTORS: tuple[tuple[int, ...], ...] = (
+    (1, 11, 20, 21), (4, 10, 12, 14), (8, 9, 19, 23), (3, 5, 7, 24), (2, 15, 16, 18), (6, 13, 17, 22),
+)
+"""The test actors of EmoBox's six RAVDESS folds (fold_1 .. fold_6 of its data/ravdess; ``data.protocol: emobox_ravdess``)."""
 
 
 @dataclass(frozen=True)

@@ -78,14 +78,16 @@ class SyntheticFile:
 class Corpus:
     """Everything about one corpus: its names, classes, speakers and the layout the synthesizer writes.
 
-    scan(root, emotions, lenient) finds its utterances; synthetic_speakers(count) and
-    synthetic_files(speaker, emotions) describe a synthetic copy; write_synthetic_metadata(out_dir,
-    rows), when set, writes the corpus's side files (rows: (file, speaker) pairs).
+    scan(root, emotions, lenient) finds its utterances; read_classes(root), for a corpus whose
+    classes come from its data (``classes`` None), lists the vocabulary classes it uses;
+    synthetic_speakers(count) and synthetic_files(speaker, emotions) describe a synthetic copy;
+    write_synthetic_metadata(out_dir, rows), when set, writes the corpus's side files (rows:
+    (file, speaker) pairs).
     """
 
     name: str
     title: str
-    classes: tuple[str, ...] | None  # None: read from the data (manifest)
+    classes: tuple[str, ...] | None  # None: read from the data (read_classes)
     example: str
     scan: Callable[..., ScanResult]
     synthetic_speakers: Callable[[int], list[SyntheticSpeaker]]
@@ -94,6 +96,7 @@ class Corpus:
     max_speakers: int
     root_is_file: bool = False
     write_synthetic_metadata: Callable[[Path, list[tuple[SyntheticFile, SyntheticSpeaker]]], None] | None = None
+    read_classes: Callable[[Path], tuple[str, ...]] | None = None
 
 
 SYNTHETIC_TAKES = 3

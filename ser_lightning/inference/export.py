@@ -9,7 +9,10 @@ Feature extraction is not in the graph: compute features in Python with
 ``ser_lightning.data.features.FeatureExtractor`` (torchaudio), configured as in training
 (``EmotionRecognizer.from_checkpoint(...).extractor``). Inputs need at least ``min_input_frames``
 frames (stored with the class names and the feature configuration in the ONNX metadata): the
-PyTorch model zero-pads shorter clips itself, the graph does not.
+PyTorch model zero-pads shorter clips itself, the graph does not. With the ``ssl`` front end
+(``data.feature.name: ssl``) the self-supervised speech model stays in PyTorch as well: the graph is
+the classification head only, taking that model's hidden states (F = its width, one frame per 20 ms)
+as ``features``.
 
 The graph is produced by the dynamo-based ``torch.onnx.export`` (``torch.export`` with dynamic
 shapes). Max pooling is traced as ``unfold`` + ``amax``, which computes exactly the same maxima:

@@ -132,6 +132,7 @@ class EmotionRecognizer:
         self.module = module.eval()
         self.device = module.device
         self.extractor = FeatureExtractor(feature).to(self.device)
+        self.extractor.load()  # an ssl model's missing weights: one error now, not one per recording
         self.feature = feature
         self.class_names: list[str] = list(module.hparams["class_names"])
         self.arch: str = module.hparams["arch"]
