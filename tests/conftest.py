@@ -92,5 +92,5 @@ def speaker_checkpoint(tiny_corpus, tmp_path_factory) -> Path:
     """seed1d with speaker normalisation, the pitch rows and the statistics head, trained for one epoch."""
     return train_tiny_checkpoint(
         tiny_corpus, tmp_path_factory.mktemp("speaker_run"), "--data.normalization=speaker", "--data.feature.pitch=true",
-        "--model.utterance_stats=true",
+        "--model.statistics_head=logistic",
     )

@@ -84,7 +84,7 @@ def test_only_the_projects_own_records_are_allow_listed(seed1d_checkpoint, tmp_p
 
 @pytest.mark.parametrize("extra", [
     [],
-    ["--data.feature.pitch=true", "--data.normalization=speaker", "--model.utterance_stats=true"],
+    ["--data.feature.pitch=true", "--data.normalization=speaker", "--model.statistics_head=logistic"],
     ["--model.arch=zhang2d", "--data.feature.name=spectrogram", "--model.width=0.125"],
     ["--data.feature.name=loudness_contour", "--data.normalization=none"],
 ], ids=["seed1d-logmel", "seed1d-logmel-pitch-speaker", "zhang2d-spectrogram", "seed1d-loudness_contour"])

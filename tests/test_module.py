@@ -49,8 +49,11 @@ class TinyDataModule(lightning.LightningDataModule):
     def class_counts(self, split: str) -> torch.Tensor:
         return torch.bincount(torch.tensor([item["label"] for item in self.splits[split]]), minlength=self.num_classes)
 
-    def train_utterances(self) -> list:
-        return [(item["features"], item.get("speaker_stats")) for item in self.splits["train"]]
+    def utterances_of(self, split: str) -> list:
+        return [(item["features"], item.get("speaker_stats")) for item in self.splits[split]]
+
+    def labels_of(self, split: str) -> list[int]:
+        return [item["label"] for item in self.splits[split]]
 
     def _loader(self, split: str) -> DataLoader:
         return DataLoader(self.splits[split], batch_size=5, collate_fn=collate_utterances, shuffle=split == "train")
@@ -101,7 +104,7 @@ def quiet_lightning():
 # ----------------------------------------------------------------------------- steps and options
 @pytest.mark.parametrize("arch, num_features, extra", [
     ("seed1d", NUM_FEATURES, {}),
-    ("seed1d", NUM_FEATURES, {"width": 2.0, "dropout": 0.3, "utterance_stats": True, "mixup_alpha": 0.4,
+    ("seed1d", NUM_FEATURES, {"width": 2.0, "dropout": 0.3, "statistics_head": "joint", "mixup_alpha": 0.4,
                               "normalization": "speaker"}),
     ("zhang2d", 70, {"width": 0.1}),
 ])
@@ -124,7 +127,7 @@ def test_training_and_validation_step_on_a_fake_batch(arch, num_features, extra)
 
 
 def test_statistics_head_adds_its_logits_and_gets_its_own_loss():
-    module = make_module(utterance_stats=True).eval()
+    module = make_module(statistics_head="joint").eval()
     batch = fake_batch()
     step, loss = module.model_step(batch)
     attention_logits, statistics_logits = step.head_logits
@@ -152,7 +155,7 @@ def test_class_weights_from_counts():
 
 
 def test_setup_fills_buffers_from_the_datamodule_and_warns_on_missing_classes():
-    module = make_module(utterance_stats=True)
+    module = make_module(statistics_head="logistic")
     datamodule = TinyDataModule()
     datamodule.class_counts = lambda split: torch.tensor([6, 0, 18])
     module._trainer = types.SimpleNamespace(datamodule=datamodule)
@@ -163,6 +166,26 @@ def test_setup_fills_buffers_from_the_datamodule_and_warns_on_missing_classes():
     torch.testing.assert_close(module.feature_std, std)
     torch.testing.assert_close(module.class_weights, torch.tensor([24 / 18, 0.0, 24 / 54]))
     assert module.statistics_std.shape == (3 * NUM_FEATURES + 2,) and (module.statistics_std > 0).all()
+
+
+def test_logistic_statistics_head_is_the_validation_chosen_regression_and_stays_frozen():
+    from ser_lightning.evaluation.baseline import fit_logistic
+
+    module = make_module(statistics_head="logistic")
+    datamodule = TinyDataModule()
+    module._trainer = types.SimpleNamespace(datamodule=datamodule)
+    module.setup("fit")
+    rows = {split: module._statistics_rows(datamodule.utterances_of(split)) for split in ("train", "val")}
+    torch.testing.assert_close(module.statistics_mean, rows["train"].mean(0))
+    standard = {split: ((r - module.statistics_mean) / module.statistics_std).double().numpy() for split, r in rows.items()}
+    expected = fit_logistic(standard["train"], datamodule.labels_of("train"), standard["val"], datamodule.labels_of("val"),
+                            scaled=True)
+    torch.testing.assert_close(module.statistics_head.weight, torch.as_tensor(expected.coef_).float())
+    assert not any(p.requires_grad for p in module.statistics_head.parameters())
+    batch = fake_batch()
+    step, loss = module.model_step(batch)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(step.output.logits, batch["labels"],
+                                                                       weight=module.class_weights))
 
 
 @pytest.mark.parametrize(
@@ -191,7 +214,7 @@ def test_invalid_options_raise_naming_the_option(options, option_name):
 @pytest.mark.parametrize("normalization", ["global", "speaker", "utterance", "none"])
 def test_module_forward_is_batch_independent_in_every_normalization_mode(normalization):
     torch.manual_seed(4)
-    module = make_module(normalization=normalization, utterance_stats=True).eval()
+    module = make_module(normalization=normalization, statistics_head="joint").eval()
     module.feature_mean.fill_(5.0)
     module.feature_std.fill_(2.0)
     batch = fake_batch()
@@ -249,7 +272,7 @@ def test_figures_are_drawn_every_n_epochs_and_at_the_end_only(tmp_path):
 
 def test_fit_in_bf16_mixed_precision(tmp_path):
     lightning.seed_everything(0, workers=True)
-    module = make_module(backend="auto", utterance_stats=True)
+    module = make_module(backend="auto", statistics_head="logistic")
     fit_trainer = trainer(tmp_path, precision="bf16-mixed", num_sanity_val_steps=0)
     fit_trainer.fit(module, datamodule=TinyDataModule())
     assert torch.isfinite(fit_trainer.callback_metrics["train/loss"])

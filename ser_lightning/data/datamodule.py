@@ -299,11 +299,15 @@ class SERDataModule(pl.LightningDataModule):
         self._require_setup("speaker_stats")
         return self._speaker_stats
 
-    def train_utterances(self) -> list[tuple[Tensor, Tensor | None]]:
-        """(features (F, n), speaker statistics (2, F) or None) of every training utterance, whole and unaugmented."""
-        plan = self._require_setup("train_utterances")
+    def utterances_of(self, split: str) -> list[tuple[Tensor, Tensor | None]]:
+        """(features (F, n), speaker statistics (2, F) or None) of every utterance of ``split``, whole and unaugmented."""
+        plan = self._require_setup("utterances_of")
         stats = self._speaker_stats
-        return [(self.features[i], None if stats is None else stats[i]) for i in plan.train]
+        return [(self.features[i], None if stats is None else stats[i]) for i in plan.split(split)]
+
+    def labels_of(self, split: str) -> list[int]:
+        """The class index of every utterance of ``split`` (in the order of ``utterances_of``)."""
+        return [self.labels[i] for i in self._require_setup("labels_of").split(split)]
 
     def class_counts(self, split: str = "train") -> Tensor:
         """Utterances per class (num_classes,) int64 in ``split`` (train, val or test)."""

@@ -60,12 +60,21 @@ def pooled_statistics(features: Sequence[Tensor], speaker_stats: Sequence[Tensor
     return torch.stack(rows).numpy()
 
 
-def _classifier(c: float):
+def _classifier(c: float, scaled: bool = False):
+    """Class-balanced logistic regression (after a StandardScaler unless the inputs are ``scaled`` already)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    return make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=5000))
+    model = LogisticRegression(C=c, class_weight="balanced", max_iter=5000)
+    return model if scaled else make_pipeline(StandardScaler(), model)
+
+
+def fit_logistic(train_inputs: np.ndarray, train_targets: Sequence[int], val_inputs: np.ndarray,
+                 val_targets: Sequence[int], *, scaled: bool = False) -> Any:
+    """The classifier fitted on the training rows whose C maximises the validation UA (ties: the smaller C)."""
+    fitted = [_classifier(c, scaled).fit(train_inputs, train_targets) for c in C_GRID]
+    return fitted[int(np.argmax([_ua(np.asarray(val_targets), model.predict(val_inputs)) for model in fitted]))]
 
 
 def _ua(labels: np.ndarray, predictions: np.ndarray) -> float:
@@ -94,9 +103,8 @@ def linear_baseline(name: str, inputs: np.ndarray, labels: Sequence[int], plan: 
         return _ua(targets[rows], model.predict(inputs[rows]))
 
     if selection == "validation":
-        fitted = [fit(train, c) for c in C_GRID]
-        best = int(np.argmax([ua(model, val) for model in fitted]))  # argmax: the first (smallest) C on ties
-        model, best_c = fitted[best], C_GRID[best]
+        model = fit_logistic(inputs[train], targets[train], inputs[val], targets[val])
+        best_c = model[-1].C
         val_scores = split_scores(targets[val], model.predict(inputs[val]), class_names)
     elif selection == "inner_cv":
         from sklearn.model_selection import GroupKFold

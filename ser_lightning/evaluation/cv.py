@@ -130,6 +130,7 @@ def run_fold(spec: RunSpec) -> dict:
         "train_speakers": plan.train_speakers,
         "val_speakers": plan.val_speakers,
         "test_speakers": plan.test_speakers,
+        "shared_speakers": plan.shared_speakers,
         "best_checkpoint": outcome.best_checkpoint,
         "best_val_UA": outcome.best_val_UA,
         "epochs_trained": outcome.epochs_trained,

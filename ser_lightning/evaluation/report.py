@@ -82,6 +82,7 @@ def _fold_entry(runs: list[dict]) -> dict:
     return {
         "fold": first["fold"],
         "test_speakers": first["test_speakers"],
+        "shared_speakers": first.get("shared_speakers", []),
         "num_test_utterances": first["num_test_utterances"],
         "repeats": len(runs),
         "seeds": [r["seed_everything"] for r in runs],
@@ -118,7 +119,7 @@ def summarize(runs: list[dict]) -> dict:
     missing = sorted(set(range(first["num_folds"])) - set(by_fold))
     summary = {
         "protocol": first["protocol"],
-        "speaker_dependent": first["speaker_dependent"],
+        "speaker_dependent": any(r["speaker_dependent"] for r in runs),
         "num_folds": first["num_folds"],
         "folds_reported": [f["fold"] for f in folds],
         "folds_missing": missing,
@@ -170,10 +171,15 @@ def _paired(differences: list[float]) -> dict:
 
 
 def protocol_line(summary: dict) -> str:
-    if summary["speaker_dependent"]:
-        return (f"Protocol: RANDOM split, {summary['num_folds']} folds (SPEAKER-DEPENDENT: test speakers also appear "
+    protocol, folds = summary["protocol"], summary["num_folds"]
+    if protocol == "random":
+        return (f"Protocol: RANDOM split, {folds} folds (SPEAKER-DEPENDENT: test speakers also appear "
                 "in training; these numbers overstate performance on new speakers)")
-    return f"Protocol: speaker-independent, {summary['num_folds']} folds (no speaker in two splits of a fold)"
+    dependent = [f["fold"] for f in summary["folds"] if f.get("shared_speakers")]
+    if dependent:
+        return (f"Protocol: {protocol}, {folds} folds; folds {dependent} are SPEAKER-DEPENDENT (a speaker in both "
+                "training and test), the others speaker-independent")
+    return f"Protocol: {protocol}, {folds} folds (speaker-independent: no speaker in two splits of a fold)"
 
 
 def _pct(value: float) -> str:
@@ -264,7 +270,7 @@ def confusion_png(summary: dict) -> bytes:
     counts_ax, recall_ax = fig.subplots(1, 2)
     draw_confusion_matrix(counts_ax, matrix, summary["class_names"], normalize=False, title="counts")
     draw_confusion_matrix(recall_ax, matrix, summary["class_names"], normalize=True, title="row-normalised (recall)")
-    kind = "speaker-dependent (random)" if summary["speaker_dependent"] else "speaker-independent"
+    kind = "speaker-dependent" if summary["speaker_dependent"] else "speaker-independent"
     fig.suptitle(f"Summed over {len(summary['folds_reported'])} folds, {kind}")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)

@@ -28,6 +28,7 @@ ARCHS = ("seed1d", "zhang2d")
 DEFAULT_LAM = {"seed1d": 0.8, "zhang2d": 0.3}
 DEFAULT_DROPOUT = {"seed1d": 0.0, "zhang2d": 0.5}
 LR_SCHEDULES = ("constant", "cosine")
+STATISTICS_HEADS = ("none", "joint", "logistic")
 MONITOR = "val/UA"
 CHECKPOINT_FILENAME = "epoch{epoch:03d}-valUA{val/UA:.4f}"
 
@@ -74,6 +75,8 @@ def check_options(options: Mapping[str, Any]) -> None:
         (o["normalization"] in NORMALIZATIONS,
          f"model.normalization must be one of {NORMALIZATIONS}, got {o['normalization']!r}"),
         (o["mixup_alpha"] >= 0, f"model.mixup_alpha must be >= 0, got {o['mixup_alpha']}"),
+        (o["statistics_head"] in STATISTICS_HEADS,
+         f"model.statistics_head must be one of {STATISTICS_HEADS}, got {o['statistics_head']!r}"),
         (o["lr"] > 0, f"model.lr must be > 0, got {o['lr']}"),
         (o["weight_decay"] >= 0, f"model.weight_decay must be >= 0, got {o['weight_decay']}"),
         (o["lr_schedule"] in LR_SCHEDULES, f"model.lr_schedule must be one of {LR_SCHEDULES}, got {o['lr_schedule']!r}"),
@@ -110,9 +113,13 @@ class SERModule(LightningModule):
             the module is built; give pretrained_alexnet=None to load_from_checkpoint where the file is absent).
         backend: attention implementation: "auto", "fused" or "reference".
         normalization: "global", "speaker", "utterance" or "none" (see ``models.normalization``); linked from data.
-        utterance_stats: add a linear head on the utterance's pooled statistics (per-row mean, std and mean
-            absolute change, loudness dynamics, log duration), standardised with training-split statistics;
-            its logits are added to the attention head's, and each head also gets its own loss (deep supervision).
+        statistics_head: a linear head on the utterance's pooled statistics (per-row mean, std and mean absolute
+            change, loudness dynamics, log duration), standardised with training-split statistics, whose
+            logits are added to the attention head's. ``none``: no such head. ``joint``: trained with the
+            network, each head also getting its own loss (deep supervision). ``logistic``: fitted before
+            training as a class-balanced logistic regression on the training split (scikit-learn; C chosen
+            by the validation speakers' UA, as the baseline does), then frozen: the attention head learns
+            what the statistics leave.
         class_weighted_loss: weight the cross-entropy by inverse training-split class frequency.
         mixup_alpha: mixup of training batches (after normalisation) with a Beta(alpha, alpha) weight for the
             attention head; 0 = off. The statistics head always learns from the clean batch.
@@ -136,7 +143,7 @@ class SERModule(LightningModule):
         pretrained_alexnet: str | None = None,
         backend: Literal["auto", "fused", "reference"] = "auto",
         normalization: Literal["global", "speaker", "utterance", "none"] = "global",
-        utterance_stats: bool = False,
+        statistics_head: Literal["none", "joint", "logistic"] = "none",
         class_weighted_loss: bool = True,
         mixup_alpha: float = 0.0,
         lr: float = 1e-3,
@@ -160,8 +167,9 @@ class SERModule(LightningModule):
         self.register_buffer("feature_mean", torch.zeros(num_features))
         self.register_buffer("feature_std", torch.ones(num_features))
         self.statistics_head = None
-        if utterance_stats:
+        if statistics_head != "none":
             self.statistics_head = nn.Linear(num_statistics(num_features), num_classes)
+            self.statistics_head.requires_grad_(statistics_head == "joint")
             self.register_buffer("statistics_mean", torch.zeros(num_statistics(num_features)))
             self.register_buffer("statistics_std", torch.ones(num_statistics(num_features)))
         self.register_buffer("class_weights", torch.ones(num_classes))
@@ -175,7 +183,8 @@ class SERModule(LightningModule):
         """For fit: normalisation statistics and class weights from the datamodule's training split.
 
         The datamodule provides ``feature_stats`` (F,) mean and std, ``class_counts("train")`` and,
-        for the statistics head, ``train_utterances()`` ((features, speaker statistics or None) pairs).
+        for the statistics head, ``utterances_of(split)`` ((features, speaker statistics or None) pairs) and
+        ``labels_of(split)``.
         """
         if stage != "fit":
             return
@@ -196,17 +205,32 @@ class SERModule(LightningModule):
             self._fit_statistics(datamodule)
 
     @torch.no_grad()
-    def _fit_statistics(self, datamodule: Any) -> None:
-        """Mean and std of the statistics head's inputs over the training split (whole utterances, unaugmented)."""
+    def _statistics_rows(self, utterances: list[tuple[Tensor, Tensor | None]]) -> Tensor:
+        """The statistics head's inputs (before standardisation) of whole, unaugmented utterances."""
         rows = []
-        for features, speaker_stats in datamodule.train_utterances():
+        for features, speaker_stats in utterances:
             features = features.unsqueeze(0).to(self.feature_mean.device)
             lengths = torch.tensor([features.shape[-1]], device=features.device)
             stats = None if speaker_stats is None else speaker_stats.unsqueeze(0).to(features.device)
             rows.append(utterance_statistics(self.normalize(features, lengths, stats), lengths))
-        rows = torch.cat(rows)
-        self.statistics_mean.copy_(rows.mean(0))
-        self.statistics_std.copy_(rows.std(0).clamp_min(1e-5))
+        return torch.cat(rows)
+
+    @torch.no_grad()
+    def _fit_statistics(self, datamodule: Any) -> None:
+        """Standardisation of the statistics head's inputs (training split); for ``logistic``, the head itself."""
+        train = self._statistics_rows(datamodule.utterances_of("train"))
+        self.statistics_mean.copy_(train.mean(0))
+        self.statistics_std.copy_(train.std(0, unbiased=False).clamp_min(1e-5))
+        if self.hparams.statistics_head != "logistic":
+            return
+        from ser_lightning.evaluation.baseline import fit_logistic
+
+        val = self._statistics_rows(datamodule.utterances_of("val"))
+        standardise = lambda rows: ((rows - self.statistics_mean) / self.statistics_std).double().cpu().numpy()  # noqa: E731
+        fitted = fit_logistic(standardise(train), datamodule.labels_of("train"), standardise(val),
+                              datamodule.labels_of("val"), scaled=True)
+        self.statistics_head.weight.copy_(torch.as_tensor(fitted.coef_))
+        self.statistics_head.bias.copy_(torch.as_tensor(fitted.intercept_))
 
     def normalize(self, features: Tensor, lengths: Tensor, speaker_stats: Tensor | None = None) -> Tensor:
         """Raw (B, F, N) features -> the model's input, per ``normalization`` (speaker: stats (B, 2, F) needed)."""
@@ -265,29 +289,38 @@ class SERModule(LightningModule):
         return F.cross_entropy(logits, labels, weight=weight)
 
     def model_step(self, batch: Batch) -> tuple[StepOutput, Tensor]:
-        """Forward pass and loss (the sum over the heads) on an unmixed batch."""
+        """Forward pass and loss on an unmixed batch: the combined logits', plus each head's own with ``joint``."""
         x = self.normalize(batch["features"], batch["lengths"], batch.get("speaker_stats"))
         step = self.heads(x, batch["lengths"])
         loss = self._loss(step.output.logits, batch["labels"])
-        if len(step.head_logits) > 1:
+        if self.hparams.statistics_head == "joint":
             loss = loss + sum(self._loss(logits, batch["labels"]) for logits in step.head_logits)
         return step, loss
 
     def _mixup_step(self, batch: Batch) -> tuple[StepOutput, Tensor]:
         """Loss with mixup: the attention head sees the batch mixed with a shuffled copy of itself (after
-        normalisation) and learns both labels by their weights; the statistics head, a linear model that
-        mixing would only blur, learns from the clean batch."""
+        normalisation) and learns both labels by their weights. A ``joint`` statistics head, a linear model
+        that mixing would only blur, learns from the clean batch; a frozen ``logistic`` one adds the same
+        mix of its two utterances' logits to the attention head's."""
         lengths, labels = batch["lengths"], batch["labels"]
         x = self.normalize(batch["features"], lengths, batch.get("speaker_stats"))
         alpha = torch.tensor(float(self.hparams.mixup_alpha))
         weight = float(torch.distributions.Beta(alpha, alpha).sample())
         order = torch.randperm(len(labels), device=labels.device)
         output = self.model(weight * x + (1 - weight) * x[order], torch.maximum(lengths, lengths[order]))
-        loss = weight * self._loss(output.logits, labels) + (1 - weight) * self._loss(output.logits, labels[order])
-        if self.statistics_head is None:
-            return StepOutput(output, (output.logits,)), loss
+
+        def mixed_loss(logits: Tensor) -> Tensor:
+            return weight * self._loss(logits, labels) + (1 - weight) * self._loss(logits, labels[order])
+
+        mode = self.hparams.statistics_head
+        if mode == "none":
+            return StepOutput(output, (output.logits,)), mixed_loss(output.logits)
         statistics_logits = self._statistics_logits(x, lengths)
-        return StepOutput(output, (output.logits, statistics_logits)), loss + self._loss(statistics_logits, labels)
+        if mode == "joint":
+            loss = mixed_loss(output.logits) + self._loss(statistics_logits, labels)
+            return StepOutput(output, (output.logits, statistics_logits)), loss
+        combined = output.logits + weight * statistics_logits + (1 - weight) * statistics_logits[order]
+        return StepOutput(output._replace(logits=combined), (output.logits, statistics_logits)), mixed_loss(combined)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         step, loss = self._mixup_step(batch) if self.hparams.mixup_alpha > 0 else self.model_step(batch)
