@@ -94,10 +94,20 @@ def test_predict_split_writes_every_test_utterance(seed1d_checkpoint, tiny_corpu
     assert all(abs(sum(map(float, row.split(",")[4:])) - 1) < 1e-4 for row in rows[1:])
 
 
-def test_fast_dev_run_trains_one_batch_and_writes_nothing(tiny_corpus, feature_cache, tmp_path, capsys):
+def test_fast_dev_run_trains_one_batch_and_writes_nothing(tiny_corpus, feature_cache, tmp_path, capsys, monkeypatch):
+    from lightning.pytorch import Trainer
+
+    batches = []
+    original = Trainer.fit
+
+    def fit(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        batches.append((self.fit_loop.epoch_loop.batch_progress.total.completed, self.fast_dev_run))
+
+    monkeypatch.setattr(Trainer, "fit", fit)
     main(["fit", *tiny_args(tiny_corpus, tmp_path, "--trainer.fast_dev_run=true", cache=feature_cache)])
-    out = capsys.readouterr()
-    assert "Running in `fast_dev_run` mode" in out.out + out.err and not printed_metrics(out.out)
+    assert batches == [(1, 1)]  # one training batch
+    assert not printed_metrics(capsys.readouterr().out)  # no evaluation after a fast_dev_run
     assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "lightning_logs").exists()
 
 

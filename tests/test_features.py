@@ -84,6 +84,15 @@ def test_config_key_distinguishes_parameters():
     assert FeatureConfig().key() != FeatureConfig(trim_silence=True).key()
 
 
+def test_config_key_names_the_feature_code_version(monkeypatch):
+    """Features computed by an older version of the code are never reused for the same options."""
+    from ser_lightning.data import features
+
+    before = FeatureConfig(pitch=True).key()
+    monkeypatch.setattr(features, "FEATURE_CODE_VERSION", features.FEATURE_CODE_VERSION + 1)
+    assert FeatureConfig(pitch=True).key() != before
+
+
 def test_spec_augment_masks_without_changing_shape():
     torch.manual_seed(0)
     x = torch.ones(64, 100)

@@ -35,6 +35,9 @@ from .ssl import SSLExtractor, SSLSpec, resolve_ssl
 FEATURE_NAMES = ("logmel", "spectrogram", "loudness_contour", "ssl")
 SSL_OPTIONS = ("ssl_model", "ssl_layer", "ssl_weights", "ssl_arch")
 FRAME_OPTIONS = ("win_ms", "hop_ms", "n_mels", "n_fft", "f_max")
+FEATURE_CODE_VERSION = 2
+"""Part of every cache key: raise it whenever a change makes the same options compute different features,
+so that no cache entry of the old code is ever mixed with new ones."""
 LOG_FLOOR = 1e-6
 """Added before the log so that silence gives a finite floor instead of -inf."""
 CONTOUR_OFFSET_S, CONTOUR_WINDOW_S = 0.5, 3.0
@@ -172,9 +175,10 @@ class FeatureConfig:
         return self.resolved().num_features
 
     def key(self) -> str:
-        """A stable text key of the resolved parameters (for the feature cache); with ssl, also the weights' identity."""
+        """A stable text key of the resolved parameters and of the code computing them (for the feature cache);
+        with ssl, also the weights' identity."""
         resolved = self.resolved()
-        key = repr(sorted(asdict(resolved).items()))
+        key = f"v{FEATURE_CODE_VERSION}|" + repr(sorted(asdict(resolved).items()))
         return key if resolved.ssl is None else f"{key}|weights={resolved.ssl.identity()}"
 
 
