@@ -57,9 +57,9 @@ def read_checkpoint(path: str | Path, *, trusted: bool = False) -> dict[str, Any
             f"checkpoint {path}: refused to load: it contains {offending}, which the safe loader does not allow "
             f"(unpickling it could run code). Only load it if you trust where it comes from: pass "
             f"--trust_checkpoint on the command line, or trusted=True in Python"
-        ) from None
+        ) from error
     except Exception as error:  # torch raises many types for corrupt files
-        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(error).__name__}: {error})") from None
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(error).__name__}: {error})") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise CheckpointError(f"checkpoint {path}: not a Lightning checkpoint of SERModule (no hyper_parameters)")
     return checkpoint
@@ -102,7 +102,7 @@ def as_feature_config(value: Any, path: str | Path) -> FeatureConfig:
     try:
         return FeatureConfig(**options)
     except (TypeError, ValueError) as error:
-        raise CheckpointError(f"checkpoint {path}: invalid data.feature configuration: {error}") from None
+        raise CheckpointError(f"checkpoint {path}: invalid data.feature configuration: {error}") from error
 
 
 def model_options(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
@@ -129,5 +129,5 @@ def module_from_checkpoint(checkpoint: Mapping[str, Any], path: str | Path, *, d
         module = SERModule(**options)
         module.load_state_dict(checkpoint["state_dict"])
     except Exception as error:
-        raise CheckpointError(f"checkpoint {path}: cannot rebuild the model ({type(error).__name__}: {error})") from None
+        raise CheckpointError(f"checkpoint {path}: cannot rebuild the model ({type(error).__name__}: {error})") from error
     return module.to(device).eval()

@@ -8,6 +8,7 @@ from ser_lightning.models.attention import AttentionPool
 from ser_lightning.models.layers import MaskedStack, conv_output_length
 from ser_lightning.models.seed1d import Seed1D
 from ser_lightning.models.zhang2d import Zhang2D
+from ser_lightning.padding import pad_last
 from ser_lightning.ops.reference import attention_pool_reference
 
 
@@ -133,11 +134,7 @@ def test_zhang2d_width_rounds_channels_to_at_least_one():
 
 # ----------------------------------------------------------------------------- batch independence
 def padded_batch(samples: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([s.shape[-1] for s in samples])
-    batch = torch.zeros(len(samples), samples[0].shape[0], int(lengths.max()))
-    for i, s in enumerate(samples):
-        batch[i, :, : s.shape[-1]] = s
-    return batch, lengths
+    return pad_last(samples)
 
 
 @pytest.mark.parametrize(

@@ -69,7 +69,7 @@ def load_audio(
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, OSError) as err:
-        raise AudioError(f"{path}: cannot decode audio ({err})") from None
+        raise AudioError(f"{path}: cannot decode audio ({err})") from err
     if data.shape[0] == 0:
         raise AudioError(f"{path}: the file contains no samples")
     wave = _resample(torch.from_numpy(_sanitize(data, path)), rate, sample_rate)
@@ -91,14 +91,14 @@ def iter_audio_blocks(path: str | Path, sample_rate: int, block_seconds: float) 
     try:
         handle = sf.SoundFile(str(path))
     except (sf.SoundFileError, RuntimeError, OSError) as err:
-        raise AudioError(f"{path}: cannot decode audio ({err})") from None
+        raise AudioError(f"{path}: cannot decode audio ({err})") from err
     with handle:
         frames = max(1, int(round(block_seconds * handle.samplerate)))
         while True:
             try:
                 block = handle.read(frames, dtype="float32", always_2d=True)
             except (sf.SoundFileError, RuntimeError) as err:
-                raise AudioError(f"{path}: decoding failed at frame {handle.tell()} ({err})") from None
+                raise AudioError(f"{path}: decoding failed at frame {handle.tell()} ({err})") from err
             if block.shape[0] == 0:
                 return
             yield _resample(torch.from_numpy(_sanitize(block, path)), handle.samplerate, sample_rate)
@@ -109,4 +109,4 @@ def audio_duration(path: str | Path) -> float:
     try:
         return float(sf.info(str(path)).duration)
     except (sf.SoundFileError, RuntimeError, OSError) as err:
-        raise AudioError(f"{path}: cannot read the audio header ({err})") from None
+        raise AudioError(f"{path}: cannot read the audio header ({err})") from err

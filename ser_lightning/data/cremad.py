@@ -76,7 +76,7 @@ def read_demographics(path: Path) -> dict[str, str]:
         with path.open(newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise CorpusError(f"{path}: cannot read the CREMA-D demographics ({err})") from None
+        raise CorpusError(f"{path}: cannot read the CREMA-D demographics ({err})") from err
     if not rows or not {"ActorID", "Sex"} <= set(rows[0]):
         raise CorpusError(f"{path}: expected CSV columns ActorID and Sex")
     sexes = {}

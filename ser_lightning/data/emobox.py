@@ -108,7 +108,7 @@ def _read_label_map(root: Path) -> dict[str, str] | None:
     try:
         mapping = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CorpusError(f"{path}: cannot read it ({error})") from None
+        raise CorpusError(f"{path}: cannot read it ({error})") from error
     if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
         raise CorpusError(f"{path}: expected a JSON object mapping the dataset's labels to label names")
     return {str(k): v for k, v in mapping.items()}
@@ -136,7 +136,7 @@ def _read_folds(root: Path) -> dict[str, _Record]:
             try:
                 lines = path.read_text(encoding="utf-8").splitlines()
             except (OSError, UnicodeDecodeError) as error:
-                raise CorpusError(f"{path}: cannot read it ({error})") from None
+                raise CorpusError(f"{path}: cannot read it ({error})") from error
             for number, line in enumerate(lines, start=1):
                 if not line.strip():
                     continue
@@ -144,7 +144,7 @@ def _read_folds(root: Path) -> dict[str, _Record]:
                 try:
                     data = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise CorpusError(f"{where}: not a JSON object ({error})") from None
+                    raise CorpusError(f"{where}: not a JSON object ({error})") from error
                 missing = [name for name in ("key", "wav", "emo") if not isinstance(data, dict) or not data.get(name)]
                 if missing:
                     raise CorpusError(f"{where}: missing field(s) {missing} (EmoBox lines have key, wav, emo, ...)")

@@ -42,7 +42,7 @@ def read_rows(manifest: str | Path) -> list[tuple[int, dict[str, str]]]:
                 (reader.line_num, {k: (v or "").strip() for k, v in row.items() if k is not None}) for row in reader
             ]
     except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise CorpusError(f"{manifest}: cannot read the manifest ({err})") from None
+        raise CorpusError(f"{manifest}: cannot read the manifest ({err})") from err
     return rows
 
 

@@ -176,7 +176,7 @@ def scan_folder(
             continue
         except CorpusError as err:
             if not lenient:
-                raise CorpusError(f"{err} (set data.lenient=true to skip such files)") from None
+                raise CorpusError(f"{err} (set data.lenient=true to skip such files)") from err
             result.skipped.append((path, str(err)))
             continue
         if utterance.emotion in wanted:

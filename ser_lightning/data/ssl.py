@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ser_lightning.padding import pad_last
+
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
@@ -263,7 +265,7 @@ def weights_file(spec: SSLSpec) -> Path:
         download_url_to_file(url, str(path))
     except Exception as error:  # noqa: BLE001 - no network, proxy, HTTP error, disk full: all end here
         raise SSLWeightsError(f"data.feature.ssl_model={spec.model}: the weights are not in the torch hub cache and "
-                              f"could not be downloaded ({type(error).__name__}: {error}): {advice}") from None
+                              f"could not be downloaded ({type(error).__name__}: {error}): {advice}") from error
     return path
 
 
@@ -288,7 +290,7 @@ def _read_state(path: Path, spec: SSLSpec) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - truncated, not a torch file, unsafe content
-        raise SSLWeightsError(f"{path}: cannot read the {spec.model} weights ({type(error).__name__}: {error})") from None
+        raise SSLWeightsError(f"{path}: cannot read the {spec.model} weights ({type(error).__name__}: {error})") from error
 
 
 _MODELS: dict[tuple[str, tuple, str, str], nn.Module] = {}
@@ -308,7 +310,7 @@ def load_model(spec: SSLSpec, device: torch.device | str) -> nn.Module:
         try:
             model.load_state_dict(state)
         except (RuntimeError, TypeError, AttributeError) as error:
-            raise SSLWeightsError(f"{path}: not a state dict of the {spec.model} architecture: {error}") from None
+            raise SSLWeightsError(f"{path}: not a state dict of the {spec.model} architecture: {error}") from error
         _MODELS[key] = model.eval().requires_grad_(False).to(device)
         log.info("loaded the %s front end from %s on %s", spec.model, path, device)
     return _MODELS[key]
@@ -382,10 +384,7 @@ class SSLExtractor(nn.Module):
                 for position, k in enumerate(group):
                     results[k] = hidden[position].cpu()
             else:
-                lengths = torch.tensor([w.shape[-1] for w in prepared], device=self.compute_device)
-                batch = torch.zeros(len(prepared), int(lengths.max()), device=self.compute_device)
-                for row, prepared_wave in enumerate(prepared):
-                    batch[row, : prepared_wave.shape[-1]] = prepared_wave
+                batch, lengths = pad_last(prepared)
                 hidden = self._hidden(batch, lengths)
                 for position, k in enumerate(group):
                     results[k] = hidden[position, :, : self.frames(waves[k].shape[-1])].cpu()

@@ -172,7 +172,7 @@ class EmotionRecognizer:
         try:
             check_compatible(checkpoint["hyper_parameters"], config, data_hparams)
         except CheckpointError as error:
-            raise CheckpointError(f"checkpoint {path}: {error}") from None
+            raise CheckpointError(f"checkpoint {path}: {error}") from error
         module = module_from_checkpoint(checkpoint, path, device=torch.device(device))
         return cls(module, config, window_seconds=window_seconds, hop_seconds=hop_seconds, batch_size=batch_size)
 

@@ -5,6 +5,8 @@ import math
 import torch
 from torch import Tensor
 
+from ser_lightning.padding import length_mask
+
 
 def check_lam(lam: float) -> None:
     """`lam` is a fixed hyper-parameter: a finite Python number > 0.
@@ -84,8 +86,7 @@ def attention_pool_reference(
     check_attention_inputs(a, weight, bias, u, lam, lengths)
     scores = lam * (torch.tanh(a @ weight.t() + bias) @ u)  # (B, L); |scores| <= lam * |u|_1
     if lengths is not None:
-        positions = torch.arange(a.shape[1], device=a.device)
-        scores = scores.masked_fill(positions >= lengths.unsqueeze(1), float("-inf"))
+        scores = scores.masked_fill(~length_mask(lengths, a.shape[1]), float("-inf"))
     alpha = torch.softmax(scores, dim=1)
     context = torch.bmm(alpha.unsqueeze(1), a).squeeze(1)
     return context, alpha
