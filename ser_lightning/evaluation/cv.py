@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -91,6 +92,7 @@ def run_fold(spec: RunSpec) -> dict:
     from ser_lightning.lightning_cli import baseline_names, build_cli
     from ser_lightning.training import fit_and_test
 
+    started = time.monotonic()
     cli = build_cli(run_args(spec))
     config = yaml.safe_load(cli.parser.dump(cli.config, skip_link_targets=False, skip_none=False))
     trainer, module, datamodule = cli.trainer, cli.model, cli.datamodule
@@ -135,7 +137,8 @@ def run_fold(spec: RunSpec) -> dict:
         "best_val_UA": outcome.best_val_UA,
         "epochs_trained": outcome.epochs_trained,
         "resumed_from_epoch": resumed_from,
-        "wall_seconds": outcome.wall_seconds,
+        "wall_seconds": outcome.wall_seconds,  # fitting and evaluating the model
+        "run_seconds": time.monotonic() - started,  # the whole run: data, model, baselines
     }
     atomic_write_text(spec.folder / "result.json", json.dumps(result, indent=2))
     return result

@@ -56,7 +56,7 @@ class Progress:
             self.print(f"{_name(spec)}: FAILED ({type(error).__name__}: {error})")
             return
         self.done += 1
-        self.durations.append(result["wall_seconds"])
+        self.durations.append(result.get("run_seconds", result["wall_seconds"]))
         self.print(f"{_name(spec)}: {_summary(result)}")
 
 
