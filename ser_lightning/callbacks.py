@@ -29,7 +29,7 @@ class FigureCallback(Callback):
             so they are the same utterances every time); 0 = none.
     """
 
-    def __init__(self, every_n_epochs: int = 10, num_attention_maps: int = 4) -> None:
+    def __init__(self, every_n_epochs: int = 0, num_attention_maps: int = 4) -> None:
         if every_n_epochs < 0:
             raise ValueError(f"figures.every_n_epochs must be >= 0, got {every_n_epochs}")
         if num_attention_maps < 0:

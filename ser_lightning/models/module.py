@@ -14,7 +14,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from ser_lightning.data.batches import Batch
@@ -177,6 +177,7 @@ class SERModule(LightningModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        self.losses = nn.ModuleDict({stage: MeanMetric() for stage in ("fit", "val", "test")})
 
     # ----------------------------------------------------------------- setup and model
     def setup(self, stage: str) -> None:
@@ -350,9 +351,23 @@ class SERModule(LightningModule):
         }
 
     def _log_stage(self, stage: str, logits: Tensor, labels: Tensor, loss: Tensor) -> None:
-        """Update the stage's metrics; Lightning computes and logs them once per epoch."""
-        metrics = getattr(self, f"{stage}_metrics")
-        metrics.update(logits.detach(), labels)
-        self.log(f"{stage}/loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=stage != "test",
-                 sync_dist=stage != "train", batch_size=len(labels))
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=len(labels))
+        """Accumulate the stage's metrics and mean loss; they are computed and logged once per epoch."""
+        getattr(self, f"{stage}_metrics").update(logits.detach(), labels)
+        self.losses["fit" if stage == "train" else stage].update(loss.detach(), weight=len(labels))
+
+    def _log_epoch(self, stage: str) -> None:
+        """Log the stage's epoch metrics (computed across processes under DDP) and start the next epoch afresh."""
+        metrics, loss = getattr(self, f"{stage}_metrics"), self.losses["fit" if stage == "train" else stage]
+        values = {**metrics.compute(), f"{stage}/loss": loss.compute()}
+        metrics.reset()
+        loss.reset()
+        self.log_dict(values, prog_bar=stage != "test")
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
