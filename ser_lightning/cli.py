@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from ser_lightning.runtime import keep_freed_memory
+
 # name: (one line of help, "module:function" taking the remaining arguments)
 COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("train one fold, then test the checkpoint its validation speakers chose",
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if argv[0] not in COMMANDS:
         raise SystemExit(f"error: unknown command '{argv[0]}'\n\n{usage()}")
+    keep_freed_memory()
     module, function = COMMANDS[argv[0]][1].split(":")
     getattr(importlib.import_module(module), function)(argv[1:])
 

@@ -22,6 +22,7 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 
 from ser_lightning.evaluation.cv import RunSpec, load_result, run_fold
+from ser_lightning.runtime import keep_freed_memory, set_threads
 
 MAX_ATTEMPTS = 3
 """A run whose worker dies is started again up to this many times in all."""
@@ -88,16 +89,9 @@ def pending_runs(runs: Sequence[RunSpec], progress: Progress) -> list[RunSpec]:
     return pending
 
 
-def set_threads(threads: int) -> None:
-    """Torch (and OpenMP) threads of this process."""
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 def _run_in_worker(spec: RunSpec, threads: int) -> dict:
     set_threads(threads)
+    keep_freed_memory()
     return run_fold(spec)
 
 

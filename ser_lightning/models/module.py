@@ -178,6 +178,7 @@ class SERModule(LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         self.losses = nn.ModuleDict({stage: MeanMetric() for stage in ("fit", "val", "test")})
+        self._epoch_outputs: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {"train": [], "val": [], "test": []}
 
     # ----------------------------------------------------------------- setup and model
     def setup(self, stage: str) -> None:
@@ -351,13 +352,18 @@ class SERModule(LightningModule):
         }
 
     def _log_stage(self, stage: str, logits: Tensor, labels: Tensor, loss: Tensor) -> None:
-        """Accumulate the stage's metrics and mean loss; they are computed and logged once per epoch."""
-        getattr(self, f"{stage}_metrics").update(logits.detach(), labels)
-        self.losses["fit" if stage == "train" else stage].update(loss.detach(), weight=len(labels))
+        """Keep the batch's logits, labels and loss; the epoch's metrics are computed from them once, at its end."""
+        self._epoch_outputs[stage].append((logits.detach(), labels, loss.detach() * len(labels)))
 
     def _log_epoch(self, stage: str) -> None:
         """Log the stage's epoch metrics (computed across processes under DDP) and start the next epoch afresh."""
+        outputs, self._epoch_outputs[stage] = self._epoch_outputs[stage], []
+        if not outputs:
+            return
+        logits, labels, losses = (torch.cat(part) if part[0].dim() else torch.stack(part) for part in zip(*outputs))
         metrics, loss = getattr(self, f"{stage}_metrics"), self.losses["fit" if stage == "train" else stage]
+        metrics.update(logits, labels)
+        loss.update(losses.sum() / len(labels), weight=len(labels))
         values = {**metrics.compute(), f"{stage}/loss": loss.compute()}
         metrics.reset()
         loss.reset()
