@@ -192,6 +192,7 @@ setup(
         "test": ["pytest>=8"],
     },
     # the shipped configurations, found by `--config NAME` after a regular (non-editable) install
-    data_files=[("share/ser-lightning/configs", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.yaml")))],
+    data_files=[(f"share/ser-lightning/{folder}", sorted(str(p.relative_to(ROOT)) for p in (ROOT / folder).glob("*.yaml")))
+                for folder in ("configs", "configs/spaces")],
     entry_points={"console_scripts": ["ser-lightning=ser_lightning.cli:main"]},
 )

@@ -1,13 +1,18 @@
 """Studies: parallel executors (worker processes, Ray) and the nested hyper-parameter search."""
 
 import json
+from functools import reduce
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import tiny_args
 
 from ser_lightning.cli import main
+from ser_lightning.evaluation.tune import load_space
+
+SHIPPED_SPACES = sorted((Path(__file__).resolve().parents[1] / "configs" / "spaces").glob("*.yaml"))
 
 SPACE = "model.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\nmodel.width: {type: categorical, choices: [1.0, 2.0]}\n"
 
@@ -41,6 +46,16 @@ def test_parallel_executors_give_the_local_results(executor, local_study, tiny_c
     assert "[study] 2 run(s) submitted" in printed and "2/2 done, 0 running, 0 failed" in printed
     main(study_args("cv", tiny_corpus, out, feature_cache, f"--executor={executor}"))  # a rerun skips both
     assert printed.count("complete, skipped") == 0 and capsys.readouterr().out.count("complete, skipped") == 2
+
+
+@pytest.mark.parametrize("space", SHIPPED_SPACES, ids=lambda path: path.stem)
+def test_shipped_spaces_set_options_of_the_configuration_they_are_named_after(space, capsys):
+    params = load_space(space)
+    values = {p.name: p.choices[-1] if p.kind == "categorical" else p.high for p in params}
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", space.stem, *(f"--{name}={value}" for name, value in values.items()), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert {name: reduce(dict.__getitem__, name.split("."), printed) for name in values} == values
 
 
 def test_space_files_are_validated(tmp_path):
