@@ -283,3 +283,27 @@ def test_speaker_normalised_model_takes_each_folders_statistics(speaker_checkpoi
     assert "56 files: 56 predicted, 0 failed; speaker statistics per folder" in capsys.readouterr().out
     records = {Path(r["path"]).name: r for r in json.loads((tmp_path / "out.json").read_text())}
     assert records[files[0].name]["probabilities"] == pytest.approx(single.probabilities, abs=1e-5)
+
+
+def test_seed_ensemble_predicts_its_members_mean_probabilities_and_rejects_mixed_models(
+        seed1d_checkpoint, zhang2d_checkpoint, tiny_corpus, feature_cache, speech, tmp_path, capsys):
+    from conftest import train_tiny_checkpoint
+
+    other = train_tiny_checkpoint(tiny_corpus, tmp_path / "seed1", "--seed_everything=1", f"--data.cache_dir={feature_cache}")
+    wave, rate = speech
+    files = [tmp_path / "a.wav", tmp_path / "long.wav"]
+    sf.write(files[0], wave, rate)
+    sf.write(files[1], np.concatenate([wave, -wave, wave]), rate)
+    out = tmp_path / "ensemble.csv"
+    main(["predict", "--ckpt_path", str(seed1d_checkpoint), "--ckpt_path", str(other), *map(str, files),
+          "--output", str(out)])
+    _, rows = read_csv(out)
+    members = [EmotionRecognizer.from_checkpoint(path) for path in (seed1d_checkpoint, other)]
+    for path in files:
+        singles = [member.predict_file(path).probabilities for member in members]
+        assert singles[0] != pytest.approx(singles[1], abs=1e-3)  # the seeds differ, so the mean says something
+        row = next(row for row in rows if row["path"] == str(path) and row["window"] == "all")
+        expected = [(singles[0][name] + singles[1][name]) / 2 for name in CLASSES]
+        assert [float(row[f"p_{name}"]) for name in CLASSES] == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(SystemExit, match=r"(?s)zhang2d.*arch|arch.*zhang2d|features"):
+        main(["predict", "--ckpt_path", str(seed1d_checkpoint), "--ckpt_path", str(zhang2d_checkpoint), str(files[0])])

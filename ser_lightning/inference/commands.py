@@ -1,6 +1,7 @@
 """The `predict` and `export` commands of `python -m ser_lightning`.
 
-`python -m ser_lightning predict --ckpt_path CKPT PATH [PATH ...]` classifies audio files; PATHs are
+`python -m ser_lightning predict --ckpt_path CKPT PATH [PATH ...]` classifies audio files (``--ckpt_path``
+given several times: a seed ensemble, their probabilities averaged); PATHs are
 files, folders (searched recursively for every format the decoder reads: WAV, FLAC, OGG/Opus, MP3,
 AIFF, CAF, ...) or glob patterns. It prints a table, writes ``--output results.csv`` or
 ``results.json``, and with ``--plot_dir DIR`` one PNG per file (features with the attention over
@@ -250,8 +251,14 @@ def format_table(results: Sequence[FileResult]) -> str:
 
 
 # ----------------------------------------------------------------- commands
-def _add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt_path", required=True, type=Path, help="checkpoint written by `python -m ser_lightning fit`")
+def _add_checkpoint_options(parser: argparse.ArgumentParser, *, ensemble: bool = False) -> None:
+    if ensemble:
+        parser.add_argument("--ckpt_path", required=True, type=Path, action="append",
+                            help="checkpoint written by `python -m ser_lightning fit`; given several times (e.g. the "
+                                 "seeds of `cv --repeats`), one seed ensemble: their probabilities averaged")
+    else:
+        parser.add_argument("--ckpt_path", required=True, type=Path,
+                            help="checkpoint written by `python -m ser_lightning fit`")
     parser.add_argument("--trust_checkpoint", action="store_true",
                         help="load a checkpoint that needs more than the safe loader allows (only files you trust)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
@@ -263,7 +270,7 @@ def predict_main(argv: list[str]) -> None:
         prog="python -m ser_lightning predict", description=predict_main.__doc__,
         epilog="Lightning's own predict over the datamodule's test split: `python -m ser_lightning predict-split`.",
     )
-    _add_checkpoint_options(parser)
+    _add_checkpoint_options(parser, ensemble=True)
     parser.add_argument("paths", nargs="+", metavar="PATH", help="audio files, folders (recursive) or glob patterns")
     parser.add_argument("--output", type=Path, help="write results to a .csv or .json file")
     parser.add_argument("--plot_dir", type=Path, help="write one attention/probability PNG per file here")

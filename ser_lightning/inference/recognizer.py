@@ -36,6 +36,7 @@ from ser_lightning.checkpoints import (
 )
 from ser_lightning.data.audio import AudioError, audio_duration, iter_audio_blocks, load_audio
 from ser_lightning.data.features import FeatureConfig, FeatureExtractor
+from ser_lightning.models.ensemble import SeedEnsemble
 from ser_lightning.models.normalization import feature_stats
 from ser_lightning.padding import pad_last
 
@@ -145,7 +146,7 @@ class EmotionRecognizer:
     @classmethod
     def from_checkpoint(
         cls,
-        path: str | Path,
+        path: str | Path | Sequence[str | Path],
         device: str | torch.device = "cpu",
         *,
         window_seconds: float = 4.0,
@@ -154,7 +155,8 @@ class EmotionRecognizer:
         feature: FeatureConfig | Mapping[str, Any] | None = None,
         trusted: bool = False,
     ) -> EmotionRecognizer:
-        """Load a checkpoint written by ``python -m ser_lightning fit`` (or ``cv``), safely.
+        """Load a checkpoint written by ``python -m ser_lightning fit`` (or ``cv``), safely; several paths
+        load a seed ensemble (``SeedEnsemble``: their probabilities averaged; same classes, features and architecture).
 
         Recordings longer than ``window_seconds`` are split into windows every ``hop_seconds``
         (default: half a window). The feature configuration comes from the checkpoint's datamodule hyper-parameters; pass
@@ -163,17 +165,28 @@ class EmotionRecognizer:
         allows a file that needs more, with a warning. Raises CheckpointError naming the file, or
         the mismatching option with both values.
         """
-        path = Path(path)
+        paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
+        if not paths:
+            raise ValueError("from_checkpoint: no checkpoint given")
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine")
-        checkpoint = read_checkpoint(path, trusted=trusted)
-        data_hparams = checkpoint.get("datamodule_hyper_parameters") or {}
-        config = feature_config(checkpoint, path) if feature is None else as_feature_config(feature, path)
+        modules, config = [], None
+        for path in paths:
+            checkpoint = read_checkpoint(path, trusted=trusted)
+            data_hparams = checkpoint.get("datamodule_hyper_parameters") or {}
+            own = feature_config(checkpoint, path) if feature is None else as_feature_config(feature, path)
+            try:
+                check_compatible(checkpoint["hyper_parameters"], own, data_hparams)
+            except CheckpointError as error:
+                raise CheckpointError(f"checkpoint {path}: {error}") from error
+            if config is not None and own != config:
+                raise CheckpointError(f"checkpoint {path}: its features {own} differ from those of {paths[0]} ({config})")
+            config = own
+            modules.append(module_from_checkpoint(checkpoint, path, device=torch.device(device)))
         try:
-            check_compatible(checkpoint["hyper_parameters"], config, data_hparams)
-        except CheckpointError as error:
-            raise CheckpointError(f"checkpoint {path}: {error}") from error
-        module = module_from_checkpoint(checkpoint, path, device=torch.device(device))
+            module = modules[0] if len(modules) == 1 else SeedEnsemble(modules)
+        except ValueError as error:
+            raise CheckpointError(f"checkpoints {', '.join(map(str, paths))}: {error}") from error
         return cls(module, config, window_seconds=window_seconds, hop_seconds=hop_seconds, batch_size=batch_size)
 
     # ----------------------------------------------------------------- model
