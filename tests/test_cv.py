@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_args
 
 from ser_lightning.cli import main
-from ser_lightning.evaluation.report import summarize
+from ser_lightning.evaluation.report import TIE_TOLERANCE, _paired, _wins, summarize
 
 CLASSES = ["neutral", "happy", "sad", "angry"]
 
@@ -56,9 +56,17 @@ def test_paired_difference_and_wins_come_from_the_folds(full_run):
     differences = [f["metrics"]["UA"] - f["baselines"]["pooled"]["metrics"]["UA"] for f in report["folds"]]
     assert paired["per_fold"] == pytest.approx(differences)
     assert paired["mean"] == pytest.approx(sum(differences) / 3)
-    assert paired["wins"] == sum(d > 0 for d in differences) and paired["folds"] == 3
+    assert paired["wins"] == sum(d > TIE_TOLERANCE for d in differences) and paired["folds"] == 3
+    assert paired["ties"] == sum(abs(d) <= TIE_TOLERANCE for d in differences)
     markdown = (full_run / "cv_report.md").read_text()
-    assert f"the model wins {paired['wins']} of 3 folds" in markdown and "pooled UA %" in markdown
+    assert f"the model wins {paired['wins']} of 3" in markdown and "pooled UA %" in markdown
+
+
+@pytest.mark.parametrize("differences, wins, ties", [([0.05, -0.02, 2e-8], 1, 1), ([1e-5, -1e-5, 0.0], 1, 1)])
+def test_differences_within_float_rounding_are_ties_not_wins(differences, wins, ties):
+    paired = _paired(differences)
+    assert (paired["wins"], paired["ties"], paired["folds"]) == (wins, ties, 3)
+    assert _wins(paired) == f"wins {wins} of 3 folds ({ties} tied)"
 
 
 def test_the_baseline_can_be_switched_off(tiny_corpus, feature_cache, tmp_path):

@@ -163,11 +163,20 @@ def summarize(runs: list[dict]) -> dict:
     return summary
 
 
+TIE_TOLERANCE = 1e-6
+"""Differences of UA (a fraction) this small are ties: equal scores that float32 rounding set apart."""
+
+
 def _paired(differences: list[float]) -> dict:
-    """Per-fold differences, their mean and std, and the number of folds where the model is ahead."""
+    """Per-fold differences, their mean and std, and the folds where the model is ahead (wins) or level (ties)."""
     mean, std = mean_std(differences)
-    return {"per_fold": differences, "mean": mean, "std": std, "wins": sum(d > 0 for d in differences),
-            "folds": len(differences)}
+    return {"per_fold": differences, "mean": mean, "std": std, "wins": sum(d > TIE_TOLERANCE for d in differences),
+            "ties": sum(abs(d) <= TIE_TOLERANCE for d in differences), "folds": len(differences)}
+
+
+def _wins(paired: dict) -> str:
+    ties = paired.get("ties", 0)
+    return f"wins {paired['wins']} of {paired['folds']} folds" + (f" ({ties} tied)" if ties else "")
 
 
 def protocol_line(summary: dict) -> str:
@@ -233,17 +242,17 @@ def markdown(summary: dict) -> str:
                   + "; per fold UA: " + ", ".join(_pct(f["ensemble_metrics"]["UA"]) for f in summary["folds"]) + "."]
     if baselines:
         lines += ["", "Baselines, fitted and tested on exactly the same splits (UA diff = model UA minus baseline UA, "
-                  "per fold; a win is a positive difference):", ""]
+                  "per fold; a win is a positive difference, a tie one below 1e-4 points):", ""]
         for name in baselines:
             baseline = summary["baselines"][name]
             paired = baseline["UA_difference"]
             line = (f"- **{name}** ({baseline['title']}): " + ", ".join(
                 f"{n} {_pct(baseline['mean'][n])} +- {_pct(baseline['std'][n])} %" for n in METRICS)
-                + f"; the model wins {paired['wins']} of {paired['folds']} folds, UA difference "
+                + f"; the model {_wins(paired)}, UA difference "
                 f"{100 * paired['mean']:+.1f} +- {100 * paired['std']:.1f} points")
             if "ensemble_UA_difference" in baseline:
                 ensemble = baseline["ensemble_UA_difference"]
-                line += (f"; the seed ensemble wins {ensemble['wins']} of {ensemble['folds']}, UA difference "
+                line += (f"; the seed ensemble {_wins(ensemble)}, UA difference "
                          f"{100 * ensemble['mean']:+.1f} +- {100 * ensemble['std']:.1f} points")
             lines.append(line)
     lines += ["", "Per-class recall % (mean +- std over folds):", "",
