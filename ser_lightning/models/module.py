@@ -367,7 +367,8 @@ class SERModule(LightningModule):
         values = {**metrics.compute(), f"{stage}/loss": loss.compute()}
         metrics.reset()
         loss.reset()
-        self.log_dict(values, prog_bar=stage != "test")
+        # already reduced across processes by torchmetrics: the mean over ranks changes nothing, but says so
+        self.log_dict(values, prog_bar=stage != "test", sync_dist=True)
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
