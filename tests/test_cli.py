@@ -1,5 +1,6 @@
 """The real `python -m ser_lightning` entry point on a tiny generated corpus."""
 
+import ctypes
 import os
 import re
 import subprocess
@@ -13,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from ser_lightning.cli import COMMANDS, main
 from ser_lightning.configs import config_dirs
+from ser_lightning.runtime import keep_freed_memory
 
 
 def event_file_tags(log_dir: Path) -> tuple[set[str], set[str]]:
@@ -155,3 +157,11 @@ def test_ddp_on_cpu_with_length_buckets(tiny_corpus, feature_cache, tmp_path):
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert list((tmp_path / "lightning_logs").rglob("*.ckpt"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "gnu_get_libc_version"),
+                    reason="glibc only")
+@pytest.mark.parametrize("setting, applied", [("", True), ("default", False), ("DEFAULT", False)])
+def test_the_commands_keep_freed_memory_unless_told_not_to(setting, applied, monkeypatch):
+    monkeypatch.setenv("SER_LIGHTNING_MALLOC", setting)
+    assert keep_freed_memory() is applied
