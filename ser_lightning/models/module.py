@@ -177,6 +177,7 @@ class SERModule(LightningModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        # the training loss is keyed "fit": a ModuleDict key cannot be "train" (nn.Module.train)
         self.losses = nn.ModuleDict({stage: MeanMetric() for stage in ("fit", "val", "test")})
         self._epoch_outputs: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {"train": [], "val": [], "test": []}
 
