@@ -1,13 +1,16 @@
 """Where a fit's time goes: an epoch's wall time against its pure training work, and a 5-fold study.
 
 Demo epoch: ``configs/demo.yaml`` is fitted for ``--epochs`` epochs through the same code and process
-settings as ``python -m ser_lightning fit`` (the data set up beforehand, so the time is the fit itself:
-training, validation, logging, figures, checkpoints). An epoch's wall time is the time from one
-epoch's start to the next one's (training, validation, metrics, logging, checkpoints; the median over
-the epochs); the fit's one-off costs (sanity check, the figures after the last epoch) are reported
-beside it. It is compared, in the same process, with the pure work of one epoch: the same training
-batches of the same model and optimizer, forward, loss, backward and optimizer step in a bare loop
-(the median of a few epochs).
+settings as ``python -m ser_lightning fit``, progress bar included (the data set up beforehand from a
+feature cache another process built, as every fit but a user's first finds it, so the time is the fit
+itself: training, validation, logging, figures, checkpoints). An epoch's wall time is the time from
+one epoch's start to the next one's. It is compared with the pure work of the same epoch: at the next
+epoch's start, before that epoch's clock starts, the batches the epoch just trained on go through a
+copy of the model and optimizer in a bare loop (forward, loss, backward, optimizer step; the random
+state is restored afterwards). Pairing each epoch with its own bare run, measured seconds apart, keeps
+a machine whose speed drifts (a shared virtual machine) from favouring either side; the result is the
+median over epochs of the paired ratios, the first epoch left out as warm-up. The fit's one-off costs
+(model summary, sanity check, the figures after the last epoch) are reported beside it.
 
 ``--cv``: ``cv --config configs/seed1d.yaml`` (5 speaker-independent folds) run as a user runs it,
 in a fresh process, with ``--executor processes`` (one thread per worker, ``--workers`` workers),
@@ -38,6 +41,12 @@ from ser_lightning.runtime import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_DATA = ["--data.synthetic_actors=6", "--data.num_folds=3", "--data.num_val_speakers=1"]
+PREPARE = """import sys
+from ser_lightning.lightning_cli import build_cli
+data = build_cli(sys.argv[1:]).datamodule
+data.prepare_data()
+data.setup("fit")
+"""
 
 
 def demo_epoch(args: argparse.Namespace, cache: Path, workdir: Path) -> dict[str, Any]:
@@ -45,50 +54,72 @@ def demo_epoch(args: argparse.Namespace, cache: Path, workdir: Path) -> dict[str
     from ser_lightning.lightning_cli import build_cli
 
     extra = QUICK_DATA if args.quick else []
-    cli = build_cli([f"--trainer.max_epochs={args.epochs}", f"--trainer.default_root_dir={workdir}",
-                     f"--data.cache_dir={cache}", "--trainer.enable_progress_bar=false",
-                     "--trainer.enable_model_summary=false", *extra])
+    options = [f"--trainer.max_epochs={args.epochs}", f"--trainer.default_root_dir={workdir}",
+               f"--data.cache_dir={cache}", *extra]
+    # the corpus and feature cache are built by another process, as every fit but a user's first finds them
+    subprocess.run([sys.executable, "-c", PREPARE, *options], check=True, capture_output=True)
+    cli = build_cli(options)
     trainer, module, datamodule = cli.trainer, cli.model, cli.datamodule
     datamodule.prepare_data()
     datamodule.setup("fit")
-    clock = EpochClock()
+    clock = PairedEpochs()
     trainer.callbacks.append(clock)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
-    fit_s = time.perf_counter() - start
+    fit_s = time.perf_counter() - start - clock.bare_total_s
+    walls, works = clock.walls[1:], clock.works[1:]  # the first epoch warms both up
+    ratios = [wall / work for wall, work in zip(walls, works)]
+    epoch_wall_s, work_s = statistics.median(walls), statistics.median(works)
     epochs = trainer.current_epoch
-    epoch_s = [later - earlier for earlier, later in zip(clock.starts, clock.starts[1:])]
-
-    # the same model and optimizer on the same batches, in a bare loop
-    batches = list(datamodule.train_dataloader())
-    bare = copy.deepcopy(module).train()
-    optimizer = torch.optim.AdamW(bare.parameters(), lr=bare.hparams.lr, weight_decay=bare.hparams.weight_decay)
-    step = bare._mixup_step if bare.hparams.mixup_alpha > 0 else bare.model_step
-    times = []
-    for _ in range(args.bare_epochs + 1):
-        start = time.perf_counter()
-        for batch in batches:
-            _, loss = step(batch)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        times.append(time.perf_counter() - start)
-    work_s = statistics.median(times[1:])  # the first epoch warms the allocator up
-    epoch_wall_s = statistics.median(epoch_s)
-    return {"config": "configs/demo.yaml", "extra_args": extra, "epochs": epochs, "batches_per_epoch": len(batches),
-            "fit_s": fit_s, "epoch_wall_s": epoch_wall_s, "epoch_wall_all_s": epoch_s,
-            "one_off_s": fit_s - sum(epoch_s) - epoch_wall_s, "epoch_work_s": work_s,
-            "wall_x_work": epoch_wall_s / work_s, "fit_per_epoch_x_work": fit_s / epochs / work_s}
+    return {"config": "configs/demo.yaml", "extra_args": extra, "epochs": epochs,
+            "batches_per_epoch": clock.batches_per_epoch, "fit_s": fit_s, "epoch_wall_s": epoch_wall_s,
+            "epoch_wall_all_s": clock.walls, "epoch_work_all_s": clock.works,
+            "one_off_s": fit_s - sum(clock.walls) - epoch_wall_s, "epoch_work_s": work_s,
+            "wall_x_work": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)],
+            "fit_per_epoch_x_work": fit_s / epochs / work_s}
 
 
-class EpochClock(Callback):
-    """When each training epoch starts."""
+class PairedEpochs(Callback):
+    """Each epoch's wall time, and the pure work of its batches timed at the next epoch's start."""
 
     def __init__(self) -> None:
-        self.starts: list[float] = []
+        self.walls: list[float] = []
+        self.works: list[float] = []
+        self.bare_total_s = 0.0
+        self.batches_per_epoch = 0
+        self._batches: list[Any] = []
+        self._epoch_start: float | None = None
+
+    def on_train_start(self, trainer: Any, module: Any) -> None:
+        self.bare = copy.deepcopy(module).train()
+        hp = self.bare.hparams
+        self.optimizer = torch.optim.AdamW(self.bare.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        self.step = self.bare._mixup_step if hp.mixup_alpha > 0 else self.bare.model_step
+
+    def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
+        self._batches.append(batch)
 
     def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
-        self.starts.append(time.perf_counter())
+        now = time.perf_counter()
+        if self._epoch_start is not None:
+            self.walls.append(now - self._epoch_start)
+            self.works.append(self._bare_epoch())
+            self.bare_total_s += time.perf_counter() - now
+        self._epoch_start = time.perf_counter()
+
+    def _bare_epoch(self) -> float:
+        batches, self._batches = self._batches, []
+        self.batches_per_epoch = len(batches)
+        rng = torch.random.get_rng_state()
+        start = time.perf_counter()
+        for batch in batches:
+            _, loss = self.step(batch)
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+        elapsed = time.perf_counter() - start
+        torch.random.set_rng_state(rng)
+        return elapsed
 
 
 def timed(command: list[str], cwd: Path, env: dict[str, str], label: str) -> float:
@@ -124,16 +155,15 @@ def cv_study(args: argparse.Namespace, cache: Path, workdir: Path) -> dict[str, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=30, help="epochs of the demo fit (default 30, as the demo)")
-    parser.add_argument("--bare-epochs", type=int, default=5, help="bare-loop epochs timed (default 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the demo fit (default: torch's)")
     parser.add_argument("--cv", action="store_true", help="also time the 5-fold seed1d study (minutes)")
     parser.add_argument("--workers", type=int, default=2, help="parallel runs of the study (default 2)")
     parser.add_argument("--legacy-tree", help="a checkout of the previous version, its extension built")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 6 actors, 2 epochs")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 6 actors, 3 epochs")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     if args.quick:
-        args.epochs, args.bare_epochs = 2, 1
+        args.epochs = 3
     set_threads(args.threads)
     keep_freed_memory()  # as the commands do
     env = environment(torch.device("cpu"))
@@ -143,7 +173,8 @@ def main() -> None:
         demo = demo_epoch(args, cache, Path(tmp) / "demo")
         print(f"\ndemo fit: {demo['epochs']} epochs of {demo['batches_per_epoch']} batches in {demo['fit_s']:.1f} s: "
               f"an epoch takes {demo['epoch_wall_s']:.3f} s (median) against {demo['epoch_work_s']:.3f} s of pure "
-              f"training work ({demo['wall_x_work']:.2f}x); one-off costs (sanity check, final figures) "
+              f"training work; paired epoch by epoch {demo['wall_x_work']:.2f}x (median; range "
+              f"{demo['ratio_range'][0]:.2f}-{demo['ratio_range'][1]:.2f}x); one-off costs (summary, sanity check, final figures) "
               f"{demo['one_off_s']:.2f} s; the whole fit is {demo['fit_per_epoch_x_work']:.2f}x the pure work of its "
               f"epochs")
         study = cv_study(args, cache, Path(tmp) / "cv") if args.cv else None

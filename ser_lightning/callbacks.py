@@ -1,17 +1,21 @@
-"""FigureCallback: attention maps and confusion matrices in TensorBoard, drawn only now and then.
+"""The project's callbacks: figures in TensorBoard and a progress bar, both drawn only now and then.
 
-Drawing figures costs far more than a validation epoch of a small model, so the callback keeps
-what it needs every epoch (a confusion-matrix update per batch and the first validation batch's
-attention) and renders only every ``every_n_epochs`` epochs and once at the end of fitting, on
-global rank 0 only. The configuration section is ``figures:``.
+FigureCallback: drawing figures costs far more than a validation epoch of a small model, so the
+callback keeps what it needs every epoch (a confusion-matrix update per batch and the first
+validation batch's attention) and renders only every ``every_n_epochs`` epochs and once at the end
+of fitting, on global rank 0 only. The configuration section is ``figures:``.
+
+ThrottledProgressBar: Lightning's tqdm bars, redrawn at most a few times a second.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics.classification import MulticlassConfusionMatrix
 
@@ -107,6 +111,33 @@ class FigureCallback(Callback):
                 title=f"val utterance {row} (true {module.class_names[int(samples['labels'][row])]})",
             )
             writer.add_figure(f"val/attention_{row}", figure, global_step=step, close=True)
+
+
+class ThrottledProgressBar(TQDMProgressBar):
+    """Lightning's tqdm progress bars, redrawn at most every ``min_interval_s`` seconds and at each loop's end.
+
+    Lightning redraws a bar after every ``refresh_rate`` batches. A small model trains a hundred
+    batches a second on a CPU, and redrawing (formatting the metrics, writing the terminal line) then
+    takes about a tenth of the epoch; no one reads a bar faster than this anyway. The commands use
+    this bar unless ``trainer.enable_progress_bar`` is false or the configuration brings its own bar.
+    """
+
+    def __init__(self, min_interval_s: float = 0.25, refresh_rate: int = 1, process_position: int = 0,
+                 leave: bool = False) -> None:
+        if min_interval_s < 0:
+            raise ValueError(f"ThrottledProgressBar: min_interval_s must be >= 0, got {min_interval_s}")
+        super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
+        self.min_interval_s = min_interval_s
+        self._last_draw = -float("inf")
+
+    def _should_update(self, current: int, total: int | None) -> bool:
+        if not super()._should_update(current, total):
+            return False
+        now = time.monotonic()
+        if current == total or now - self._last_draw >= self.min_interval_s:
+            self._last_draw = now
+            return True
+        return False
 
 
 def _first_samples(batch: Batch, output: ModelOutput, count: int) -> dict[str, Any]:

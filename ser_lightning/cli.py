@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from ser_lightning.runtime import keep_freed_memory
+from ser_lightning.runtime import end_process_group, keep_freed_memory
 
 # name: (one line of help, "module:function" taking the remaining arguments)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: unknown command '{argv[0]}'\n\n{usage()}")
     keep_freed_memory()
     module, function = COMMANDS[argv[0]][1].split(":")
-    getattr(importlib.import_module(module), function)(argv[1:])
+    try:
+        getattr(importlib.import_module(module), function)(argv[1:])
+    finally:
+        end_process_group()
 
 
 if __name__ == "__main__":

@@ -11,15 +11,19 @@ import csv
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from ser_lightning.callbacks import FigureCallback
+from ser_lightning.callbacks import FigureCallback, ThrottledProgressBar
 from ser_lightning.checkpoints import CheckpointError, load_module
 from ser_lightning.configs import with_default_config
 from ser_lightning.data.datamodule import SERDataModule
 from ser_lightning.evaluation.baseline import BASELINE_FEATURES, BaselineResult, run_baselines
 from ser_lightning.models.module import SERModule
+from ser_lightning.runtime import cache_cuda_check
 from ser_lightning.training import FitOutcome, fit_and_test
 
 # The commands hand LightningCLI explicit argument lists on purpose.
@@ -44,9 +48,19 @@ class SERLightningCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, with ``ThrottledProgressBar`` unless bars are switched off or the configuration brings one."""
+        config = {**self.config_init.get("trainer", {}), **kwargs}
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+            kwargs["callbacks"] = [*given, ThrottledProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
 
 def build_cli(args: Sequence[str]) -> SERLightningCLI:
     """Parse ``args`` (``configs/demo.yaml`` when no ``--config`` is given) and instantiate trainer, model, data."""
+    cache_cuda_check()  # Lightning is imported by now: its device-check setting is in place to revise
     return SERLightningCLI(
         SERModule, SERDataModule, args=with_default_config(list(args)), run=False, seed_everything_default=0,
         auto_configure_optimizers=False, save_config_kwargs={"overwrite": True},

@@ -68,6 +68,21 @@ def test_bench_attention_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_fit_quick(tmp_path):
+    data, stdout = run_script("bench_fit.py", tmp_path, "--threads", "1")
+    assert data["benchmark"] == "fit" and data["cv"] is None
+    check_environment(data["environment"])
+    demo = data["demo"]
+    assert demo["epochs"] == 3 and demo["batches_per_epoch"] >= 1
+    assert len(demo["epoch_wall_all_s"]) == len(demo["epoch_work_all_s"]) == 2  # epochs 0 and 1, each with its pair
+    paired = [wall / work for wall, work in zip(demo["epoch_wall_all_s"][1:], demo["epoch_work_all_s"][1:])]
+    assert demo["wall_x_work"] == pytest.approx(paired[0]) and demo["ratio_range"] == pytest.approx([paired[0]] * 2)
+    assert 0 < demo["epoch_work_s"] and 0 < demo["epoch_wall_s"] < demo["fit_s"]
+    check_goals(data["goals"], 1)
+    assert "paired epoch by epoch" in stdout
+
+
+@pytest.mark.slow
 def test_bench_train_quick(tmp_path):
     data, stdout = run_script("bench_train.py", tmp_path, "--batch-size", "4", "--frames", "120")
     assert data["benchmark"] == "train"

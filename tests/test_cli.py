@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from ser_lightning.cli import COMMANDS, main
 from ser_lightning.configs import config_dirs
-from ser_lightning.runtime import keep_freed_memory
+from ser_lightning.runtime import cache_cuda_check, keep_freed_memory
 
 
 def event_file_tags(log_dir: Path) -> tuple[set[str], set[str]]:
@@ -165,3 +165,30 @@ def test_ddp_on_cpu_with_length_buckets(tiny_corpus, feature_cache, tmp_path):
 def test_the_commands_keep_freed_memory_unless_told_not_to(setting, applied, monkeypatch):
     monkeypatch.setenv("SER_LIGHTNING_MALLOC", setting)
     assert keep_freed_memory() is applied
+
+
+@pytest.mark.parametrize("setting, devices, expected", [("1", 0, "0"), ("1", 2, "1"), ("0", 0, "0"), (None, 0, None)])
+def test_cuda_checks_come_from_torchs_cache_only_without_cuda_devices(setting, devices, expected, monkeypatch):
+    """Lightning's NVML check is kept where devices exist (it keeps forks usable); without any it costs every step."""
+    if setting is None:
+        monkeypatch.delenv("PYTORCH_NVML_BASED_CUDA_CHECK", raising=False)
+    else:
+        monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", setting)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: devices)
+    assert cache_cuda_check() is (setting == "1" and devices == 0)
+    assert os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == expected
+
+
+@pytest.mark.parametrize("options, expected", [
+    ([], "ThrottledProgressBar"),
+    (["--trainer.enable_progress_bar=false"], None),
+    (["--trainer.callbacks+=TQDMProgressBar", "--trainer.callbacks.refresh_rate=5"], "TQDMProgressBar"),
+])
+def test_the_trainer_gets_the_throttled_progress_bar_unless_configured_otherwise(tmp_path, options, expected):
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from ser_lightning.lightning_cli import build_cli
+
+    trainer = build_cli([f"--trainer.default_root_dir={tmp_path}", "--data.cache_dir=unused", *options]).trainer
+    bars = [type(callback).__name__ for callback in trainer.callbacks if isinstance(callback, ProgressBar)]
+    assert bars == ([expected] if expected else [])

@@ -96,6 +96,19 @@ def test_setup_batches_and_statistics(tiny_corpus, shared_cache):
     assert sorted(i for b in dm.val_dataloader() for i in b["index"].tolist()) == plan.val
 
 
+@pytest.mark.parametrize("eval_batch_size, expected", [(None, 16), (5, 5)])
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_evaluation_batches_go_longest_first_at_the_evaluation_batch_size(tiny_corpus, shared_cache, split,
+                                                                          eval_batch_size, expected):
+    dm = make_dm(tiny_corpus, shared_cache, eval_batch_size=eval_batch_size)  # batch_size 8
+    batches = list(getattr(dm, f"{split}_dataloader")())
+    assert [len(b["index"]) for b in batches[:-1]] == [expected] * (len(batches) - 1)
+    assert 1 <= len(batches[-1]["index"]) <= expected
+    lengths = [n for b in batches for n in b["lengths"].tolist()]
+    assert lengths == sorted(lengths, reverse=True) and len(set(lengths)) > 1
+    assert sorted(i for b in batches for i in b["index"].tolist()) == getattr(dm.fold_plan, split)
+
+
 def test_second_setup_uses_the_cache_without_decoding(tiny_corpus, shared_cache, monkeypatch):
     first = make_dm(tiny_corpus, shared_cache)
 
@@ -153,7 +166,8 @@ def test_options_are_validated_early(tmp_path):
     for kwargs, option in [
         ({"fold": 5}, "data.fold"), ({"num_folds": 1}, "data.num_folds"), ({"emotions": ["joy"]}, "data.emotions"),
         ({"protocol": "loso"}, "data.protocol"), ({"normalization": "batch"}, "data.normalization"),
-        ({"batch_size": 0}, "data.batch_size"), ({"crop_seconds": 0.0}, "data.crop_seconds"),
+        ({"batch_size": 0}, "data.batch_size"), ({"eval_batch_size": 0}, "data.eval_batch_size"),
+        ({"crop_seconds": 0.0}, "data.crop_seconds"),
         ({"corpus": "iemocap"}, "data.corpus"), ({"root": str(tmp_path / "missing")}, "data.root"),
     ]:
         with pytest.raises(ValueError, match=option):

@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 
-from ser_lightning.callbacks import FigureCallback
+from ser_lightning.callbacks import FigureCallback, ThrottledProgressBar
 from ser_lightning.data.batches import collate_utterances
 from ser_lightning.models.module import SERModule, class_weights_from_counts
 from ser_lightning.models.normalization import feature_stats
@@ -268,6 +268,18 @@ def test_figures_are_drawn_every_n_epochs_and_at_the_end_only(tmp_path):
     assert [tag for tag, step in logged if step == 25] == ["val/confusion_matrix", "val/attention_0", "val/attention_1"]
     checkpoints = sorted(p.name for p in (tmp_path / "tb" / "version_0" / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and sum(name.startswith("epoch") for name in checkpoints) == 1
+
+
+@pytest.mark.parametrize("interval, expected", [(0.0, [1, 2, 3, 4, 5, 6]), (0.25, [1, 4, 6]), (10.0, [1, 6])])
+def test_progress_bar_redraws_at_most_every_interval_and_at_the_loop_end(interval, expected, monkeypatch):
+    """Batches end every 0.1 s; the bar draws the first, then only after `interval`, and always the last (6 of 6)."""
+    clock = iter([0.1 * k for k in range(1, 7)])
+    monkeypatch.setattr("ser_lightning.callbacks.time.monotonic", lambda: next(clock))
+    bar = ThrottledProgressBar(min_interval_s=interval)
+    bar._enabled = True
+    assert [n for n in range(1, 7) if bar._should_update(n, 6)] == expected
+    with pytest.raises(ValueError, match="min_interval_s"):
+        ThrottledProgressBar(min_interval_s=-1)
 
 
 def test_fit_in_bf16_mixed_precision(tmp_path):

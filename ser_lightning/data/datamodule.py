@@ -85,7 +85,10 @@ class SERDataModule(pl.LightningDataModule):
         num_val_speakers: speakers held out of training for validation (early stopping, checkpoint choice);
             with protocol random, the validation share is num_val_speakers / speakers of the utterances.
         random_seed: random seed of the fold assignment and of the training-batch order.
-        batch_size: utterances per batch.
+        batch_size: utterances per training batch.
+        eval_batch_size: utterances per validation, test and prediction batch; None = twice ``batch_size``
+            (evaluation keeps no activations for a backward pass). Evaluation visits utterances longest
+            first, so each batch pads little (every result keeps its utterance's index).
         num_workers: DataLoader worker processes (0 = in the main process).
         cache_dir: folder for the feature cache and the synthetic corpus (default ``$SER_LIGHTNING_CACHE`` or ``~/.cache/ser_lightning``).
         crop_seconds: fixed length in seconds (random crop when training, centre crop otherwise, zero-pad short clips); None = whole utterances, padded per batch.
@@ -111,6 +114,7 @@ class SERDataModule(pl.LightningDataModule):
         num_val_speakers: int = 2,
         random_seed: int = 0,
         batch_size: int = 32,
+        eval_batch_size: int | None = None,
         num_workers: int = 0,
         cache_dir: str | None = None,
         crop_seconds: float | None = None,
@@ -148,6 +152,8 @@ class SERDataModule(pl.LightningDataModule):
             (0 <= fold < num_folds, f"data.fold={fold} is out of range for data.num_folds={num_folds} (use 0..{num_folds - 1})"),
             (num_val_speakers >= 1, f"data.num_val_speakers={num_val_speakers}: at least 1 is needed"),
             (batch_size >= 1, f"data.batch_size={batch_size}: must be at least 1"),
+            (eval_batch_size is None or eval_batch_size >= 1,
+             f"data.eval_batch_size={eval_batch_size}: must be at least 1 (or null)"),
             (num_workers >= 0, f"data.num_workers={num_workers}: must be >= 0"),
             (crop_seconds is None or crop_seconds > 0, f"data.crop_seconds={crop_seconds}: must be positive (or null)"),
             (synthetic_actors >= 2, f"data.synthetic_actors={synthetic_actors}: at least 2 actors are needed"),
@@ -345,11 +351,17 @@ class SERDataModule(pl.LightningDataModule):
             return self._loader(dataset, batch_sampler=sampler)
         return self._loader(dataset, batch_size=self.hparams.batch_size, shuffle=True, generator=generator)
 
+    def _eval_loader(self, split: str) -> DataLoader:
+        dataset = self.dataset(split)
+        longest_first = sorted(range(len(dataset)), key=dataset.length, reverse=True)
+        batch_size = self.hparams.eval_batch_size or 2 * self.hparams.batch_size
+        return self._loader(dataset, batch_size=batch_size, sampler=longest_first)
+
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"), batch_size=self.hparams.batch_size)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"), batch_size=self.hparams.batch_size)
+        return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
