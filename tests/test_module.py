@@ -282,6 +282,22 @@ def test_progress_bar_redraws_at_most_every_interval_and_at_the_loop_end(interva
         ThrottledProgressBar(min_interval_s=-1)
 
 
+def test_lightning_asks_the_throttled_bar_before_every_redraw(tmp_path, monkeypatch):
+    """The throttle hooks a method Lightning's tqdm bar consults after each batch: a fit must go through it."""
+    asked: list[tuple[int, int, bool]] = []
+    should_update = ThrottledProgressBar._should_update
+
+    def recording(self, current, total):
+        asked.append((current, total, should_update(self, current, total)))
+        return asked[-1][2]
+
+    monkeypatch.setattr(ThrottledProgressBar, "_should_update", recording)
+    bar = ThrottledProgressBar(min_interval_s=1e9)
+    trainer(tmp_path, enable_progress_bar=True, callbacks=[bar], num_sanity_val_steps=0).fit(make_module(), datamodule=TinyDataModule())
+    training = [(current, drawn) for current, total, drawn in asked if total == 5]  # 24 utterances, batches of 5
+    assert training == [(1, True), (2, False), (3, False), (4, False), (5, True)]  # the first, then the end
+
+
 def test_fit_in_bf16_mixed_precision(tmp_path):
     lightning.seed_everything(0, workers=True)
     module = make_module(backend="auto", statistics_head="logistic")
