@@ -118,7 +118,7 @@ class ThrottledProgressBar(TQDMProgressBar):
 
     Lightning redraws a bar after every ``refresh_rate`` batches. A small model trains a hundred
     batches a second on a CPU, and redrawing (formatting the metrics, writing the terminal line) then
-    takes about a tenth of the epoch; no one reads a bar faster than this anyway. The commands use
+    takes about 5 % of the demo's epoch; no one reads a bar faster than this anyway. The commands use
     this bar unless ``trainer.enable_progress_bar`` is false or the configuration brings its own bar.
     """
 
