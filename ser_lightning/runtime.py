@@ -23,6 +23,12 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def configure_worker(threads: int) -> None:
+    """Settings of a study's worker process (one fold or one trial): its threads, the allocator as the commands set it."""
+    set_threads(threads)
+    keep_freed_memory()
+
+
 def keep_freed_memory() -> bool:
     """Let glibc reuse freed tensor memory instead of unmapping it (Linux with glibc; True when applied).
 

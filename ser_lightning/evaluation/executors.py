@@ -22,7 +22,7 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 
 from ser_lightning.evaluation.cv import RunSpec, load_result, run_fold
-from ser_lightning.runtime import keep_freed_memory, set_threads
+from ser_lightning.runtime import configure_worker
 
 MAX_ATTEMPTS = 3
 """A run whose worker dies is started again up to this many times in all."""
@@ -90,8 +90,7 @@ def pending_runs(runs: Sequence[RunSpec], progress: Progress) -> list[RunSpec]:
 
 
 def _run_in_worker(spec: RunSpec, threads: int) -> dict:
-    set_threads(threads)
-    keep_freed_memory()
+    configure_worker(threads)
     return run_fold(spec)
 
 

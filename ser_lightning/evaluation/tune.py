@@ -189,13 +189,12 @@ def search_fold(args: argparse.Namespace, lightning_args: list[str], space: list
         import ray
 
         from ser_lightning.evaluation.executors import start_ray
-        from ser_lightning.runtime import keep_freed_memory, set_threads
+        from ser_lightning.runtime import configure_worker
 
         start_ray(args)
 
         def remote_trial(spec: TrialSpec, threads: int) -> dict:
-            set_threads(threads)
-            keep_freed_memory()
+            configure_worker(threads)
             return run_trial(spec)
 
         task = ray.remote(num_cpus=args.threads_per_worker, max_retries=0)(remote_trial)
