@@ -21,7 +21,7 @@ from ser_lightning.callbacks import FigureCallback, ThrottledProgressBar
 from ser_lightning.checkpoints import CheckpointError, load_module
 from ser_lightning.configs import with_default_config
 from ser_lightning.data.datamodule import SERDataModule
-from ser_lightning.evaluation.baseline import BASELINE_FEATURES, BaselineResult, run_baselines
+from ser_lightning.evaluation.baseline import BASELINES, DEFAULT_BASELINES, BaselineResult, run_baselines
 from ser_lightning.models.module import SERModule
 from ser_lightning.runtime import cache_cuda_check
 from ser_lightning.training import FitOutcome, fit_and_test
@@ -37,16 +37,20 @@ class SERLightningCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, evaluate the best checkpoint (chosen on validation UA) on the test fold.")
         parser.add_argument("--baseline", type=bool, default=True,
-                            help="Also fit the linear baseline (pooled statistics + logistic regression) on the same "
-                                 "split and report it beside the model.")
+                            help="Also fit the linear baselines (--baselines) on the same split and report them beside "
+                                 "the model.")
+        parser.add_argument("--baselines", type=list[str], default=list(DEFAULT_BASELINES),
+                            help=f"The baselines of every report (default {list(DEFAULT_BASELINES)}; all: "
+                                 f"{list(BASELINES)}).")
         parser.add_argument("--baseline_extra", type=list[str], default=[],
-                            help="Further baseline feature sets: egemaps, compare (openSMILE functionals; needs the "
-                                 "opensmile package).")
+                            help="Baselines added to --baselines (e.g. egemaps, compare: openSMILE functionals with C "
+                                 "chosen by speaker-grouped inner cross-validation).")
         parser.add_lightning_class_args(FigureCallback, "figures")
         parser.link_arguments("data.normalization", "model.normalization")
         parser.link_arguments("data.num_features", "model.num_features", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("data.pitch_rows", "model.pitch_rows", apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with ``ThrottledProgressBar`` unless bars are switched off or the configuration brings one."""
@@ -68,14 +72,14 @@ def build_cli(args: Sequence[str]) -> SERLightningCLI:
 
 
 def baseline_names(cli: SERLightningCLI) -> list[str]:
-    """The baselines the configuration asks for: pooled (+ pooled_speaker with speaker normalisation) + extras."""
+    """The baselines the configuration asks for: --baselines then --baseline_extra (none with --baseline false)."""
     if not cli.config.baseline:
         return []
-    names = ["pooled"] + (["pooled_speaker"] if cli.config.data.normalization == "speaker" else [])
-    unknown = [name for name in cli.config.baseline_extra if name not in BASELINE_FEATURES]
-    if unknown:
-        raise SystemExit(f"error: --baseline_extra: unknown {unknown}; choose from {list(BASELINE_FEATURES[2:])}")
-    return names + [name for name in cli.config.baseline_extra if name not in names]
+    for option in ("baselines", "baseline_extra"):
+        unknown = [name for name in cli.config[option] if name not in BASELINES]
+        if unknown:
+            raise ValueError(f"--{option}: unknown {unknown}; choose from {list(BASELINES)}")
+    return list(dict.fromkeys([*cli.config.baselines, *cli.config.baseline_extra]))
 
 
 def summary_lines(outcome: FitOutcome, baselines: Sequence[BaselineResult]) -> list[str]:

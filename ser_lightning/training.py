@@ -5,6 +5,7 @@ report comes from the returned ``FitOutcome``, built from the evaluation loops' 
 """
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from ser_lightning.checkpoints import safe_loading
 from ser_lightning.data.batches import Batch
+from ser_lightning.evaluation.calibration import fit_temperature, softmax
 from ser_lightning.evaluation.metrics import METRICS, SplitScores, split_scores
+from ser_lightning.evaluation.report import atomic_write_bytes
 from ser_lightning.models.layers import ModelOutput
 
 
@@ -26,7 +29,11 @@ class SplitPredictions:
 
     index: np.ndarray  # (N,) int
     labels: np.ndarray  # (N,) int
-    probabilities: np.ndarray  # (N, K) float
+    logits: np.ndarray  # (N, K) float, uncalibrated
+    parts: np.ndarray | None = None  # (N, H, K) each head's own logits (``SERModule.HEAD_NAMES``), or None
+
+    def probabilities(self, temperature: float = 1.0) -> np.ndarray:
+        return softmax(self.logits, temperature)
 
 
 @dataclass
@@ -41,17 +48,18 @@ class FitOutcome:
     test: SplitScores | None
     val_predictions: SplitPredictions
     test_predictions: SplitPredictions | None
+    temperature: float = 1.0  # fitted on the validation predictions; stored in the module and the best checkpoint
 
 
 class PredictionCollector(Callback):
     """Collects the probabilities of every validation or test batch of one evaluation loop."""
 
     def __init__(self) -> None:
-        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.rows: list[tuple[torch.Tensor, ...]] = []
 
     def _collect(self, outputs: ModelOutput, batch: Batch) -> None:
-        probabilities = outputs.logits.detach().float().softmax(dim=1)
-        self.parts.append((batch["index"].cpu(), batch["labels"].cpu(), probabilities.cpu()))
+        row = (batch["index"].cpu(), batch["labels"].cpu(), outputs.logits.detach().float().cpu())
+        self.rows.append(row if outputs.parts is None else (*row, outputs.parts.float().cpu()))
 
     def on_validation_batch_end(self, trainer: Trainer, module: LightningModule, outputs: ModelOutput, batch: Batch,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -63,9 +71,9 @@ class PredictionCollector(Callback):
         self._collect(outputs, batch)
 
     def take(self) -> SplitPredictions:
-        index, labels, probabilities = (torch.cat(column).numpy() for column in zip(*self.parts))
-        self.parts = []
-        return SplitPredictions(index, labels, probabilities)
+        columns = [torch.cat(column).numpy() for column in zip(*self.rows)]
+        self.rows = []
+        return SplitPredictions(*columns)
 
 
 def evaluate(trainer: Trainer, module: LightningModule, datamodule: Any, split: str,
@@ -84,7 +92,7 @@ def evaluate(trainer: Trainer, module: LightningModule, datamodule: Any, split: 
     finally:
         trainer.callbacks.remove(collector)
     predictions = collector.take()
-    scores = split_scores(predictions.labels, predictions.probabilities.argmax(1), list(datamodule.class_names))
+    scores = split_scores(predictions.labels, predictions.logits.argmax(1), list(datamodule.class_names))
     scores.metrics.update({name: float(logged[f"{split}/{name}"]) for name in METRICS})
     return scores, predictions
 
@@ -106,6 +114,24 @@ def fit_and_test(trainer: Trainer, module: LightningModule, datamodule: Any, *, 
     best_score = None if best is None or checkpoint.best_model_score is None else float(checkpoint.best_model_score)
     epochs = trainer.current_epoch
     val, val_predictions = evaluate(trainer, module, datamodule, "val", best)
+    temperature = fit_temperature(val_predictions.logits, val_predictions.labels)
+    if trainer.is_global_zero:
+        store_temperature(module, best, temperature)
+    trainer.strategy.barrier()
     test_scores, test_predictions = evaluate(trainer, module, datamodule, "test", best) if test else (None, None)
     return FitOutcome(best, best_score, epochs, time.monotonic() - start, val, test_scores, val_predictions,
-                      test_predictions)
+                      test_predictions, temperature)
+
+
+def store_temperature(module: LightningModule, checkpoint: str | None, temperature: float) -> None:
+    """Set the module's temperature and write it into the chosen checkpoint (atomically), so that
+    ``predict``, the Python API and the ONNX export use the calibrated probabilities."""
+    module.temperature.fill_(temperature)
+    if checkpoint is None:
+        return
+    with safe_loading():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state["state_dict"]["temperature"] = torch.tensor(temperature)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(Path(checkpoint), buffer.getvalue())

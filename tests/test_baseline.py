@@ -6,7 +6,7 @@ import torch
 
 from ser_lightning.data.folds import FoldPlan
 from ser_lightning.evaluation.baseline import linear_baseline, pooled_statistics
-from ser_lightning.models.normalization import utterance_statistics
+from ser_lightning.functionals import utterance_statistics
 
 CLASSES = ["a", "b", "c"]
 

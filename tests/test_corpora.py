@@ -13,7 +13,7 @@ from ser_lightning.data.corpora import CORPORA, corpus_classes, scan_corpus
 from ser_lightning.data.cremad import parse_cremad_name
 from ser_lightning.data.datamodule import SERDataModule
 from ser_lightning.data.emodb import parse_emodb_name
-from ser_lightning.models.normalization import feature_stats
+from ser_lightning.normalization import feature_stats
 from ser_lightning.data.folds import make_fold_plan
 from ser_lightning.data.manifest import scan_manifest
 from ser_lightning.data.records import DEFAULT_EMOTIONS, EMOTIONS, CorpusError

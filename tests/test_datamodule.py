@@ -13,7 +13,7 @@ from ser_lightning.data import loading as loading_module
 from ser_lightning.data.batches import BucketBatchSampler, collate_utterances
 from ser_lightning.data.datamodule import SERDataModule
 from ser_lightning.data.features import FeatureConfig, SpecAugmentConfig
-from ser_lightning.models.normalization import feature_stats
+from ser_lightning.normalization import feature_stats
 
 
 @pytest.fixture(scope="module")

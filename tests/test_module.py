@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from ser_lightning.callbacks import FigureCallback, ThrottledProgressBar
 from ser_lightning.data.batches import collate_utterances
 from ser_lightning.models.module import SERModule, class_weights_from_counts
-from ser_lightning.models.normalization import feature_stats
+from ser_lightning.normalization import feature_stats
 from ser_lightning.ops import fused_available
 from ser_lightning.plotting import attention_figure, confusion_matrix_figure
 from ser_lightning.training import fit_and_test
@@ -165,23 +165,24 @@ def test_setup_fills_buffers_from_the_datamodule_and_warns_on_missing_classes():
     torch.testing.assert_close(module.feature_mean, mean)
     torch.testing.assert_close(module.feature_std, std)
     torch.testing.assert_close(module.class_weights, torch.tensor([24 / 18, 0.0, 24 / 54]))
-    assert module.statistics_std.shape == (3 * NUM_FEATURES + 2,) and (module.statistics_std > 0).all()
+    assert module.statistics_head.std.shape == (3 * NUM_FEATURES + 2,) and (module.statistics_head.std > 0).all()
 
 
 def test_logistic_statistics_head_is_the_validation_chosen_regression_and_stays_frozen():
-    from ser_lightning.evaluation.baseline import fit_logistic
+    from ser_lightning.models.logistic import fit_logistic
 
     module = make_module(statistics_head="logistic")
     datamodule = TinyDataModule()
     module._trainer = types.SimpleNamespace(datamodule=datamodule)
     module.setup("fit")
     rows = {split: module._statistics_rows(datamodule.utterances_of(split)) for split in ("train", "val")}
-    torch.testing.assert_close(module.statistics_mean, rows["train"].mean(0))
-    standard = {split: ((r - module.statistics_mean) / module.statistics_std).double().numpy() for split, r in rows.items()}
+    head = module.statistics_head
+    torch.testing.assert_close(head.mean, rows["train"].mean(0))
+    standard = {split: ((r - head.mean) / head.std).double().numpy() for split, r in rows.items()}
     expected = fit_logistic(standard["train"], datamodule.labels_of("train"), standard["val"], datamodule.labels_of("val"),
                             scaled=True)
-    torch.testing.assert_close(module.statistics_head.weight, torch.as_tensor(expected.coef_).float())
-    assert not any(p.requires_grad for p in module.statistics_head.parameters())
+    torch.testing.assert_close(head.linear.weight, torch.as_tensor(expected.coef_).float())
+    assert not any(p.requires_grad for p in head.parameters())
     batch = fake_batch()
     step, loss = module.model_step(batch)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(step.output.logits, batch["labels"],

@@ -6,7 +6,8 @@ import torch
 
 from ser_lightning.data.features import FeatureConfig, FeatureExtractor
 from ser_lightning.data.speakers import per_utterance, speaker_statistics
-from ser_lightning.models.normalization import feature_stats, normalize, num_statistics, utterance_statistics
+from ser_lightning.functionals import num_statistics, utterance_statistics
+from ser_lightning.normalization import feature_stats, normalize
 from ser_lightning.padding import length_mask, pad_last
 
 

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler
 
-from ser_lightning.models.normalization import NORMALIZATIONS, feature_stats
+from ser_lightning.normalization import NORMALIZATIONS, feature_stats
 
 from .batches import BucketBatchSampler, UtteranceDataset, collate_utterances
 from .corpora import corpus_classes, corpus_info, scan_corpus
@@ -222,6 +222,11 @@ class SERDataModule(pl.LightningDataModule):
     def num_features(self) -> int:
         return self.feature.num_features
 
+    @property
+    def pitch_rows(self) -> bool:
+        """Whether the last two feature rows are the pitch track (the prosodic functionals read them)."""
+        return bool(self.feature.pitch)
+
     # -- data preparation -------------------------------------------------------------------
     def _corpus_root(self) -> Path:
         if self.hparams.root is not None:
@@ -273,7 +278,8 @@ class SERDataModule(pl.LightningDataModule):
         self._feature_stats = feature_stats([self.features[i] for i in self.fold_plan.train])
         if hp.normalization == "speaker":
             speakers = [(u.corpus, u.speaker) for u in self.utterances]
-            self._speaker_stats = per_utterance(speaker_statistics(self.features, speakers), speakers)
+            statistics = speaker_statistics(self.features, speakers, functionals=self.feature.pitch)
+            self._speaker_stats = per_utterance(statistics, speakers)
 
     def _plan(self, parts: list[list[Utterance]]) -> FoldPlan:
         """The fold plan of [training corpus] or [training corpus, test corpus]."""
@@ -301,12 +307,12 @@ class SERDataModule(pl.LightningDataModule):
 
     @property
     def speaker_stats(self) -> list[Tensor] | None:
-        """Per utterance, the (2, F) mean and std of its speaker (``normalization: speaker``), else None."""
+        """Per utterance, its speaker's (2, W) statistics (``normalization: speaker``; see ``data.speakers``), else None."""
         self._require_setup("speaker_stats")
         return self._speaker_stats
 
     def utterances_of(self, split: str) -> list[tuple[Tensor, Tensor | None]]:
-        """(features (F, n), speaker statistics (2, F) or None) of every utterance of ``split``, whole and unaugmented."""
+        """(features (F, n), speaker statistics (2, W) or None) of every utterance of ``split``, whole and unaugmented."""
         plan = self._require_setup("utterances_of")
         stats = self._speaker_stats
         return [(self.features[i], None if stats is None else stats[i]) for i in plan.split(split)]

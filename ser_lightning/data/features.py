@@ -28,7 +28,7 @@ import torch
 import torchaudio.transforms as T
 from torch import nn
 
-from .pitch import PITCH_ROWS, pitch_track
+from .pitch import PITCH_REACH, PITCH_ROWS, continuous_pitch, pitch_frames
 from .ssl import SAMPLE_RATE as SSL_SAMPLE_RATE
 from .ssl import SSLExtractor, SSLSpec, resolve_ssl
 
@@ -182,35 +182,134 @@ class FeatureConfig:
         return key if resolved.ssl is None else f"{key}|weights={resolved.ssl.identity()}"
 
 
+class FeatureKind(nn.Module):
+    """One kind of feature (``data.feature.name``): configuration in ``__init__``, waveform -> (F, N) in ``forward``.
+
+    A *local* kind computes every frame from the samples within ``reach`` of its centre (frame t is
+    centred on sample t * hop, zero padding outside the waveform), so a long stream can compute its
+    frames once, as the audio arrives (``ser_lightning.inference.stream``). ``raw`` gives those per-frame
+    values; ``finish`` turns the raw frames of one stretch of audio into its features (identity here).
+    """
+
+    name: str = ""
+    local = True
+
+    def __init__(self, cfg: ResolvedFeatures) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    @property
+    def reach(self) -> int:
+        """Samples on each side of a frame's centre that its value depends on (local kinds)."""
+        return self.cfg.n_fft - self.cfg.n_fft // 2
+
+    def frames(self, num_samples: int | torch.Tensor) -> int | torch.Tensor:
+        """Number of frames of a waveform of ``num_samples`` samples (centred frames every hop)."""
+        return 1 + num_samples // self.cfg.hop_length
+
+    def raw(self, wave: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finish(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.raw(wave))
+
+
+class LogMel(FeatureKind):
+    """Log-mel spectrogram (power, centred frames, zero padding)."""
+
+    name = "logmel"
+
+    def __init__(self, cfg: ResolvedFeatures) -> None:
+        super().__init__(cfg)
+        self.transform = T.MelSpectrogram(
+            sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, win_length=cfg.win_length, hop_length=cfg.hop_length,
+            f_max=cfg.f_max, n_mels=cfg.n_mels, power=2.0, center=True, pad_mode="constant",
+        )
+
+    def raw(self, wave: torch.Tensor) -> torch.Tensor:
+        return torch.log(self.transform(wave) + LOG_FLOOR)
+
+
+class Spectrogram(FeatureKind):
+    """Log-magnitude STFT with a Hamming window, the lowest ``n_bins`` bins (Zhang et al. 2018)."""
+
+    name = "spectrogram"
+
+    def __init__(self, cfg: ResolvedFeatures) -> None:
+        super().__init__(cfg)
+        self.transform = T.Spectrogram(
+            n_fft=cfg.n_fft, win_length=cfg.win_length, hop_length=cfg.hop_length,
+            window_fn=torch.hamming_window, power=1.0, center=True, pad_mode="constant",
+        )
+
+    def raw(self, wave: torch.Tensor) -> torch.Tensor:
+        return torch.log(self.transform(wave)[..., : self.cfg.n_bins, :] + LOG_FLOOR)
+
+
+class LoudnessContour(FeatureKind):
+    """The course project's 1 x 259 loudness contour of the 3 s after a 0.5 s offset (not local: a fixed window)."""
+
+    name = "loudness_contour"
+    local = False
+
+    def __init__(self, cfg: ResolvedFeatures) -> None:
+        super().__init__(cfg)
+        self.transform = T.MelSpectrogram(
+            sample_rate=cfg.sample_rate, n_fft=2048, win_length=2048, hop_length=512, f_min=0.0, f_max=cfg.f_max,
+            n_mels=cfg.n_mels, power=2.0, center=True, pad_mode="reflect", norm="slaney", mel_scale="slaney",
+        )
+        self.to_db = T.AmplitudeToDB(stype="power", top_db=80.0)
+        self.window_samples = round(CONTOUR_WINDOW_S * cfg.sample_rate)
+        self.offset_samples = round(CONTOUR_OFFSET_S * cfg.sample_rate)
+
+    def frames(self, num_samples: int | torch.Tensor) -> int | torch.Tensor:
+        frames = 1 + self.window_samples // self.cfg.hop_length
+        return torch.full_like(num_samples, frames) if isinstance(num_samples, torch.Tensor) else frames
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        window = wave[..., self.offset_samples : self.offset_samples + self.window_samples]
+        window = nn.functional.pad(window, (0, self.window_samples - window.shape[-1]))
+        power = self.transform(window)  # (..., n_mels, N)
+        # AmplitudeToDB applies top_db per (channel-packed) item: give each utterance its own channel axis.
+        db = self.to_db(power.unsqueeze(-3)).squeeze(-3)
+        return db.mean(dim=-2, keepdim=True)
+
+
+class SelfSupervised(FeatureKind):
+    """Hidden states of a self-supervised speech model (``data.ssl``; not local: a transformer sees the whole clip)."""
+
+    name = "ssl"
+    local = False
+
+    def __init__(self, cfg: ResolvedFeatures) -> None:
+        super().__init__(cfg)
+        self.transform = SSLExtractor(cfg.ssl)
+
+    def frames(self, num_samples: int | torch.Tensor) -> int | torch.Tensor:
+        return self.transform.frames(num_samples)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        return self.transform(wave)
+
+
+FEATURE_KINDS: dict[str, type[FeatureKind]] = {kind.name: kind for kind in (LogMel, Spectrogram, LoudnessContour,
+                                                                            SelfSupervised)}
+"""``data.feature.name`` -> its class. A new kind is one class here and its entry (and its ``FeatureConfig`` defaults)."""
+
+
 class FeatureExtractor(nn.Module):
-    """Waveform (T,) or (B, T) at ``cfg.sample_rate`` -> features (F, N) or (B, F, N)."""
+    """Waveform (T,) or (B, T) at ``cfg.sample_rate`` -> features (F, N) or (B, F, N): the configured kind, plus
+    the two pitch rows (``pitch_frames`` raw, made continuous by ``continuous_pitch`` in ``finish``) with ``pitch``."""
 
     def __init__(self, cfg: FeatureConfig | None = None) -> None:
         super().__init__()
         self.cfg = (cfg or FeatureConfig()).resolved()
-        c = self.cfg
-        self.sample_rate: int = c.sample_rate
-        self.hop_length = c.hop_length
-        if c.name == "logmel":
-            self.transform = T.MelSpectrogram(
-                sample_rate=c.sample_rate, n_fft=c.n_fft, win_length=c.win_length, hop_length=self.hop_length,
-                f_max=c.f_max, n_mels=c.n_mels, power=2.0, center=True, pad_mode="constant",
-            )
-        elif c.name == "ssl":
-            self.transform = SSLExtractor(c.ssl)
-        elif c.name == "spectrogram":
-            self.transform = T.Spectrogram(
-                n_fft=c.n_fft, win_length=c.win_length, hop_length=self.hop_length,
-                window_fn=torch.hamming_window, power=1.0, center=True, pad_mode="constant",
-            )
-        else:
-            self.transform = T.MelSpectrogram(
-                sample_rate=c.sample_rate, n_fft=2048, win_length=2048, hop_length=512, f_min=0.0, f_max=c.f_max,
-                n_mels=c.n_mels, power=2.0, center=True, pad_mode="reflect", norm="slaney", mel_scale="slaney",
-            )
-            self.to_db = T.AmplitudeToDB(stype="power", top_db=80.0)
-            self.window_samples = round(CONTOUR_WINDOW_S * c.sample_rate)
-            self.offset_samples = round(CONTOUR_OFFSET_S * c.sample_rate)
+        self.kind = FEATURE_KINDS[self.cfg.name](self.cfg)
+        self.sample_rate: int = self.cfg.sample_rate
+        self.hop_length = self.cfg.hop_length
 
     @property
     def num_features(self) -> int:
@@ -220,52 +319,53 @@ class FeatureExtractor(nn.Module):
     def hop_seconds(self) -> float:
         return self.hop_length / self.sample_rate
 
+    @property
+    def local(self) -> bool:
+        """Whether every frame depends only on the samples within ``reach`` of its centre (see ``FeatureKind``)."""
+        return self.kind.local
+
+    @property
+    def reach(self) -> int:
+        return max(self.kind.reach, PITCH_REACH(self.sample_rate) if self.cfg.pitch else 0)
+
     def frames(self, num_samples: int | torch.Tensor) -> int | torch.Tensor:
         """Number of feature frames for a waveform of ``num_samples`` samples."""
-        if self.cfg.name == "ssl":
-            return self.transform.frames(num_samples)
-        if self.cfg.name == "loudness_contour":
-            frames = 1 + self.window_samples // self.hop_length
-            return torch.full_like(num_samples, frames) if isinstance(num_samples, torch.Tensor) else frames
-        return 1 + num_samples // self.hop_length
+        return self.kind.frames(num_samples)
+
+    def raw(self, wave: torch.Tensor) -> torch.Tensor:
+        """Per-frame values of a mono (T,) waveform (local kinds): the kind's rows, then the raw pitch rows."""
+        rows = self.kind.raw(wave.float())
+        if not self.cfg.pitch:
+            return rows
+        return torch.cat([rows, pitch_frames(wave.float(), self.sample_rate, self.hop_length).to(rows)], dim=-2)
+
+    def finish(self, raw: torch.Tensor) -> torch.Tensor:
+        """The features of one stretch of audio from its raw frames (``raw``)."""
+        rows = self.kind.finish(raw[: raw.shape[0] - PITCH_ROWS] if self.cfg.pitch else raw)
+        if not self.cfg.pitch:
+            return rows
+        return torch.cat([rows, continuous_pitch(raw[-PITCH_ROWS:])], dim=-2)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         if wave.dim() not in (1, 2):
             raise ValueError(f"FeatureExtractor expects a waveform (T,) or (B, T), got shape {tuple(wave.shape)}")
         wave = wave.float()
-        if self.cfg.name == "ssl":
-            return self.transform(wave)
-        if self.cfg.name == "loudness_contour":
-            return self._loudness_contour(wave)
-        spec = self.transform(wave)
-        if self.cfg.name == "spectrogram":
-            spec = spec[..., : self.cfg.n_bins, :]
-        features = torch.log(spec + LOG_FLOOR)
-        if not self.cfg.pitch:
-            return features
-        waves = wave if wave.dim() == 2 else wave.unsqueeze(0)
-        pitch = torch.stack([pitch_track(w, self.sample_rate, self.hop_length) for w in waves])
-        pitch = pitch.to(features) if wave.dim() == 2 else pitch[0].to(features)
-        return torch.cat([features, pitch], dim=-2)
+        if not self.kind.local or not self.cfg.pitch:
+            return self.kind(wave)
+        if wave.dim() == 1:
+            return self.finish(self.raw(wave))
+        return torch.stack([self.finish(self.raw(w)) for w in wave])
 
     def load(self) -> None:
         """Load what the extractor needs before its first waveform (the ssl model); nothing for the others."""
         if self.cfg.name == "ssl":
-            self.transform.load()
+            self.kind.transform.load()
 
     def extract_many(self, waves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Features of each waveform (T_i,): batched where the front end allows it (ssl), else one by one."""
         if self.cfg.name == "ssl":
-            return self.transform.extract_many(waves)
+            return self.kind.transform.extract_many(waves)
         return [self(wave) for wave in waves]
-
-    def _loudness_contour(self, wave: torch.Tensor) -> torch.Tensor:
-        window = wave[..., self.offset_samples : self.offset_samples + self.window_samples]
-        window = nn.functional.pad(window, (0, self.window_samples - window.shape[-1]))
-        power = self.transform(window)  # (..., n_mels, N)
-        # AmplitudeToDB applies top_db per (channel-packed) item: give each utterance its own channel axis.
-        db = self.to_db(power.unsqueeze(-3)).squeeze(-3)
-        return db.mean(dim=-2, keepdim=True)
 
 
 @dataclass

@@ -22,21 +22,45 @@ OCTAVE_MARGIN = 0.9
 """A peak at a shorter lag wins when it reaches this fraction of the highest peak."""
 
 
-def pitch_track(
+WIN_MS = 40.0
+VOICING_THRESHOLD = 0.45
+
+
+def _window(sample_rate: int, win_ms: float = WIN_MS) -> int:
+    return max(4, round(sample_rate * win_ms / 1000))
+
+
+def PITCH_REACH(sample_rate: int) -> int:  # noqa: N802 - a constant of the sample rate
+    """Samples on each side of a frame's centre that its raw pitch values depend on."""
+    win = _window(sample_rate)
+    return win - win // 2
+
+
+def pitch_track(wave: Tensor, sample_rate: int, hop_length: int, **options: float) -> Tensor:
+    """(T,) waveform -> (2, 1 + T // hop_length): semitones re 100 Hz (continuous) and voicing strength."""
+    return continuous_pitch(pitch_frames(wave, sample_rate, hop_length, **options))
+
+
+def continuous_pitch(raw: Tensor, voicing_threshold: float = VOICING_THRESHOLD) -> Tensor:
+    """Raw (2, N) frames (``pitch_frames``) -> the semitone row interpolated through unvoiced frames, and the strength."""
+    return torch.stack([_through_unvoiced(raw[0], raw[1] > voicing_threshold), raw[1]])
+
+
+def pitch_frames(
     wave: Tensor,
     sample_rate: int,
     hop_length: int,
     *,
-    win_ms: float = 40.0,
+    win_ms: float = WIN_MS,
     f_min: float = 60.0,
     f_max: float = 500.0,
-    voicing_threshold: float = 0.45,
 ) -> Tensor:
-    """(T,) waveform -> (2, 1 + T // hop_length): semitones re 100 Hz and voicing strength."""
+    """(T,) waveform -> raw (2, 1 + T // hop_length) frames: the semitones of each frame's best lag (also where it is
+    unvoiced) and the voicing strength; every frame depends only on the samples within ``PITCH_REACH`` of its centre."""
     if wave.dim() != 1:
         raise ValueError(f"pitch_track expects a waveform (T,), got shape {tuple(wave.shape)}")
     wave = wave.float()
-    win = max(4, round(sample_rate * win_ms / 1000))
+    win = _window(sample_rate, win_ms)
     num_frames = 1 + wave.numel() // hop_length
     padded = torch.nn.functional.pad(wave, (win // 2, win // 2))
     needed = (num_frames - 1) * hop_length + win
@@ -59,7 +83,7 @@ def pitch_track(
     best = torch.where(peaks.any(dim=1), peaks.int().argmax(dim=1) + 1, nccf.argmax(dim=1))  # argmax: first peak
     strength = nccf.gather(1, best.unsqueeze(1)).squeeze(1).clamp(0.0, 1.0)
     semitones = 12 * torch.log2(sample_rate / lags[best].float() / 100.0)
-    return torch.stack([_through_unvoiced(semitones, strength > voicing_threshold), strength])
+    return torch.stack([semitones, strength])
 
 
 def _through_unvoiced(values: Tensor, voiced: Tensor) -> Tensor:

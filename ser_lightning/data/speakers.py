@@ -3,8 +3,11 @@
 ``normalization: speaker`` standardises every utterance with the per-row mean and standard
 deviation of all recordings of its speaker (training, validation and test speakers alike: a
 speaker's unlabelled audio is available at test time, as in any deployment that enrols a speaker).
-The functions here take features and speaker ids only, so they cannot read a label, and a speaker's
-statistics depend on that speaker's recordings alone.
+With the pitch rows, a speaker's statistics also hold the mean and standard deviation of each
+prosodic functional over that speaker's utterances (``ser_lightning.functionals``), so that the
+statistics head reads functionals relative to the speaker's own voice: a (2, F + G) tensor, frame
+rows first. The functions here take features and speaker ids only, so they cannot read a label, and a
+speaker's statistics depend on that speaker's recordings alone.
 """
 from __future__ import annotations
 
@@ -13,19 +16,35 @@ from collections.abc import Hashable, Sequence
 import torch
 from torch import Tensor
 
-from ser_lightning.models.normalization import feature_stats
+from ser_lightning.functionals import prosodic_rows
+from ser_lightning.normalization import STD_FLOOR, feature_stats
 
 
-def speaker_statistics(features: Sequence[Tensor], speakers: Sequence[Hashable]) -> dict[Hashable, Tensor]:
-    """Speaker id -> (2, F) tensor of per-row mean and std over all frames of that speaker's utterances."""
+def speaker_statistics(features: Sequence[Tensor], speakers: Sequence[Hashable], *,
+                       functionals: bool = False) -> dict[Hashable, Tensor]:
+    """Speaker id -> (2, F) per-row mean and std over all frames of that speaker's utterances; with
+    ``functionals``, (2, F + G): then also the mean and std of each utterance-level prosodic functional."""
     if len(features) != len(speakers):
         raise ValueError(f"speaker_statistics: {len(features)} feature tensors but {len(speakers)} speaker ids")
-    groups: dict[Hashable, list[Tensor]] = {}
-    for tensor, speaker in zip(features, speakers):
-        groups.setdefault(speaker, []).append(tensor)
-    return {speaker: torch.stack(feature_stats(group)) for speaker, group in groups.items()}
+    groups: dict[Hashable, list[int]] = {}
+    for index, speaker in enumerate(speakers):
+        groups.setdefault(speaker, []).append(index)
+    rows = prosodic_rows(list(features)) if functionals else None
+    statistics = {}
+    for speaker, indices in groups.items():
+        frames = torch.stack(feature_stats([features[i] for i in indices]))
+        if rows is not None:
+            frames = torch.cat([frames, functional_stats(rows[indices])], dim=1)
+        statistics[speaker] = frames
+    return statistics
+
+
+def functional_stats(rows: Tensor) -> Tensor:
+    """(2, G) mean and standard deviation (floored) of (n, G) utterance functionals."""
+    rows = rows.double()
+    return torch.stack([rows.mean(0), rows.std(0, unbiased=False).clamp_min(STD_FLOOR)]).float()
 
 
 def per_utterance(statistics: dict[Hashable, Tensor], speakers: Sequence[Hashable]) -> list[Tensor]:
-    """The (2, F) statistics of each utterance's speaker, in utterance order."""
+    """The statistics of each utterance's speaker, in utterance order."""
     return [statistics[speaker] for speaker in speakers]

@@ -1,23 +1,24 @@
-"""The linear baseline shown beside every result: pooled statistics -> standardisation -> logistic regression.
+"""The linear baselines shown beside every result: fixed features -> standardisation -> logistic regression.
 
-For each fold, on exactly the model's split: the utterance statistics of the configured input
-(``models.normalization.utterance_statistics``: per-row mean, standard deviation and mean absolute
-change over the valid frames, the loudness dynamics and the log duration), a ``StandardScaler``
+For each fold, on exactly the model's split: one row of features per utterance, a ``StandardScaler``
 fitted on the training split, and a class-balanced ``LogisticRegression`` whose C is chosen by the
 validation speakers' UA (ties: the smaller C). The test split is scored once, at the end.
 
-Variants (``baseline_features``):
+The baselines (``BASELINES``; ``DEFAULT_BASELINES`` run in every report):
 
-- ``pooled``: the statistics of the raw features (the specified baseline, always first);
-- ``pooled_speaker``: the same after speaker normalisation (added automatically when the model uses
-  ``normalization: speaker``, so a reader sees how much of a gain the normalisation alone gives);
-- ``egemaps`` / ``compare``: openSMILE eGeMAPSv02 / ComParE_2016 functionals (the ``opensmile``
-  package, an optional extra), with C chosen by speaker-grouped 5-fold CV on the training and
-  validation speakers and the final model refitted on both: the field's classical recipe.
+- ``pooled``: ``functionals.utterance_statistics`` of the raw input features (per-row mean, standard
+  deviation and mean absolute change, the loudness dynamics and the log duration);
+- ``pooled_speaker``: the same after speaker normalisation of the frames;
+- ``egemaps_speaker`` / ``compare_speaker``: openSMILE eGeMAPSv02 (88) / ComParE_2016 (6373) functionals,
+  z-normalised per speaker (each speaker's mean and standard deviation over that speaker's utterances,
+  no labels: exactly as ``normalization: speaker`` treats a speaker) -- the field's standard recipe;
+- ``egemaps`` / ``compare`` (``--baseline_extra``): the same functionals without speaker normalisation,
+  with C chosen by speaker-grouped 5-fold CV on the training and validation speakers and the final model
+  refitted on both: the field's classical recipe.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,10 @@ from torch import Tensor
 
 from ser_lightning.data.folds import FoldPlan
 from ser_lightning.evaluation.metrics import SplitScores, split_scores
-from ser_lightning.models.normalization import normalize, utterance_statistics
+from ser_lightning.functionals import utterance_statistics
+from ser_lightning.models.logistic import C_GRID, classifier, fit_logistic, unweighted_accuracy
+from ser_lightning.normalization import normalize
 
-C_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
-BASELINE_FEATURES = ("pooled", "pooled_speaker", "egemaps", "compare")
 OPENSMILE_SETS = {"egemaps": "eGeMAPSv02", "compare": "ComParE_2016"}
 INNER_FOLDS = 5
 
@@ -54,33 +55,10 @@ def pooled_statistics(features: Sequence[Tensor], speaker_stats: Sequence[Tensor
         batch = utterance.double().unsqueeze(0)
         lengths = torch.tensor([utterance.shape[-1]])
         if speaker_stats is not None:
-            stats = speaker_stats[position].double()
+            stats = speaker_stats[position][:, : utterance.shape[0]].double()  # the frame rows' statistics
             batch = normalize(batch, lengths, "speaker", stats[0].unsqueeze(0), stats[1].unsqueeze(0))
         rows.append(utterance_statistics(batch, lengths)[0])
     return torch.stack(rows).numpy()
-
-
-def _classifier(c: float, scaled: bool = False):
-    """Class-balanced logistic regression (after a StandardScaler unless the inputs are ``scaled`` already)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    model = LogisticRegression(C=c, class_weight="balanced", max_iter=5000)
-    return model if scaled else make_pipeline(StandardScaler(), model)
-
-
-def fit_logistic(train_inputs: np.ndarray, train_targets: Sequence[int], val_inputs: np.ndarray,
-                 val_targets: Sequence[int], *, scaled: bool = False) -> Any:
-    """The classifier fitted on the training rows whose C maximises the validation UA (ties: the smaller C)."""
-    fitted = [_classifier(c, scaled).fit(train_inputs, train_targets) for c in C_GRID]
-    return fitted[int(np.argmax([_ua(np.asarray(val_targets), model.predict(val_inputs)) for model in fitted]))]
-
-
-def _ua(labels: np.ndarray, predictions: np.ndarray) -> float:
-    from sklearn.metrics import balanced_accuracy_score
-
-    return float(balanced_accuracy_score(labels, predictions))
 
 
 def linear_baseline(name: str, inputs: np.ndarray, labels: Sequence[int], plan: FoldPlan, class_names: list[str],
@@ -97,10 +75,10 @@ def linear_baseline(name: str, inputs: np.ndarray, labels: Sequence[int], plan: 
     train, val, test = (np.asarray(indices) for indices in (plan.train, plan.val, plan.test))
 
     def fit(rows: np.ndarray, c: float) -> Any:
-        return _classifier(c).fit(inputs[rows], targets[rows])
+        return classifier(c).fit(inputs[rows], targets[rows])
 
     def ua(model: Any, rows: np.ndarray) -> float:
-        return _ua(targets[rows], model.predict(inputs[rows]))
+        return unweighted_accuracy(targets[rows], model.predict(inputs[rows]))
 
     if selection == "validation":
         model = fit_logistic(inputs[train], targets[train], inputs[val], targets[val])
@@ -145,25 +123,73 @@ def opensmile_functionals(paths: Sequence[Path], feature_set: str, cache_dir: Pa
     return np.stack([cache.get_or_compute(path, lambda p=path: compute(p), None)[:, 0].numpy() for path in paths])
 
 
-def run_baselines(datamodule, names: Sequence[str] = ("pooled",)) -> list[BaselineResult]:
+@dataclass(frozen=True)
+class Baseline:
+    """One baseline: its title in reports, its per-utterance inputs, and how C is chosen."""
+
+    title: str
+    inputs: Callable[[Any], np.ndarray]  # datamodule (after setup) -> (N, D)
+    selection: str = "validation"
+
+
+def _speakers(datamodule) -> list[str]:
+    return [f"{u.corpus}/{u.speaker}" for u in datamodule.utterances]
+
+
+def _pooled_speaker(datamodule) -> np.ndarray:
+    from ser_lightning.data.speakers import per_utterance, speaker_statistics
+
+    speakers = _speakers(datamodule)
+    return pooled_statistics(datamodule.features, per_utterance(speaker_statistics(datamodule.features, speakers),
+                                                                speakers))
+
+
+def per_speaker_z(rows: np.ndarray, speakers: Sequence[str]) -> np.ndarray:
+    """Rows z-normalised with the mean and standard deviation of their speaker's rows (no labels)."""
+    from ser_lightning.data.speakers import functional_stats
+
+    rows = np.asarray(rows, dtype=np.float64)
+    result = np.empty_like(rows)
+    speakers = np.asarray(speakers)
+    for speaker in dict.fromkeys(speakers):
+        mine = speakers == speaker
+        stats = functional_stats(torch.from_numpy(rows[mine])).double().numpy()
+        result[mine] = (rows[mine] - stats[0]) / stats[1]
+    return result
+
+
+def _opensmile(feature_set: str, per_speaker: bool) -> Callable[[Any], np.ndarray]:
+    def inputs(datamodule) -> np.ndarray:
+        rows = opensmile_functionals([u.path for u in datamodule.utterances], feature_set, datamodule.cache_dir)
+        return per_speaker_z(rows, _speakers(datamodule)) if per_speaker else rows
+
+    return inputs
+
+
+BASELINES: dict[str, Baseline] = {
+    "pooled": Baseline("pooled statistics + logistic regression", lambda dm: pooled_statistics(dm.features)),
+    "pooled_speaker": Baseline("speaker-normalised pooled statistics + logistic regression", _pooled_speaker),
+    "egemaps_speaker": Baseline("openSMILE eGeMAPSv02 functionals, z-normalised per speaker, + logistic regression",
+                                _opensmile("egemaps", True)),
+    "compare_speaker": Baseline("openSMILE ComParE_2016 functionals, z-normalised per speaker, + logistic regression",
+                                _opensmile("compare", True)),
+    "egemaps": Baseline("openSMILE eGeMAPSv02 functionals + logistic regression", _opensmile("egemaps", False),
+                        "inner_cv"),
+    "compare": Baseline("openSMILE ComParE_2016 functionals + logistic regression", _opensmile("compare", False),
+                        "inner_cv"),
+}
+DEFAULT_BASELINES = ("pooled", "pooled_speaker", "egemaps_speaker", "compare_speaker")
+
+
+def run_baselines(datamodule, names: Sequence[str] = DEFAULT_BASELINES) -> list[BaselineResult]:
     """The requested baselines on the datamodule's current fold (after its ``setup``)."""
+    unknown = [name for name in names if name not in BASELINES]
+    if unknown:
+        raise ValueError(f"baseline: unknown {unknown}; choose from {list(BASELINES)}")
     plan, labels, class_names = datamodule.fold_plan, datamodule.labels, datamodule.class_names
     results = []
     for name in names:
-        if name == "pooled":
-            results.append(linear_baseline(name, pooled_statistics(datamodule.features), labels, plan, class_names))
-        elif name == "pooled_speaker":
-            speakers = [(u.corpus, u.speaker) for u in datamodule.utterances]
-            from ser_lightning.data.speakers import per_utterance, speaker_statistics
-
-            stats = per_utterance(speaker_statistics(datamodule.features, speakers), speakers)
-            results.append(linear_baseline(name, pooled_statistics(datamodule.features, stats), labels, plan,
-                                           class_names))
-        elif name in OPENSMILE_SETS:
-            functionals = opensmile_functionals([u.path for u in datamodule.utterances], name, datamodule.cache_dir)
-            groups = [f"{u.corpus}/{u.speaker}" for u in datamodule.utterances]
-            results.append(linear_baseline(name, functionals, labels, plan, class_names, selection="inner_cv",
-                                           groups=groups))
-        else:
-            raise ValueError(f"baseline: unknown features {name!r}; choose from {list(BASELINE_FEATURES)}")
+        baseline = BASELINES[name]
+        results.append(linear_baseline(name, baseline.inputs(datamodule), labels, plan, class_names,
+                                       selection=baseline.selection, groups=_speakers(datamodule)))
     return results

@@ -89,6 +89,9 @@ def run_args(spec: RunSpec) -> list[str]:
 def run_fold(spec: RunSpec) -> dict:
     """Fit one run, test its best checkpoint and the baselines, and return (and store) its result."""
     from ser_lightning.evaluation.baseline import run_baselines
+    from ser_lightning.evaluation.calibration import calibration_summary, softmax
+    from ser_lightning.evaluation.metrics import split_scores
+    from ser_lightning.models.module import HEAD_NAMES
     from ser_lightning.lightning_cli import baseline_names, build_cli
     from ser_lightning.training import fit_and_test
 
@@ -100,9 +103,14 @@ def run_fold(spec: RunSpec) -> dict:
     resumed_from = resume_epoch(last)
     outcome = fit_and_test(trainer, module, datamodule, resume_from=last if resumed_from is not None else None)
     plan = datamodule.fold_plan
-    baselines = run_baselines(datamodule, baseline_names(cli))
-    order = {index: position for position, index in enumerate(outcome.test_predictions.index.tolist())}
-    probabilities = outcome.test_predictions.probabilities[[order[i] for i in plan.test]]
+    baselines = run_baselines(datamodule, baseline_names(cli)) if spec.repeat == 0 else []  # deterministic per fold
+    predictions = outcome.test_predictions
+    order = {index: position for position, index in enumerate(predictions.index.tolist())}
+    rows = [order[i] for i in plan.test]
+    logits, labels = predictions.logits[rows], predictions.labels[rows]
+    probabilities = softmax(logits, outcome.temperature)
+    parts = {} if predictions.parts is None else {
+        name: predictions.parts[rows, k] for k, name in enumerate(HEAD_NAMES[: predictions.parts.shape[1]])}
     result = {
         "fold": spec.fold,
         "repeat": spec.repeat,
@@ -128,7 +136,12 @@ def run_fold(spec: RunSpec) -> dict:
         "num_test_utterances": len(plan.test),
         "test_utterances": [str(datamodule.utterances[i].path) for i in plan.test],
         "test_labels": [datamodule.labels[i] for i in plan.test],
-        "test_probabilities": [[round(float(p), 6) for p in row] for row in probabilities],
+        "test_probabilities": _rounded(probabilities),
+        "test_logits": _rounded(logits),
+        "temperature": outcome.temperature,
+        "calibration": calibration_summary(logits, labels, outcome.temperature),
+        "head_metrics": {name: split_scores(labels, values.argmax(1), list(datamodule.class_names)).metrics
+                         for name, values in parts.items()},
         "train_speakers": plan.train_speakers,
         "val_speakers": plan.val_speakers,
         "test_speakers": plan.test_speakers,
@@ -142,6 +155,10 @@ def run_fold(spec: RunSpec) -> dict:
     }
     atomic_write_text(spec.folder / "result.json", json.dumps(result, indent=2))
     return result
+
+
+def _rounded(values) -> list[list[float]]:
+    return [[round(float(v), 6) for v in row] for row in values]
 
 
 def resume_epoch(last: Path) -> int | None:

@@ -17,14 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ser_lightning.evaluation.baseline import BASELINES
 from ser_lightning.evaluation.metrics import METRICS, split_scores
 
-BASELINE_TITLES = {
-    "pooled": "pooled statistics + logistic regression",
-    "pooled_speaker": "speaker-normalised pooled statistics + logistic regression",
-    "egemaps": "openSMILE eGeMAPSv02 functionals + logistic regression",
-    "compare": "openSMILE ComParE_2016 functionals + logistic regression",
-}
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -95,7 +90,28 @@ def _fold_entry(runs: list[dict]) -> dict:
         "baselines": baselines,
         "test_utterances": first["test_utterances"],
         "wall_seconds": sum(r["wall_seconds"] for r in runs),
+        "head_UA": {name: statistics.fmean(r["head_metrics"][name]["UA"] for r in runs)
+                    for name in first.get("head_metrics", {}) if all(name in r.get("head_metrics", {}) for r in runs)},
+        "calibration": _calibration_entry(runs),
     }
+
+
+def _calibration_entry(runs: list[dict]) -> dict | None:
+    """The fold's calibration numbers, averaged over its runs (None for results without them)."""
+    if not all("calibration" in r for r in runs):
+        return None
+    keys = ("temperature", "ece_before", "ece_after", "brier_before", "brier_after")
+    entry = {key: statistics.fmean(r["calibration"][key] for r in runs) for key in keys}
+    entry["selective"] = [
+        {"threshold": rows[0]["threshold"], "coverage": statistics.fmean(row["coverage"] for row in rows),
+         "accuracy": _nanmean([row["accuracy"] for row in rows])}
+        for rows in zip(*(r["calibration"]["selective"] for r in runs))]
+    return entry
+
+
+def _nanmean(values: list[float]) -> float:
+    kept = [v for v in values if v == v]
+    return statistics.fmean(kept) if kept else float("nan")
 
 
 def _ensemble_entry(runs: list[dict]) -> dict | None:
@@ -146,7 +162,7 @@ def summarize(runs: list[dict]) -> dict:
         summary["per_class_recall"][cls] = {"mean": mean, "std": std}
     for name in folds[0]["baselines"]:
         present = [f for f in folds if name in f["baselines"]]
-        entry = {"title": BASELINE_TITLES.get(name, name), "mean": {}, "std": {}}
+        entry = {"title": BASELINES[name].title if name in BASELINES else name, "mean": {}, "std": {}}
         for metric in METRICS:
             entry["mean"][metric], entry["std"][metric] = mean_std([f["baselines"][name]["metrics"][metric]
                                                                     for f in present])
@@ -155,6 +171,25 @@ def summarize(runs: list[dict]) -> dict:
             entry["ensemble_UA_difference"] = _paired(
                 [f["ensemble_metrics"]["UA"] - f["baselines"][name]["metrics"]["UA"] for f in present])
         summary["baselines"][name] = entry
+    heads = [name for name in folds[0]["head_UA"] if all(name in f["head_UA"] for f in folds)]
+    if heads:
+        summary["heads"] = {name: dict(zip(("mean", "std"), mean_std([f["head_UA"][name] for f in folds])),
+                                       per_fold=[f["head_UA"][name] for f in folds]) for name in heads}
+        if "statistics" in heads:
+            summary["heads"]["network_contribution"] = _paired(
+                [f["metrics"]["UA"] - f["head_UA"]["statistics"] for f in folds])
+    if all(f["calibration"] for f in folds):
+        calibration = {key: dict(zip(("mean", "std"), mean_std([f["calibration"][key] for f in folds])))
+                       for key in ("temperature", "ece_before", "ece_after", "brier_before", "brier_after")}
+        calibration["ece_lower_after"] = sum(f["calibration"]["ece_after"] < f["calibration"]["ece_before"]
+                                             for f in folds)
+        calibration["selective"] = [
+            {"threshold": rows[0]["threshold"], "coverage": statistics.fmean(r["coverage"] for r in rows),
+             "accuracy": _nanmean([r["accuracy"] for r in rows])}
+            for rows in zip(*(f["calibration"]["selective"] for f in folds))]
+        summary["calibration"] = calibration
+    if summary["baselines"]:
+        summary["strongest_baseline"] = max(summary["baselines"], key=lambda n: summary["baselines"][n]["mean"]["UA"])
     if all(f["ensemble_metrics"] for f in folds):
         summary["ensemble"] = {"mean": {}, "std": {}}
         for name in METRICS:
@@ -255,6 +290,12 @@ def markdown(summary: dict) -> str:
                 line += (f"; the seed ensemble {_wins(ensemble)}, UA difference "
                          f"{100 * ensemble['mean']:+.1f} +- {100 * ensemble['std']:.1f} points")
             lines.append(line)
+    if "strongest_baseline" in summary:
+        name = summary["strongest_baseline"]
+        paired = summary["baselines"][name]["UA_difference"]
+        lines += ["", f"Strongest baseline: **{name}**; against it the model {_wins(paired)} "
+                  f"(UA difference {100 * paired['mean']:+.1f} +- {100 * paired['std']:.1f} points)."]
+    lines += _heads_lines(summary) + _calibration_lines(summary)
     lines += ["", "Per-class recall % (mean +- std over folds):", "",
               "| " + " | ".join(summary["class_names"]) + " |", "|" + "---|" * len(summary["class_names"]),
               "| " + " | ".join(f"{_pct(r['mean'])} +- {_pct(r['std'])}" for r in summary["per_class_recall"].values())
@@ -267,6 +308,52 @@ def markdown(summary: dict) -> str:
     lines += ["", f"Std is the sample standard deviation over folds. Seeds: {summary['seeds']}. "
               "Checkpoints were chosen by the validation speakers' UA; every test fold was used once per run."]
     return "\n".join(lines) + "\n"
+
+
+def _heads_lines(summary: dict) -> list[str]:
+    """What each part adds: the same trained models scored with one head at a time, and with both."""
+    if "heads" not in summary:
+        return []
+    heads = summary["heads"]
+    titles = {"statistics": "statistics head alone", "attention": "attention network alone (its logits only)"}
+    lines = ["", "What each part adds (the same trained models, each head's logits alone, then their sum; UA %):", "",
+             "| | " + " | ".join(f"fold {f}" for f in summary["folds_reported"]) + " | mean +- std |",
+             "|---|" + "---|" * (len(summary["folds_reported"]) + 1)]
+    for name in ("statistics", "attention"):
+        if name in heads:
+            lines.append(f"| {titles[name]} | " + " | ".join(_pct(v) for v in heads[name]["per_fold"])
+                         + f" | {_pct(heads[name]['mean'])} +- {_pct(heads[name]['std'])} |")
+    lines.append("| both (the model) | " + " | ".join(_pct(f["metrics"]["UA"]) for f in summary["folds"])
+                 + f" | {_pct(summary['mean']['UA'])} +- {_pct(summary['std']['UA'])} |")
+    if "network_contribution" in heads:
+        paired = heads["network_contribution"]
+        lines += ["", f"The network's own contribution (both minus the statistics head alone): "
+                  f"{100 * paired['mean']:+.1f} +- {100 * paired['std']:.1f} UA points; it helps in "
+                  f"{paired['wins']} of {paired['folds']} folds."]
+    return lines
+
+
+def _calibration_lines(summary: dict) -> list[str]:
+    if "calibration" not in summary:
+        return []
+    c = summary["calibration"]
+
+    def cell(key: str, scale: float = 100.0) -> str:
+        return f"{scale * c[key]['mean']:.1f} +- {scale * c[key]['std']:.1f}"
+
+    folds = len(summary["folds_reported"])
+    lines = ["", "Calibration of the test probabilities (temperature fitted on the validation speakers; ECE over 15 "
+             "bins, in %; Brier score x 100):", "",
+             "| | ECE % | Brier x 100 |", "|---|---|---|",
+             f"| before temperature scaling | {cell('ece_before')} | {cell('brier_before')} |",
+             f"| after (T = {c['temperature']['mean']:.2f} +- {c['temperature']['std']:.2f}) | {cell('ece_after')} | "
+             f"{cell('brier_after')} |", "",
+             f"ECE is lower after scaling in {c['ece_lower_after']} of {folds} folds.", "",
+             "Abstention (answer only when the top probability reaches the threshold; after scaling):", "",
+             "| threshold | coverage % | accuracy on the answered % |", "|---|---|---|"]
+    lines += [f"| {row['threshold']:.2f} | {_pct(row['coverage'])} | "
+              + ("-" if row["accuracy"] != row["accuracy"] else _pct(row["accuracy"])) + " |" for row in c["selective"]]
+    return lines
 
 
 def confusion_png(summary: dict) -> bytes:

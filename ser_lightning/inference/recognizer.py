@@ -37,7 +37,7 @@ from ser_lightning.checkpoints import (
 from ser_lightning.data.audio import AudioError, audio_duration, iter_audio_blocks, load_audio
 from ser_lightning.data.features import FeatureConfig, FeatureExtractor
 from ser_lightning.models.ensemble import SeedEnsemble
-from ser_lightning.models.normalization import feature_stats
+from ser_lightning.data.speakers import speaker_statistics
 from ser_lightning.padding import pad_last
 
 __all__ = ["CheckpointError", "EmotionRecognizer", "Prediction", "WindowPrediction"]
@@ -195,23 +195,32 @@ class EmotionRecognizer:
         """Whether the model normalises with speaker statistics (``normalization: speaker``)."""
         return self.module.hparams.normalization == "speaker"
 
+    @property
+    def speaker_functionals(self) -> bool:
+        """Whether a speaker's statistics also hold the prosodic functionals' (``data.speakers``): speaker
+        normalisation with the pitch rows."""
+        return self.needs_speaker_stats and bool(self.module.hparams.get("pitch_rows", False))
+
     @torch.no_grad()
     def speaker_statistics(self, sources: Iterable[str | Path | Tensor]) -> Tensor:
-        """(2, F) mean and std of the features of one speaker's recordings (files, or waveforms at the model's rate).
+        """(2, W) statistics of one speaker's recordings (files, or waveforms at the model's rate): the mean and std
+        of every feature row, then (``speaker_functionals``) of every prosodic functional over the recordings.
 
         Files are streamed in blocks, so long recordings are never held whole. Raises AudioError naming
         the first file that cannot be read.
         """
-        features = []
+        recordings = []
         for source in sources:
             if isinstance(source, Tensor):
                 blocks = source.split(self.window_samples)
             else:
                 blocks = iter_audio_blocks(source, self.sample_rate, block_seconds=max(self.window_seconds, 30.0))
-            features += [self.extractor(block.to(self.device)).cpu() for block in blocks if block.numel()]
-        if not features:
+            features = [self.extractor(block.to(self.device)).cpu() for block in blocks if block.numel()]
+            if features:
+                recordings.append(torch.cat(features, dim=1))
+        if not recordings:
             raise AudioError("speaker statistics: no audio to compute them from")
-        return torch.stack(feature_stats(features))
+        return speaker_statistics(recordings, [0] * len(recordings), functionals=self.speaker_functionals)[0]
 
     def _stats_for(self, speaker_stats: Tensor | None, count: int, name: str) -> Tensor | None:
         if not self.needs_speaker_stats:

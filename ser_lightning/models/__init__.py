@@ -1,2 +1,2 @@
-"""Attention FCNs (``seed1d``, ``zhang2d``), their layers, normalisation and the LightningModule
+"""Attention FCNs (``seed1d``, ``zhang2d``), their layers and the LightningModule
 (``module.SERModule``). This package imports nothing itself; import the modules you need."""

@@ -22,13 +22,15 @@ class ModelOutput(NamedTuple):
 
     logits: (B, K); alpha: (B, L) attention weights, zero past positions[b]; positions: (B,) int64
     valid attention positions (a prefix of each row); grid: (F', T') of the 2-D model's last feature
-    map, alpha[b, t * F' + f] being the weight of frequency f at time t; None for 1-D models.
+    map, alpha[b, t * F' + f] being the weight of frequency f at time t; None for 1-D models. parts: (B, H, K)
+    each head's own logits when a model has several (``SERModule``'s evaluation steps), else None.
     """
 
     logits: Tensor
     alpha: Tensor
     positions: Tensor
     grid: tuple[int, int] | None = None
+    parts: Tensor | None = None
 
 
 def conv_output_length(n: int | Tensor, kernel: int, stride: int, padding: int = 0, dilation: int = 1) -> int | Tensor:

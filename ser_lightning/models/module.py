@@ -20,7 +20,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from ser_lightning.data.batches import Batch
 from ser_lightning.models.attention import BACKENDS
 from ser_lightning.models.layers import ModelOutput
-from ser_lightning.models.normalization import NORMALIZATIONS, normalize, num_statistics, utterance_statistics
+from ser_lightning.models.heads import HEADS, STATISTICS_SETS, StatisticsHead
+from ser_lightning.normalization import NORMALIZATIONS, normalize
 from ser_lightning.models.seed1d import Seed1D
 from ser_lightning.models.zhang2d import Zhang2D
 
@@ -28,7 +29,7 @@ ARCHS = ("seed1d", "zhang2d")
 DEFAULT_LAM = {"seed1d": 0.8, "zhang2d": 0.3}
 DEFAULT_DROPOUT = {"seed1d": 0.0, "zhang2d": 0.5}
 LR_SCHEDULES = ("constant", "cosine")
-STATISTICS_HEADS = ("none", "joint", "logistic")
+STATISTICS_HEADS = ("none", *HEADS)
 MONITOR = "val/UA"
 CHECKPOINT_FILENAME = "epoch{epoch:03d}-valUA{val/UA:.4f}"
 
@@ -77,6 +78,10 @@ def check_options(options: Mapping[str, Any]) -> None:
         (o["mixup_alpha"] >= 0, f"model.mixup_alpha must be >= 0, got {o['mixup_alpha']}"),
         (o["statistics_head"] in STATISTICS_HEADS,
          f"model.statistics_head must be one of {STATISTICS_HEADS}, got {o['statistics_head']!r}"),
+        (len(o["statistics"]) >= 1 and all(name in STATISTICS_SETS for name in o["statistics"]),
+         f"model.statistics must list one or more of {STATISTICS_SETS}, got {o['statistics']!r}"),
+        ("prosodic" not in o["statistics"] or o["statistics_head"] == "none" or o["pitch_rows"],
+         "model.statistics: prosodic reads the pitch rows: set data.feature.pitch true"),
         (o["lr"] > 0, f"model.lr must be > 0, got {o['lr']}"),
         (o["weight_decay"] >= 0, f"model.weight_decay must be >= 0, got {o['weight_decay']}"),
         (o["lr_schedule"] in LR_SCHEDULES, f"model.lr_schedule must be one of {LR_SCHEDULES}, got {o['lr_schedule']!r}"),
@@ -93,6 +98,24 @@ class StepOutput(NamedTuple):
 
     output: ModelOutput  # logits = the sum of the heads' logits
     head_logits: tuple[Tensor, ...]  # (attention head, statistics head) or (attention head,)
+
+    def with_parts(self) -> ModelOutput:
+        """The output with ``parts`` (B, H, K): each head's logits (uncalibrated), for the report's ablation."""
+        return self.output._replace(parts=torch.stack(self.head_logits, dim=1).detach())
+
+
+HEAD_NAMES = ("attention", "statistics")
+"""The heads of ``StepOutput.head_logits`` / ``ModelOutput.parts``, in order."""
+
+
+def _upgrade_state_dict(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:  # noqa: ARG001
+    """Read checkpoints of earlier versions: the statistics head's old keys, no temperature (1: uncalibrated)."""
+    renames = {"statistics_head.weight": "statistics_head.linear.weight", "statistics_head.bias": "statistics_head.linear.bias",
+               "statistics_mean": "statistics_head.mean", "statistics_std": "statistics_head.std"}
+    for old, new in renames.items():
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
+    state_dict.setdefault(prefix + "temperature", torch.ones(()))
 
 
 class SERModule(LightningModule):
@@ -112,14 +135,18 @@ class SERModule(LightningModule):
         pretrained_alexnet: zhang2d: local torchvision AlexNet state dict to initialise the convs from (read when
             the module is built; give pretrained_alexnet=None to load_from_checkpoint where the file is absent).
         backend: attention implementation: "auto", "fused" or "reference".
-        normalization: "global", "speaker", "utterance" or "none" (see ``models.normalization``); linked from data.
-        statistics_head: a linear head on the utterance's pooled statistics (per-row mean, std and mean absolute
-            change, loudness dynamics, log duration), standardised with training-split statistics, whose
-            logits are added to the attention head's. ``none``: no such head. ``joint``: trained with the
-            network, each head also getting its own loss (deep supervision). ``logistic``: fitted before
-            training as a class-balanced logistic regression on the training split (scikit-learn; C chosen
-            by the validation speakers' UA, as the baseline does), then frozen: the attention head learns
-            what the statistics leave.
+        normalization: "global", "speaker", "utterance" or "none" (see ``ser_lightning.normalization``); linked from data.
+        statistics_head: a linear head on utterance statistics, standardised with training-split statistics,
+            whose logits are added to the attention head's (``ser_lightning.models.heads``). ``none``: no such
+            head. ``joint``: trained with the network, each head also getting its own loss (deep supervision).
+            ``logistic``: fitted before training as a class-balanced logistic regression on the training split
+            (scikit-learn; C chosen by the validation speakers' UA, as the baselines do), then frozen: the
+            attention head learns what the statistics leave.
+        statistics: what the statistics head reads: ``pooled`` (per-row mean, std and mean absolute change of
+            the normalised input, loudness dynamics, log duration) and/or ``prosodic`` (voice-science
+            functionals of the raw input: F0, voicing, loudness, rate, spectral slope; z-normalised per
+            speaker under ``normalization: speaker``; needs the pitch rows).
+        pitch_rows: whether the input's last two rows are the pitch track; linked from data (``feature.pitch``).
         class_weighted_loss: weight the cross-entropy by inverse training-split class frequency.
         mixup_alpha: mixup of training batches (after normalisation) with a Beta(alpha, alpha) weight for the
             attention head; 0 = off. The statistics head always learns from the clean batch.
@@ -144,6 +171,8 @@ class SERModule(LightningModule):
         backend: Literal["auto", "fused", "reference"] = "auto",
         normalization: Literal["global", "speaker", "utterance", "none"] = "global",
         statistics_head: Literal["none", "joint", "logistic"] = "none",
+        statistics: list[Literal["pooled", "prosodic"]] | None = None,
+        pitch_rows: bool = False,
         class_weighted_loss: bool = True,
         mixup_alpha: float = 0.0,
         lr: float = 1e-3,
@@ -153,6 +182,7 @@ class SERModule(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.hparams.statistics = list(statistics or ["pooled"])
         check_options(self.hparams)
         self.class_names = list(class_names) if class_names else [f"class_{k}" for k in range(num_classes)]
         lam = DEFAULT_LAM[arch] if lam is None else lam
@@ -166,12 +196,11 @@ class SERModule(LightningModule):
                                  attention_dim=attention_dim, pretrained_alexnet=pretrained_alexnet, backend=backend)
         self.register_buffer("feature_mean", torch.zeros(num_features))
         self.register_buffer("feature_std", torch.ones(num_features))
-        self.statistics_head = None
+        self.statistics_head: StatisticsHead | None = None
         if statistics_head != "none":
-            self.statistics_head = nn.Linear(num_statistics(num_features), num_classes)
-            self.statistics_head.requires_grad_(statistics_head == "joint")
-            self.register_buffer("statistics_mean", torch.zeros(num_statistics(num_features)))
-            self.register_buffer("statistics_std", torch.ones(num_statistics(num_features)))
+            self.statistics_head = HEADS[statistics_head](num_features, num_classes, self.hparams.statistics)
+        self.register_buffer("temperature", torch.ones(()))  # fitted on the validation speakers after training
+        self.register_load_state_dict_pre_hook(_upgrade_state_dict)
         self.register_buffer("class_weights", torch.ones(num_classes))
         metrics = stage_metrics(num_classes)
         self.train_metrics = metrics.clone(prefix="train/")
@@ -205,7 +234,10 @@ class SERModule(LightningModule):
                 rank_zero_warn(f"SERModule: no training examples of {missing}: their loss weight is 0")
             self.class_weights.copy_(class_weights_from_counts(counts))
         if self.statistics_head is not None:
-            self._fit_statistics(datamodule)
+            self.statistics_head.prepare(self._statistics_rows(datamodule.utterances_of("train")),
+                                         datamodule.labels_of("train"),
+                                         self._statistics_rows(datamodule.utterances_of("val")),
+                                         datamodule.labels_of("val"))
 
     @torch.no_grad()
     def _statistics_rows(self, utterances: list[tuple[Tensor, Tensor | None]]) -> Tensor:
@@ -215,53 +247,37 @@ class SERModule(LightningModule):
             features = features.unsqueeze(0).to(self.feature_mean.device)
             lengths = torch.tensor([features.shape[-1]], device=features.device)
             stats = None if speaker_stats is None else speaker_stats.unsqueeze(0).to(features.device)
-            rows.append(utterance_statistics(self.normalize(features, lengths, stats), lengths))
+            x = self.normalize(features, lengths, stats)
+            rows.append(self.statistics_head.inputs(features, x, lengths, stats))
         return torch.cat(rows)
-
-    @torch.no_grad()
-    def _fit_statistics(self, datamodule: Any) -> None:
-        """Standardisation of the statistics head's inputs (training split); for ``logistic``, the head itself."""
-        train = self._statistics_rows(datamodule.utterances_of("train"))
-        self.statistics_mean.copy_(train.mean(0))
-        self.statistics_std.copy_(train.std(0, unbiased=False).clamp_min(1e-5))
-        if self.hparams.statistics_head != "logistic":
-            return
-        from ser_lightning.evaluation.baseline import fit_logistic
-
-        val = self._statistics_rows(datamodule.utterances_of("val"))
-        standardise = lambda rows: ((rows - self.statistics_mean) / self.statistics_std).double().cpu().numpy()  # noqa: E731
-        fitted = fit_logistic(standardise(train), datamodule.labels_of("train"), standardise(val),
-                              datamodule.labels_of("val"), scaled=True)
-        self.statistics_head.weight.copy_(torch.as_tensor(fitted.coef_))
-        self.statistics_head.bias.copy_(torch.as_tensor(fitted.intercept_))
 
     def normalize(self, features: Tensor, lengths: Tensor, speaker_stats: Tensor | None = None) -> Tensor:
         """Raw (B, F, N) features -> the model's input, per ``normalization`` (speaker: stats (B, 2, F) needed)."""
         mode = self.hparams.normalization
         if mode == "speaker":
             if speaker_stats is None:
-                raise ValueError("normalization 'speaker' needs speaker_stats (B, 2, F): each utterance's speaker "
-                                 "mean and std (see ser_lightning.data.speakers)")
-            return normalize(features, lengths, mode, speaker_stats[:, 0], speaker_stats[:, 1])
+                raise ValueError("normalization 'speaker' needs speaker_stats (B, 2, W): each utterance's speaker "
+                                 "statistics (see ser_lightning.data.speakers)")
+            rows = features.shape[1]
+            return normalize(features, lengths, mode, speaker_stats[:, 0, :rows], speaker_stats[:, 1, :rows])
         return normalize(features, lengths, mode, self.feature_mean, self.feature_std)
 
-    def heads(self, x: Tensor, lengths: Tensor) -> StepOutput:
-        """Run the model (and the statistics head) on normalised input."""
+    def heads(self, features: Tensor, lengths: Tensor, speaker_stats: Tensor | None = None) -> StepOutput:
+        """Normalise raw (B, F, N) features and run the model and the statistics head (logits: their sum)."""
+        x = self.normalize(features, lengths, speaker_stats)
         output = self.model(x, lengths)
         if self.statistics_head is None:
             return StepOutput(output, (output.logits,))
-        statistics_logits = self._statistics_logits(x, lengths)
+        statistics_logits = self.statistics_head(features, x, lengths, speaker_stats)
         return StepOutput(output._replace(logits=output.logits + statistics_logits), (output.logits, statistics_logits))
 
-    def _statistics_logits(self, x: Tensor, lengths: Tensor) -> Tensor:
-        statistics = (utterance_statistics(x, lengths) - self.statistics_mean) / self.statistics_std
-        return self.statistics_head(statistics)
-
     def forward(self, features: Tensor, lengths: Tensor | None = None, speaker_stats: Tensor | None = None) -> ModelOutput:
-        """Normalise raw (B, F, N) features and run the model; lengths default to every frame."""
+        """Calibrated logits (divided by the temperature fitted on the validation speakers) of raw (B, F, N)
+        features; lengths default to every frame. ``softmax`` of them is what predictions report."""
         if lengths is None:
             lengths = torch.full((features.shape[0],), features.shape[-1], dtype=torch.int64, device=features.device)
-        return self.heads(self.normalize(features, lengths, speaker_stats), lengths).output
+        output = self.heads(features, lengths, speaker_stats).output
+        return output._replace(logits=output.logits / self.temperature)
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
@@ -293,8 +309,7 @@ class SERModule(LightningModule):
 
     def model_step(self, batch: Batch) -> tuple[StepOutput, Tensor]:
         """Forward pass and loss on an unmixed batch: the combined logits', plus each head's own with ``joint``."""
-        x = self.normalize(batch["features"], batch["lengths"], batch.get("speaker_stats"))
-        step = self.heads(x, batch["lengths"])
+        step = self.heads(batch["features"], batch["lengths"], batch.get("speaker_stats"))
         loss = self._loss(step.output.logits, batch["labels"])
         if self.hparams.statistics_head == "joint":
             loss = loss + sum(self._loss(logits, batch["labels"]) for logits in step.head_logits)
@@ -305,8 +320,8 @@ class SERModule(LightningModule):
         normalisation) and learns both labels by their weights. A ``joint`` statistics head, a linear model
         that mixing would only blur, learns from the clean batch; a frozen ``logistic`` one adds the same
         mix of its two utterances' logits to the attention head's."""
-        lengths, labels = batch["lengths"], batch["labels"]
-        x = self.normalize(batch["features"], lengths, batch.get("speaker_stats"))
+        features, lengths, labels, speaker_stats = batch["features"], batch["lengths"], batch["labels"], batch.get("speaker_stats")
+        x = self.normalize(features, lengths, speaker_stats)
         alpha = torch.tensor(float(self.hparams.mixup_alpha))
         weight = float(torch.distributions.Beta(alpha, alpha).sample())
         order = torch.randperm(len(labels), device=labels.device)
@@ -318,7 +333,7 @@ class SERModule(LightningModule):
         mode = self.hparams.statistics_head
         if mode == "none":
             return StepOutput(output, (output.logits,)), mixed_loss(output.logits)
-        statistics_logits = self._statistics_logits(x, lengths)
+        statistics_logits = self.statistics_head(features, x, lengths, speaker_stats)
         if mode == "joint":
             loss = mixed_loss(output.logits) + self._loss(statistics_logits, labels)
             return StepOutput(output, (output.logits, statistics_logits)), loss
@@ -333,12 +348,12 @@ class SERModule(LightningModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> ModelOutput:
         step, loss = self.model_step(batch)
         self._log_stage("val", step.output.logits, batch["labels"], loss)
-        return step.output
+        return step.with_parts()
 
     def test_step(self, batch: Batch, batch_idx: int) -> ModelOutput:
         step, loss = self.model_step(batch)
         self._log_stage("test", step.output.logits, batch["labels"], loss)
-        return step.output
+        return step.with_parts()
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
         """Per utterance: index, class probabilities (B, K), predictions, attention alpha and valid positions."""

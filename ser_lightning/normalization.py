@@ -58,30 +58,3 @@ def normalize(
     elif mode != "none":
         raise ValueError(f"normalize: unknown mode {mode!r}; choose from {list(NORMALIZATIONS)}")
     return x * mask
-
-
-def utterance_statistics(x: Tensor, lengths: Tensor) -> Tensor:
-    """Pooled statistics of (B, F, N) features over each utterance's valid frames: (B, 3F + 2).
-
-    Per row: mean, standard deviation and mean absolute frame-to-frame change; then the standard
-    deviation of the row-mean contour (loudness dynamics for log spectra) and the log number of
-    frames (duration). The linear baseline and the models' statistics head use exactly these.
-    """
-    mask = length_mask(lengths, x.shape[-1]).unsqueeze(1).to(x.dtype)
-    count = lengths.to(x.dtype).clamp_min(1).unsqueeze(1)  # (B, 1)
-
-    def masked_mean_std(values: Tensor) -> tuple[Tensor, Tensor]:
-        mean = (values * mask).sum(-1) / count
-        var = ((values - mean.unsqueeze(-1)).pow(2) * mask).sum(-1) / count
-        return mean, var.clamp_min(0).sqrt()
-
-    mean, std = masked_mean_std(x)
-    pairs = mask[..., 1:] * mask[..., :-1]
-    change = ((x[..., 1:] - x[..., :-1]).abs() * pairs).sum(-1) / (count - 1).clamp_min(1)
-    _, contour_std = masked_mean_std(x.mean(dim=1, keepdim=True))
-    return torch.cat([mean, std, change, contour_std, count.log()], dim=1)
-
-
-def num_statistics(num_features: int) -> int:
-    """Width of ``utterance_statistics`` for F feature rows."""
-    return 3 * num_features + 2
