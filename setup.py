@@ -184,12 +184,17 @@ setup(
         "matplotlib>=3.8",
         "scikit-learn>=1.4",
         "pyyaml>=6",
+        "opensmile>=2.5",
+        "silero-vad>=5.1",
+        "onnxruntime>=1.18",
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "python-multipart>=0.0.9",
     ],
     extras_require={
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         "studies": ["ray>=2.40", "optuna>=4"],
-        "opensmile": ["opensmile>=2.5"],
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "httpx>=0.27", "websockets>=12", "playwright>=1.40"],
     },
     # the shipped configurations, found by `--config NAME` after a regular (non-editable) install
     data_files=[(f"share/ser-lightning/{folder}", sorted(str(p.relative_to(ROOT)) for p in (ROOT / folder).glob("*.yaml")))

@@ -55,6 +55,14 @@ class TinyDataModule(lightning.LightningDataModule):
     def labels_of(self, split: str) -> list[int]:
         return [item["label"] for item in self.splits[split]]
 
+    def speakers_of(self, split: str) -> list[str]:
+        return [f"s{item['index'] % 4}" for item in self.splits[split]]
+
+    def indices_of(self, split: str) -> list[int]:
+        return [item["index"] for item in self.splits[split]]
+
+    num_utterances = 42
+
     def _loader(self, split: str) -> DataLoader:
         return DataLoader(self.splits[split], batch_size=5, collate_fn=collate_utterances, shuffle=split == "train")
 

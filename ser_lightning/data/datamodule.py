@@ -321,6 +321,18 @@ class SERDataModule(pl.LightningDataModule):
         """The class index of every utterance of ``split`` (in the order of ``utterances_of``)."""
         return [self.labels[i] for i in self._require_setup("labels_of").split(split)]
 
+    def speakers_of(self, split: str) -> list[str]:
+        """The speaker of every utterance of ``split`` (in the order of ``utterances_of``)."""
+        return [self.utterances[i].speaker for i in self._require_setup("speakers_of").split(split)]
+
+    def indices_of(self, split: str) -> list[int]:
+        """The indices (into ``utterances``, as batches carry them) of the utterances of ``split``."""
+        return list(self._require_setup("indices_of").split(split))
+
+    @property
+    def num_utterances(self) -> int:
+        return len(self.utterances)
+
     def class_counts(self, split: str = "train") -> Tensor:
         """Utterances per class (num_classes,) int64 in ``split`` (train, val or test)."""
         plan = self._require_setup("class_counts")

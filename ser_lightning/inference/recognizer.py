@@ -38,6 +38,7 @@ from ser_lightning.data.audio import AudioError, audio_duration, iter_audio_bloc
 from ser_lightning.data.features import FeatureConfig, FeatureExtractor
 from ser_lightning.models.ensemble import SeedEnsemble
 from ser_lightning.data.speakers import speaker_statistics
+from ser_lightning.inference.stream import EmotionStream, StreamEvent, WindowJob, classify_jobs
 from ser_lightning.padding import pad_last
 
 __all__ = ["CheckpointError", "EmotionRecognizer", "Prediction", "WindowPrediction"]
@@ -45,12 +46,14 @@ __all__ = ["CheckpointError", "EmotionRecognizer", "Prediction", "WindowPredicti
 
 @dataclass(frozen=True)
 class WindowPrediction:
-    """Prediction for one window of a long recording (times in seconds from the start)."""
+    """Prediction for one window of a long recording (times in seconds from the start; ``speech``: whether the
+    voice-activity detector heard speech in it)."""
 
     start: float
     end: float
     label: str
     probabilities: dict[str, float]
+    speech: bool = True
 
 
 @dataclass
@@ -240,6 +243,7 @@ class EmotionRecognizer:
             batch, lengths = pad_last(feats)
             output = self.module(batch, lengths, self._stats_for(speaker_stats, len(feats), "prediction"))
             probabilities = output.logits.float().softmax(dim=1).cpu()
+            self.check_finite(probabilities, "prediction")
             for k, feat in enumerate(feats):
                 positions = int(output.positions[k])
                 alpha = output.alpha[k, :positions].float().cpu().numpy()
@@ -247,12 +251,20 @@ class EmotionRecognizer:
                 results.append(_Segment(probabilities[k], alpha, grid, feat.cpu(), feat.shape[-1] < min_frames))
         return results
 
-    def _named(self, probabilities: Tensor) -> tuple[str, dict[str, float]]:
+    def named(self, probabilities: Tensor) -> tuple[str, dict[str, float]]:
+        """The predicted class and {class: probability} of a (K,) probability vector."""
         probs = {name: float(p) for name, p in zip(self.class_names, probabilities)}
         return self.class_names[int(probabilities.argmax())], probs
 
+    @staticmethod
+    def check_finite(probabilities: Tensor, what: str) -> None:
+        """Refuse non-finite model outputs (e.g. from extreme input values) with a clear error."""
+        if not bool(torch.isfinite(probabilities).all()):
+            raise ValueError(f"{what}: the model's output is not finite (NaN or infinite probabilities); "
+                             "the input is far outside the range of audio samples the model was trained on")
+
     def _single(self, path: str | None, num_samples: int, segment: _Segment) -> Prediction:
-        label, probs = self._named(segment.probabilities)
+        label, probs = self.named(segment.probabilities)
         duration = num_samples / self.sample_rate
         note = ""
         if segment.padded:
@@ -264,70 +276,47 @@ class EmotionRecognizer:
                           segment.features.numpy(), (0.0, duration), note)
 
     # ----------------------------------------------------------------- windows
-    def _windows(self, blocks: Iterable[Tensor]) -> Iterator[tuple[int, Tensor]]:
-        """(start sample, window) pairs over a stream of blocks, holding at most a window plus a block."""
-        window, hop = self.window_samples, self.hop_samples
-        buffer, offset, start, last_end = torch.zeros(0), 0, 0, 0
-        for block in blocks:
-            buffer = torch.cat([buffer, block])
-            while start + window <= offset + buffer.numel():
-                yield start, buffer[start - offset : start - offset + window]
-                last_end = start + window
-                buffer, offset = buffer[start - offset :], start  # keep the last window: it may serve the end
-                start += hop
-        total = offset + buffer.numel()
-        if 0 < last_end < total:  # align one more window to the end of the recording
-            yield total - window, buffer[buffer.numel() - window :]
+    def stream(self, sample_rate: int, window_seconds: float = 2.0, hop_seconds: float = 0.5, **options: Any) -> EmotionStream:
+        """A live stream at ``sample_rate``: ``push(samples)`` returns the events that became ready, ``close()`` the
+        rest (``ser_lightning.inference.stream``; options: ``channels``, ``speaker_statistics``, ``vad``,
+        ``min_speech_seconds``, ``warmup_windows``, ``attention``, ``classify_silence``, ``min_confidence``)."""
+        return EmotionStream(self, sample_rate, window_seconds=window_seconds, hop_seconds=hop_seconds, **options)
+
+    def classify(self, jobs: Sequence[WindowJob]) -> list[StreamEvent]:
+        """Run the model on windows prepared by streams (batched, also across streams); their events, in order."""
+        return classify_jobs(self, jobs)
 
     def _predict_windows(self, path: str | None, blocks: Iterable[Tensor],
                          speaker_stats: Tensor | None = None) -> Prediction | None:
-        """Classify a long recording window by window; None when it fits within one window."""
-        windows: list[WindowPrediction] = []
-        best: dict[int, tuple[float, _Segment, int]] = {}  # class k -> the window with the highest p_k so far
-        probability_sum: Tensor | None = None
-        total, peak, padded = 0, 0.0, False
-        pending: list[tuple[int, Tensor]] = []
-
-        def flush() -> None:
-            nonlocal probability_sum, padded
-            for (start, _), segment in zip(pending, self._classify([w for _, w in pending], speaker_stats)):
-                label, probs = self._named(segment.probabilities)
-                end = start + self.window_samples
-                windows.append(WindowPrediction(start / self.sample_rate, end / self.sample_rate, label, probs))
-                p = segment.probabilities
-                probability_sum = p if probability_sum is None else probability_sum + p
-                for k in range(len(p)):
-                    if k not in best or float(p[k]) > best[k][0]:
-                        best[k] = (float(p[k]), segment, start)
-                padded |= segment.padded
-            pending.clear()
-
-        def counted(stream: Iterable[Tensor]) -> Iterator[Tensor]:
-            nonlocal total, peak
-            for block in stream:
-                total += block.numel()
-                if block.numel():
-                    peak = max(peak, float(block.abs().max()))
-                yield block
-
-        for start, wave in self._windows(counted(blocks)):
-            pending.append((start, wave.clone()))  # a copy: the view would keep the stream buffer alive
-            if len(pending) == self.batch_size:
-                flush()
-        flush()
-        if not windows:
+        """Classify a long recording window by window (an ``EmotionStream`` over its blocks); None when it fits
+        within one window. The recording's probabilities are the mean over the windows with speech (over all
+        windows when none has speech, with a note); its attention is that of the speech window with the highest
+        probability of the predicted emotion."""
+        stats = self._stats_for(speaker_stats, 1, "prediction")
+        stream = self.stream(self.sample_rate, self.window_seconds, self.hop_seconds, classify_silence=True,
+                             attention=True, features=True, speaker_statistics=None if stats is None else stats[0])
+        events: list[StreamEvent] = []
+        total, peak = 0, 0.0
+        for block in blocks:
+            total += block.numel()
+            if block.numel():
+                peak = max(peak, float(block.abs().max()))
+            events += stream.push(block)
+        if stream.next_window == 0:
             return None
+        events += stream.close()
         if peak == 0.0:
             raise AudioError(f"{path or 'waveform'}: the recording is digital silence (every sample is 0)")
-        mean = probability_sum / len(windows)
-        label, probs = self._named(mean)
-        _, segment, start = best[int(mean.argmax())]
-        span = (start / self.sample_rate, (start + self.window_samples) / self.sample_rate)
-        note = ""
-        if padded:
-            note = f"windows of {self.window_seconds} s are shorter than the model's receptive field: zero-padded"
-        return Prediction(path, label, probs, total / self.sample_rate, segment.attention, segment.grid, windows,
-                          segment.features.numpy(), span, note)
+        windows = [WindowPrediction(e.start_s, e.end_s, e.emotion, e.probabilities, e.speech) for e in events]
+        speech = [e for e in events if e.speech] or events
+        mean = torch.tensor([list(e.probabilities.values()) for e in speech]).mean(dim=0)
+        label, probs = self.named(mean)
+        best = max(speech, key=lambda e: e.probabilities[label])
+        notes = [] if len(speech) < len(events) or any(e.speech for e in events) else ["no speech detected"]
+        if any(e.features.shape[-1] < self.module.model.min_input_frames for e in events):
+            notes.append(f"windows of {self.window_seconds} s are shorter than the model's receptive field: zero-padded")
+        return Prediction(path, label, probs, total / self.sample_rate, best.attention, best.attention_grid, windows,
+                          best.features.numpy(), (best.start_s, best.end_s), "; ".join(notes))
 
     # ----------------------------------------------------------------- public API
     def predict_file(self, path: str | Path, speaker_stats: Tensor | None = None) -> Prediction:

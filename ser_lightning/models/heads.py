@@ -13,7 +13,11 @@ How it is trained (``model.statistics_head``), one class each:
 - ``joint`` (``JointHead``): trained with the network, each head also getting its own loss;
 - ``logistic`` (``LogisticHead``): fitted before training as a class-balanced logistic regression on the
   training split (C chosen by the validation speakers' UA, as the baselines do), then frozen, so that the
-  attention head learns what the statistics leave.
+  attention head learns what the statistics leave. While the network trains, each training utterance gets
+  the head's *cross-fitted* logits (from regressions fitted without its speaker: speaker-grouped folds of
+  the training speakers), not those of the regression that saw it: on its own training data a regression is
+  more often right and surer than on a new speaker, and the network would learn to correct that optimism
+  instead of the head's real errors (stacking, Wolpert 1992).
 """
 from __future__ import annotations
 
@@ -60,14 +64,20 @@ class StatisticsHead(nn.Module):
             columns.append(functionals)
         return torch.cat(columns, dim=1)
 
-    def forward(self, raw: Tensor, x: Tensor, lengths: Tensor, speaker_stats: Tensor | None) -> Tensor:
+    def forward(self, raw: Tensor, x: Tensor, lengths: Tensor, speaker_stats: Tensor | None,
+                index: Tensor | None = None) -> Tensor:
+        """Logits of a batch; ``index`` (the utterances' datamodule indices) selects training-time offsets, if any."""
+        offsets = getattr(self, "offsets", None)
+        if self.training and offsets is not None and index is not None:
+            return offsets[index.to(offsets.device)].to(x.dtype)
         return self.linear((self.inputs(raw, x, lengths, speaker_stats) - self.mean) / self.std)
 
     def standardise(self, rows: Tensor) -> np.ndarray:
         return ((rows - self.mean) / self.std).double().cpu().numpy()
 
     @torch.no_grad()
-    def prepare(self, train: Tensor, train_labels: Sequence[int], val: Tensor, val_labels: Sequence[int]) -> None:
+    def prepare(self, train: Tensor, train_labels: Sequence[int], val: Tensor, val_labels: Sequence[int],
+                train_groups: Sequence[str], train_index: Sequence[int], num_utterances: int) -> None:
         """Before training: the standardisation from the training rows (and, for a frozen head, its weights)."""
         self.mean.copy_(train.mean(0))
         self.std.copy_(train.std(0, unbiased=False).clamp_min(1e-5))
@@ -83,14 +93,21 @@ class LogisticHead(StatisticsHead):
     trainable = False
 
     @torch.no_grad()
-    def prepare(self, train: Tensor, train_labels: Sequence[int], val: Tensor, val_labels: Sequence[int]) -> None:
-        from ser_lightning.models.logistic import fit_logistic, logit_weights
+    def prepare(self, train: Tensor, train_labels: Sequence[int], val: Tensor, val_labels: Sequence[int],
+                train_groups: Sequence[str], train_index: Sequence[int], num_utterances: int) -> None:
+        from ser_lightning.models.logistic import cross_fitted_logits, fit_logistic, logit_weights
 
-        super().prepare(train, train_labels, val, val_labels)
-        fitted = fit_logistic(self.standardise(train), train_labels, self.standardise(val), val_labels, scaled=True)
-        weight, bias = logit_weights(fitted, self.linear.out_features)
+        super().prepare(train, train_labels, val, val_labels, train_groups, train_index, num_utterances)
+        inputs = self.standardise(train)
+        fitted = fit_logistic(inputs, train_labels, self.standardise(val), val_labels, scaled=True)
+        classes = self.linear.out_features
+        weight, bias = logit_weights(fitted, classes)
         self.linear.weight.copy_(torch.as_tensor(weight))
         self.linear.bias.copy_(torch.as_tensor(bias))
+        offsets = torch.zeros(num_utterances, classes)
+        offsets[list(train_index)] = torch.as_tensor(
+            cross_fitted_logits(inputs, train_labels, train_groups, fitted.C, classes), dtype=torch.float32)
+        self.register_buffer("offsets", offsets, persistent=False)
 
 
 HEADS: dict[str, Callable[..., StatisticsHead]] = {"joint": JointHead, "logistic": LogisticHead}

@@ -41,3 +41,28 @@ def logit_weights(model: Any, num_classes: int) -> tuple[np.ndarray, np.ndarray]
     if num_classes == 2 and coef.shape[0] == 1:
         coef, intercept = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
     return coef, intercept
+
+
+CROSS_FIT_FOLDS = 5
+
+
+def cross_fitted_logits(inputs: np.ndarray, targets: Sequence[int], groups: Sequence[str], c: float,
+                        num_classes: int) -> np.ndarray:
+    """(N, K) logits of each row from a regression (the given C) fitted on the other groups' rows only
+    (speaker-grouped folds; every class must appear in each fold's training rows, else the full fit is used)."""
+    from sklearn.model_selection import GroupKFold
+
+    targets, groups = np.asarray(targets), np.asarray(groups)
+    logits = np.zeros((len(targets), num_classes))
+    folds = min(CROSS_FIT_FOLDS, len(set(groups.tolist())))
+    full = None
+    for train, held_out in GroupKFold(n_splits=folds).split(inputs, groups=groups):
+        if folds < 2 or len(set(targets[train].tolist())) < num_classes:
+            if full is None:
+                full = classifier(c, scaled=True).fit(inputs, targets)
+            model = full
+        else:
+            model = classifier(c, scaled=True).fit(inputs[train], targets[train])
+        weight, bias = logit_weights(model, num_classes)
+        logits[held_out] = inputs[held_out] @ weight.T + bias
+    return logits

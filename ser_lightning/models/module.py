@@ -215,8 +215,9 @@ class SERModule(LightningModule):
         """For fit: normalisation statistics and class weights from the datamodule's training split.
 
         The datamodule provides ``feature_stats`` (F,) mean and std, ``class_counts("train")`` and,
-        for the statistics head, ``utterances_of(split)`` ((features, speaker statistics or None) pairs) and
-        ``labels_of(split)``.
+        for the statistics head, ``utterances_of(split)`` ((features, speaker statistics or None) pairs),
+        ``labels_of(split)``, ``speakers_of(split)``, ``indices_of(split)`` (the indices batches carry) and
+        ``num_utterances``.
         """
         if stage != "fit":
             return
@@ -237,7 +238,8 @@ class SERModule(LightningModule):
             self.statistics_head.prepare(self._statistics_rows(datamodule.utterances_of("train")),
                                          datamodule.labels_of("train"),
                                          self._statistics_rows(datamodule.utterances_of("val")),
-                                         datamodule.labels_of("val"))
+                                         datamodule.labels_of("val"), datamodule.speakers_of("train"),
+                                         datamodule.indices_of("train"), datamodule.num_utterances)
 
     @torch.no_grad()
     def _statistics_rows(self, utterances: list[tuple[Tensor, Tensor | None]]) -> Tensor:
@@ -262,13 +264,15 @@ class SERModule(LightningModule):
             return normalize(features, lengths, mode, speaker_stats[:, 0, :rows], speaker_stats[:, 1, :rows])
         return normalize(features, lengths, mode, self.feature_mean, self.feature_std)
 
-    def heads(self, features: Tensor, lengths: Tensor, speaker_stats: Tensor | None = None) -> StepOutput:
-        """Normalise raw (B, F, N) features and run the model and the statistics head (logits: their sum)."""
+    def heads(self, features: Tensor, lengths: Tensor, speaker_stats: Tensor | None = None,
+              index: Tensor | None = None) -> StepOutput:
+        """Normalise raw (B, F, N) features and run the model and the statistics head (logits: their sum);
+        ``index`` (training batches) lets a frozen head give its cross-fitted logits."""
         x = self.normalize(features, lengths, speaker_stats)
         output = self.model(x, lengths)
         if self.statistics_head is None:
             return StepOutput(output, (output.logits,))
-        statistics_logits = self.statistics_head(features, x, lengths, speaker_stats)
+        statistics_logits = self.statistics_head(features, x, lengths, speaker_stats, index)
         return StepOutput(output._replace(logits=output.logits + statistics_logits), (output.logits, statistics_logits))
 
     def forward(self, features: Tensor, lengths: Tensor | None = None, speaker_stats: Tensor | None = None) -> ModelOutput:
@@ -309,7 +313,7 @@ class SERModule(LightningModule):
 
     def model_step(self, batch: Batch) -> tuple[StepOutput, Tensor]:
         """Forward pass and loss on an unmixed batch: the combined logits', plus each head's own with ``joint``."""
-        step = self.heads(batch["features"], batch["lengths"], batch.get("speaker_stats"))
+        step = self.heads(batch["features"], batch["lengths"], batch.get("speaker_stats"), batch.get("index"))
         loss = self._loss(step.output.logits, batch["labels"])
         if self.hparams.statistics_head == "joint":
             loss = loss + sum(self._loss(logits, batch["labels"]) for logits in step.head_logits)
@@ -333,7 +337,7 @@ class SERModule(LightningModule):
         mode = self.hparams.statistics_head
         if mode == "none":
             return StepOutput(output, (output.logits,)), mixed_loss(output.logits)
-        statistics_logits = self.statistics_head(features, x, lengths, speaker_stats)
+        statistics_logits = self.statistics_head(features, x, lengths, speaker_stats, batch.get("index"))
         if mode == "joint":
             loss = mixed_loss(output.logits) + self._loss(statistics_logits, labels)
             return StepOutput(output, (output.logits, statistics_logits)), loss

@@ -1,0 +1,525 @@
+"""Streaming recognition: windows of a live stream classified as the audio arrives, exactly as offline.
+
+``EmotionRecognizer.stream(sample_rate, window_seconds=2.0, hop_seconds=0.5)`` returns an ``EmotionStream``.
+``push(samples)`` takes chunks of any size (float or int16; mono, or interleaved / (n, channels) with
+``channels``) and returns the ``StreamEvent``s that became ready; ``close()`` flushes the end. Window k
+covers input samples [k * hop, k * hop + window); after ``close()`` one more window is aligned to the end of
+the audio when the regular ones stop short of it (a stream shorter than one window gives one event for all
+of it). The offline long-recording path of ``predict`` runs the same class over the file's blocks.
+
+**Exactness.** Every event's probabilities equal ``recognizer.predict_batch([window samples], sample_rate,
+speaker_stats=event.speaker_stats)`` (up to float rounding), whatever the chunking. Offline, a window is
+resampled to the model's rate and its features computed with zero padding at its edges; here the audio is
+resampled and its frames computed once, as it arrives (``IncrementalResampler``, ``FrameCache``), and each
+window reuses the frames whose support lies inside it; only the few frames at each window edge (those that
+see the window's zero padding, or the resampler's edge effects) are computed again from the window's own
+edge samples. Window-level steps (the pitch contour's interpolation through unvoiced frames) run per window.
+Feature kinds that are not local (``ssl``, ``loudness_contour``), and hops that do not fall on the frame
+grid and on the resampler's period, compute each window from its raw samples instead (``incremental`` is
+False); the result is the same.
+
+**Speech.** A voice-activity detector (silero-vad's ONNX model on onnxruntime; an energy gate when the
+package is absent, or with ``vad="energy"``) runs over the whole stream in 32 ms chunks; a window with less
+than ``min_speech_seconds`` of speech gives a ``speech: false`` event without an emotion.
+
+**Speaker normalisation.** A model trained with ``normalization: speaker`` needs a speaker's statistics:
+either enrolment statistics given up front (``speaker_statistics``, e.g. ``recognizer.speaker_statistics([...])``)
+or the running statistics of the stream's own speech (no labels): the frame statistics of every frame of
+the speech windows heard so far (the current one included) and, with the pitch rows, the statistics of
+the speech windows' prosodic functionals. Warm-up: until ``warmup_windows`` speech windows have been heard
+the functionals' statistics are not used (each functional reads as the speaker's mean); events say which
+statistics they used (``normalization``: ``enrolled``, ``warmup`` or ``running``).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torchaudio.functional as AF
+from torch import Tensor
+from torchaudio.functional.functional import _get_sinc_resample_kernel
+
+from ser_lightning.functionals import prosodic_rows
+from ser_lightning.data.speakers import functional_stats
+from ser_lightning.normalization import STD_FLOOR
+
+if TYPE_CHECKING:
+    from ser_lightning.inference.recognizer import EmotionRecognizer
+
+PENDING = 4096
+"""Samples that may wait before being processed (chunks of a few samples are gathered first)."""
+VAD_RATE = 16000
+VAD_CHUNK = 512
+"""silero-vad reads 32 ms chunks of 16 kHz audio."""
+
+
+@dataclass
+class StreamEvent:
+    """One window of a stream: its span (seconds from the stream's start), whether it holds speech, and the emotion.
+
+    ``emotion`` / ``probabilities`` are None for a window without speech (unless the stream classifies every
+    window); ``emotion`` is ``"uncertain"`` when the top probability is below the stream's ``min_confidence``.
+    ``speaker_stats`` are the statistics the window was normalised with (speaker-normalised models).
+    """
+
+    index: int
+    start_s: float
+    end_s: float
+    speech: bool
+    emotion: str | None = None
+    probabilities: dict[str, float] | None = None
+    speech_seconds: float = 0.0
+    normalization: str | None = None
+    attention: np.ndarray | None = field(default=None, repr=False)
+    attention_grid: tuple[int, int] | None = field(default=None, repr=False)  # (F', T') of a 2-D model
+    features: Tensor | None = field(default=None, repr=False)
+    speaker_stats: Tensor | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"index": self.index, "start_s": round(self.start_s, 6), "end_s": round(self.end_s, 6),
+                                "speech": self.speech, "speech_seconds": round(self.speech_seconds, 3),
+                                "emotion": self.emotion, "probabilities": self.probabilities}
+        if self.normalization is not None:
+            data["normalization"] = self.normalization
+        if self.attention is not None:
+            data["attention"] = [round(float(a), 5) for a in self.attention]
+        return data
+
+
+@dataclass
+class WindowJob:
+    """A window whose features are ready for the model: the unit ``classify`` batches (also across streams)."""
+
+    stream: EmotionStream
+    event: StreamEvent
+    features: Tensor  # (F, N)
+    speaker_stats: Tensor | None  # (2, W)
+
+
+class IncrementalResampler:
+    """The samples ``torchaudio.functional.resample`` would give for the whole stream, computed as it arrives.
+
+    torchaudio's polyphase resampler computes output block b (``new`` samples per ``orig`` input samples,
+    both divided by their gcd) from the input samples [b * orig - width, (b + 1) * orig + width): here each
+    block is computed once its input is there, with the same kernel.
+    """
+
+    def __init__(self, orig_freq: int, new_freq: int) -> None:
+        self.identity = orig_freq == new_freq
+        gcd = math.gcd(orig_freq, new_freq)
+        self.orig, self.new = orig_freq // gcd, new_freq // gcd
+        self.orig_freq, self.new_freq = orig_freq, new_freq
+        if not self.identity:
+            self.kernel, self.width = _get_sinc_resample_kernel(orig_freq, new_freq, gcd, 6, 0.99, "sinc_interp_hann",
+                                                                None, torch.device("cpu"), torch.float32)
+        else:
+            self.kernel, self.width = None, 0
+        self.buffer = torch.zeros(self.width)  # input from (next block) * orig - width on: zeros before the start
+        self.blocks = 0
+
+    @property
+    def edge_blocks(self) -> int:
+        """Output blocks at each edge of a window that see its zero padding."""
+        return 0 if self.identity else -(-self.width // self.orig)
+
+    def blocks_of(self, x: Tensor) -> Tensor:
+        """Output of the blocks whose input windows tile ``x`` (x starts ``width`` samples before the first block)."""
+        out = torch.nn.functional.conv1d(x[None, None], self.kernel, stride=self.orig)  # (1, new, blocks)
+        return out[0].transpose(0, 1).reshape(-1)
+
+    def push(self, x: Tensor) -> Tensor:
+        """New input samples -> the output samples that became computable."""
+        if self.identity:
+            return x
+        self.buffer = torch.cat([self.buffer, x])
+        ready = (self.buffer.numel() - 2 * self.width) // self.orig
+        if ready <= 0:
+            return x.new_zeros(0)
+        out = self.blocks_of(self.buffer[: ready * self.orig + 2 * self.width])
+        self.buffer = self.buffer[ready * self.orig :]
+        self.blocks += ready
+        return out
+
+    def window(self, x: Tensor) -> Tensor:
+        """``torchaudio.functional.resample`` of one window (exactly), for edges and windows computed from raw."""
+        return x if self.identity else AF.resample(x, self.orig_freq, self.new_freq)
+
+    def left_edge(self, x: Tensor) -> Tensor:
+        """The first ``edge_blocks`` output blocks of a window starting with samples ``x`` (zero padding before)."""
+        count = self.edge_blocks
+        return self.blocks_of(torch.nn.functional.pad(x[: count * self.orig + self.width], (self.width, 0)))
+
+    def right_edge(self, x: Tensor) -> Tensor:
+        """The last ``edge_blocks`` output blocks of a window ending with samples ``x`` (zero padding after)."""
+        count = self.edge_blocks
+        return self.blocks_of(torch.nn.functional.pad(x[x.numel() - count * self.orig - self.width :], (0, self.width)))
+
+
+class FrameCache:
+    """Raw feature frames (``FeatureExtractor.raw``) of a stream at the model's rate, each computed once.
+
+    Frame t is centred on sample t * hop and depends on the samples within ``reach`` of it; a chunk of the
+    stream starting ``pad`` (a multiple of the hop, >= reach) before frame t0 gives the exact frames
+    t0, t0 + 1, ... whose support lies inside the chunk.
+    """
+
+    def __init__(self, extractor: Any, keep_frames: int) -> None:
+        self.extractor, self.hop = extractor, extractor.hop_length
+        self.pad = -(-extractor.reach // self.hop) * self.hop
+        self.signal = torch.zeros(self.pad)  # model-rate samples from (first frame not yet computed) * hop - pad on
+        self.first = 0  # global index of the first frame not yet computed
+        self.frames: list[Tensor] = []  # computed raw frames (R, n) chunks
+        self.offset = 0  # global index of the first kept frame
+        self.keep = keep_frames
+
+    def push(self, y: Tensor) -> None:
+        self.signal = torch.cat([self.signal, y])
+        # frame t needs samples up to t * hop + reach, i.e. signal[(t - first) * hop + pad + reach]
+        ready = (self.signal.numel() - self.pad - self.extractor.reach) // self.hop + 1
+        if ready <= 0:
+            return
+        chunk = self.signal[: (ready - 1) * self.hop + self.pad + self.extractor.reach]
+        skip = self.pad // self.hop
+        self.frames.append(self.extractor.raw(chunk)[:, skip : skip + ready])
+        self.first += ready
+        self.signal = self.signal[ready * self.hop :]
+        self._trim()
+
+    def _trim(self) -> None:
+        total = sum(part.shape[1] for part in self.frames)
+        while self.frames and total - self.frames[0].shape[1] >= self.keep:
+            total -= self.frames[0].shape[1]
+            self.offset += self.frames[0].shape[1]
+            self.frames.pop(0)
+
+    def get(self, start: int, stop: int) -> Tensor:
+        """Raw frames [start, stop) (global indices), all computed already."""
+        if start < self.offset or stop > self.first:
+            raise RuntimeError(f"frames {start}..{stop} are not cached (cached {self.offset}..{self.first})")
+        return torch.cat(self.frames, dim=1)[:, start - self.offset : stop - self.offset]
+
+
+class SpeechDetector:
+    """Voice activity per 32 ms chunk of the stream: silero-vad (stateful, ONNX) or an energy gate."""
+
+    threshold = 0.5
+    energy_floor_db = -45.0
+
+    def __init__(self, kind: str, input_rate: int) -> None:
+        if kind == "silero":
+            self.session = _silero_session()
+            self.state = np.zeros((2, 1, 128), dtype=np.float32)
+            self.context = np.zeros((1, 64), dtype=np.float32)
+        elif kind != "energy":
+            raise ValueError(f"vad: unknown detector {kind!r}; choose silero or energy")
+        self.kind = kind
+        self.resampler = IncrementalResampler(input_rate, VAD_RATE)
+        self.buffer = torch.zeros(0)
+        self.flags: list[bool] = []  # one per chunk, from the stream's start
+
+    def push(self, x: Tensor) -> None:
+        self.buffer = torch.cat([self.buffer, self.resampler.push(x)])
+        count = self.buffer.numel() // VAD_CHUNK
+        for chunk in self.buffer[: count * VAD_CHUNK].reshape(count, VAD_CHUNK):
+            self.flags.append(self._speech(chunk.numpy()))
+        self.buffer = self.buffer[count * VAD_CHUNK :]
+
+    def _speech(self, chunk: np.ndarray) -> bool:
+        if self.kind == "energy":
+            return 10 * math.log10(float(np.mean(chunk.astype(np.float64) ** 2)) + 1e-12) > self.energy_floor_db
+        x = np.concatenate([self.context, chunk[None].astype(np.float32)], axis=1)
+        out, self.state = self.session.run(None, {"input": x, "state": self.state, "sr": np.array(VAD_RATE, np.int64)})
+        self.context = x[:, -64:]
+        return float(out[0, 0]) >= self.threshold
+
+    def speech_seconds(self, start: int, end: int) -> float:
+        """Seconds of speech among the chunks within input samples [start, end) that are computable from those samples
+        alone (the resampler needs ``width`` samples beyond a block), so the answer never depends on the chunking."""
+        r = self.resampler
+        first_out = -(-start * r.new // r.orig)
+        last_out = end if r.identity else max(0, (end - r.width) // r.orig) * r.new
+        first, last = -(-first_out // VAD_CHUNK), last_out // VAD_CHUNK
+        return VAD_CHUNK / VAD_RATE * sum(self.flags[first : max(first, min(last, len(self.flags)))])
+
+
+_SILERO = None
+
+
+def _silero_session() -> Any:
+    global _SILERO
+    if _SILERO is None:
+        from importlib.resources import files
+
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.inter_op_num_threads = options.intra_op_num_threads = 1
+        path = files("silero_vad.data").joinpath("silero_vad.onnx")
+        _SILERO = onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    return _SILERO
+
+
+def default_vad() -> str:
+    try:
+        import silero_vad  # noqa: F401
+    except ImportError:
+        return "energy"
+    return "silero"
+
+
+def as_mono(samples: Any, channels: int) -> Tensor:
+    """float32 mono samples from a chunk: float or int16 values; (n,), interleaved (n * channels,) or (n, channels)."""
+    array = np.asarray(samples)
+    if array.dtype == np.int16:
+        array = array.astype(np.float32) / 32768.0
+    elif array.dtype.kind == "f":
+        array = array.astype(np.float32, copy=False)
+    else:
+        raise ValueError(f"samples: expected float or int16 values, got {array.dtype}")
+    if array.ndim == 2:
+        if array.shape[1] != channels:
+            raise ValueError(f"samples: shape {array.shape} but the stream has {channels} channel(s)")
+        array = array.mean(axis=1)
+    elif array.ndim == 1 and channels > 1:
+        if array.size % channels:
+            raise ValueError(f"samples: {array.size} interleaved values are not a whole number of {channels}-channel frames")
+        array = array.reshape(-1, channels).mean(axis=1)
+    elif array.ndim != 1:
+        raise ValueError(f"samples: expected (n,) or (n, channels), got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError("samples: NaN or infinite values")
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+class EmotionStream:
+    """Windows of one live stream classified as the audio arrives (see the module docstring)."""
+
+    def __init__(self, recognizer: EmotionRecognizer, sample_rate: int, *, window_seconds: float = 2.0,
+                 hop_seconds: float = 0.5, channels: int = 1, speaker_statistics: Tensor | None = None,
+                 vad: str | None = "auto", min_speech_seconds: float = 0.25, warmup_windows: int = 3,
+                 attention: bool = False, classify_silence: bool = False, min_confidence: float | None = None,
+                 features: bool = False) -> None:
+        checks = [
+            (sample_rate >= 1000, f"sample_rate must be at least 1000 Hz, got {sample_rate}"),
+            (channels >= 1, f"channels must be >= 1, got {channels}"),
+            (window_seconds > 0, f"window_seconds must be > 0, got {window_seconds}"),
+            (0 < hop_seconds <= window_seconds, f"hop_seconds must be in (0, window_seconds], got {hop_seconds}"),
+            (min_confidence is None or 0 <= min_confidence <= 1, f"min_confidence must be in [0, 1], got {min_confidence}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        self.recognizer, self.sample_rate, self.channels = recognizer, sample_rate, channels
+        self.window = round(window_seconds * sample_rate)
+        self.hop = max(1, round(hop_seconds * sample_rate))
+        self.attention, self.classify_silence, self.min_confidence = attention, classify_silence, min_confidence
+        self.keep_features = features
+        self.min_speech_seconds, self.warmup_windows = min_speech_seconds, warmup_windows
+        extractor = recognizer.extractor
+        self.extractor = extractor
+        self.resampler = IncrementalResampler(sample_rate, extractor.sample_rate)
+        model_window, model_hop = (n * self.resampler.new / self.resampler.orig for n in (self.window, self.hop))
+        self.incremental = (extractor.local and self.hop % self.resampler.orig == 0 and self.window % self.resampler.orig == 0
+                            and model_hop % extractor.hop_length == 0)
+        self.model_window, self.model_hop = int(model_window), int(model_hop)
+        keep = self.model_window // extractor.hop_length + 2 * self.model_hop // extractor.hop_length + 8
+        self.frames = FrameCache(extractor, keep) if self.incremental else None
+        self.model_signal = torch.zeros(0)  # the resampled stream, from model sample `model_offset` on
+        self.model_offset = 0
+        vad = default_vad() if vad == "auto" else vad
+        self.vad = SpeechDetector(vad, sample_rate) if vad else None
+        self.raw = torch.zeros(0)  # input samples from `raw_offset` on (at least the last window)
+        self.raw_offset = 0
+        self.received = 0
+        self.pending: list[Tensor] = []
+        self.pending_count = 0
+        self.next_window = 0
+        self.closed = False
+        if speaker_statistics is not None and not recognizer.needs_speaker_stats:
+            raise ValueError("speaker_statistics: this model does not normalise per speaker")
+        self.enrolled = speaker_statistics
+        self.running = _RunningStatistics(extractor.num_features) if recognizer.needs_speaker_stats else None
+
+    # ----------------------------------------------------------------- input
+    def push(self, samples: Any) -> list[StreamEvent]:
+        """Add samples; returns the events of the windows that became ready (classified here)."""
+        return self.recognizer.classify(self.prepare(samples))
+
+    def close(self) -> list[StreamEvent]:
+        """End of the stream: the window aligned to the end (or the whole of a short stream), if any is left."""
+        return self.recognizer.classify(self.finish())
+
+    def prepare(self, samples: Any) -> list[WindowJob]:
+        """Add samples; the windows that became ready, with their features, for ``recognizer.classify``."""
+        if self.closed:
+            raise ValueError("the stream is closed")
+        x = as_mono(samples, self.channels)
+        if x.numel():
+            self.pending.append(x)
+            self.pending_count += x.numel()
+        # small chunks wait (cheaply) until a window is complete or enough has arrived
+        if self.received + self.pending_count < self.next_window * self.hop + self.window and self.pending_count < PENDING:
+            return []
+        return self._process()
+
+    def _process(self) -> list[WindowJob]:
+        if not self.pending:
+            return []
+        x = torch.cat(self.pending) if len(self.pending) > 1 else self.pending[0]
+        self.pending, self.pending_count = [], 0
+        self.received += x.numel()
+        self.raw = torch.cat([self.raw, x])
+        if self.vad is not None:
+            self.vad.push(x)
+        if self.incremental:
+            y = self.resampler.push(x)
+            self.frames.push(y)
+            self.model_signal = torch.cat([self.model_signal, y])
+        jobs = []
+        while self.next_window * self.hop + self.window <= self.received:
+            jobs.append(self._window_job(self.next_window * self.hop, self.window, incremental=self.incremental))
+            self.next_window += 1
+        self._trim()
+        return jobs
+
+    def finish(self) -> list[WindowJob]:
+        if self.closed:
+            return []
+        jobs = self._process()
+        self.closed = True
+        return jobs + self._tail()
+
+    def _tail(self) -> list[WindowJob]:
+        if self.received == 0:
+            return []
+        if self.next_window == 0:  # shorter than one window: all of it, as offline
+            return [self._window_job(0, self.received, incremental=False)]
+        last_end = (self.next_window - 1) * self.hop + self.window
+        if last_end >= self.received:
+            return []
+        return [self._window_job(self.received - self.window, self.window, incremental=False)]
+
+    def _trim(self) -> None:
+        keep_from = max(0, min(self.next_window * self.hop, self.received - self.window))  # the end-aligned window too
+        drop = keep_from - self.raw_offset
+        if drop > 0:
+            self.raw, self.raw_offset = self.raw[drop:], keep_from
+        if self.incremental:
+            model_from = (self.next_window * self.hop) * self.resampler.new // self.resampler.orig
+            drop = model_from - self.model_offset
+            if drop > 0:
+                self.model_signal, self.model_offset = self.model_signal[drop:], model_from
+
+    # ----------------------------------------------------------------- windows
+    def _window_job(self, start: int, length: int, *, incremental: bool) -> WindowJob:
+        start_s, end_s = start / self.sample_rate, (start + length) / self.sample_rate
+        samples = self.raw[start - self.raw_offset : start - self.raw_offset + length]
+        speech_seconds = self.vad.speech_seconds(start, start + length) if self.vad is not None else end_s - start_s
+        event = StreamEvent(self.next_window, start_s, end_s, speech_seconds >= min(self.min_speech_seconds, end_s - start_s),
+                            speech_seconds=speech_seconds)
+        if not event.speech and not self.classify_silence:
+            return WindowJob(self, event, torch.zeros(0), None)
+        features = self._features(start, samples) if incremental else self.extractor(self.resampler.window(samples))
+        stats = None
+        if self.recognizer.needs_speaker_stats:
+            stats, event.normalization = self._statistics(features, event.speech, start)
+        return WindowJob(self, event, features, stats)
+
+    def _features(self, start: int, samples: Tensor) -> Tensor:
+        """The window's features from the cached frames plus its recomputed edge frames (see the module docstring)."""
+        extractor, hop = self.extractor, self.extractor.hop_length
+        length = self.model_window
+        first_frame = start * self.resampler.new // self.resampler.orig // hop
+        frames = extractor.frames(length)
+        edge = self.resampler.edge_blocks * self.resampler.new
+        left = min(frames, -(-(extractor.reach + edge) // hop) + 1)
+        right_from = max(left, (length - edge - extractor.reach) // hop)  # first frame whose support reaches the edge
+        model_start = start * self.resampler.new // self.resampler.orig - self.model_offset
+        y = self.model_signal[model_start : model_start + length - edge]  # the last `edge` samples are not out yet
+        if edge:
+            y = torch.cat([self.resampler.left_edge(samples), y[edge:], self.resampler.right_edge(samples)])
+        parts = [extractor.raw(y[: (left - 1) * hop + extractor.reach])[:, :left]]
+        if right_from > left:
+            parts.append(self.frames.get(first_frame + left, first_frame + right_from))
+        if right_from < frames:
+            begin = max(0, right_from * hop - -(-extractor.reach // hop) * hop)
+            tail = extractor.raw(y[begin:])
+            parts.append(tail[:, right_from - begin // hop :])
+        return extractor.finish(torch.cat(parts, dim=1))
+
+    def _statistics(self, features: Tensor, speech: bool, start: int) -> tuple[Tensor, str]:
+        if self.enrolled is not None:
+            return self.enrolled, "enrolled"
+        if speech:
+            first = start * self.resampler.new // self.resampler.orig // self.extractor.hop_length
+            self.running.add(features, first, self.recognizer.speaker_functionals)
+        return self.running.current(features, self.recognizer.speaker_functionals, self.warmup_windows)
+
+
+class _RunningStatistics:
+    """A stream's own speaker statistics: frame moments of its speech windows' frames (each frame once) and the
+    moments of their prosodic functionals."""
+
+    def __init__(self, num_features: int) -> None:
+        self.count, self.sum, self.square = 0, torch.zeros(num_features, dtype=torch.float64), torch.zeros(
+            num_features, dtype=torch.float64)
+        self.counted_until = 0  # global frame index up to which frames were added
+        self.functionals: list[Tensor] = []
+
+    def add(self, features: Tensor, first_frame: int, functionals: bool) -> None:
+        new = features[:, max(0, self.counted_until - first_frame) :].double()
+        self.count += new.shape[1]
+        self.sum += new.sum(1)
+        self.square += new.pow(2).sum(1)
+        self.counted_until = max(self.counted_until, first_frame + features.shape[1])
+        if functionals:
+            self.functionals.append(prosodic_rows([features])[0])
+
+    def current(self, features: Tensor, functionals: bool, warmup: int) -> tuple[Tensor, str]:
+        if self.count == 0:  # no speech heard yet: this window's own frames
+            count, total, square = features.shape[1], features.double().sum(1), features.double().pow(2).sum(1)
+        else:
+            count, total, square = self.count, self.sum, self.square
+        mean = total / count
+        std = (square / count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(STD_FLOOR)
+        stats = torch.stack([mean, std]).float()
+        if not functionals:
+            return stats, "running" if self.count else "warmup"
+        if len(self.functionals) < warmup:
+            own = prosodic_rows([features])[0]
+            return torch.cat([stats, torch.stack([own, torch.ones_like(own)])], dim=1), "warmup"
+        return torch.cat([stats, functional_stats(torch.stack(self.functionals))], dim=1), "running"
+
+
+def classify_jobs(recognizer: EmotionRecognizer, jobs: Sequence[WindowJob]) -> list[StreamEvent]:
+    """Run the model on the jobs' features (in batches of equal length) and fill in their events, in order."""
+    from ser_lightning.padding import pad_last
+
+    todo = [job for job in jobs if job.features.numel()]
+    for first in range(0, len(todo), recognizer.batch_size):
+        group = todo[first : first + recognizer.batch_size]
+        batch, lengths = pad_last([job.features.to(recognizer.device) for job in group])
+        stats = None
+        if recognizer.needs_speaker_stats:
+            stats = torch.stack([job.speaker_stats for job in group]).to(recognizer.device)
+        with torch.no_grad():
+            output = recognizer.module(batch, lengths, stats)
+        probabilities = output.logits.float().softmax(dim=1).cpu()
+        recognizer.check_finite(probabilities, "stream window")
+        for k, job in enumerate(group):
+            stream, event = job.stream, job.event
+            label, event.probabilities = recognizer.named(probabilities[k])
+            low = stream.min_confidence is not None and max(event.probabilities.values()) < stream.min_confidence
+            event.emotion = "uncertain" if low else label
+            event.speaker_stats = job.speaker_stats
+            if stream.attention:
+                positions = int(output.positions[k])
+                event.attention = output.alpha[k, :positions].float().cpu().numpy()
+                event.attention_grid = None if output.grid is None else (output.grid[0], positions // output.grid[0])
+            if stream.keep_features:
+                event.features = job.features
+    return [job.event for job in jobs]
