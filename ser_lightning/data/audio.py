@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, BinaryIO, Union
 
 import numpy as np
 import soundfile as sf
@@ -55,8 +56,20 @@ def trim_silence_edges(wave: torch.Tensor, sample_rate: int, top_db: float) -> t
     return wave[start:stop]
 
 
+AudioSource = Union[str, Path, BinaryIO]
+"""A file name, or an open binary file (e.g. an upload in memory): read by name, never written."""
+
+
+def _target(source: AudioSource) -> tuple[Any, str]:
+    """What soundfile opens, and the name errors give."""
+    if isinstance(source, (str, Path)):
+        return str(source), str(source)
+    source.seek(0)
+    return source, str(getattr(source, "name", None) or "the audio data")
+
+
 def load_audio(
-    path: str | Path, sample_rate: int, *, trim_silence: bool = False, trim_db: float = 40.0
+    path: AudioSource, sample_rate: int, *, trim_silence: bool = False, trim_db: float = 40.0
 ) -> torch.Tensor:
     """Decode ``path`` to a finite mono float32 tensor (T,) at ``sample_rate``.
 
@@ -65,48 +78,61 @@ def load_audio(
     rejected. Silence is valid and comes back as zeros. Raises AudioError (naming the file and the
     reason) for unreadable, empty or mostly non-finite files.
     """
-    path = Path(path)
+    target, name = _target(path)
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        data, rate = sf.read(target, dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, OSError) as err:
-        raise AudioError(f"{path}: cannot decode audio ({err})") from err
+        raise AudioError(f"{name}: cannot decode audio ({err})") from err
     if data.shape[0] == 0:
-        raise AudioError(f"{path}: the file contains no samples")
-    wave = _resample(torch.from_numpy(_sanitize(data, path)), rate, sample_rate)
+        raise AudioError(f"{name}: the file contains no samples")
+    wave = _resample(torch.from_numpy(_sanitize(data, name)), rate, sample_rate)
     if trim_silence:
         wave = trim_silence_edges(wave, sample_rate, trim_db)
     return wave.contiguous()
 
 
-def iter_audio_blocks(path: str | Path, sample_rate: int, block_seconds: float) -> Iterator[torch.Tensor]:
+def read_blocks(path: AudioSource, block_seconds: float) -> tuple[int, Iterator[torch.Tensor]]:
+    """The file's sample rate and its consecutive mono blocks of ``block_seconds`` at that rate (sanitised like
+    ``load_audio``; bounded memory). The file is opened here, so a file that cannot be opened fails at once."""
+    if block_seconds <= 0:
+        raise ValueError(f"block_seconds must be positive, got {block_seconds}")
+    target, name = _target(path)
+    try:
+        handle = sf.SoundFile(target)
+    except (sf.SoundFileError, RuntimeError, OSError) as err:
+        raise AudioError(f"{name}: cannot decode audio ({err})") from err
+
+    def blocks() -> Iterator[torch.Tensor]:
+        with handle:
+            frames = max(1, int(round(block_seconds * handle.samplerate)))
+            while True:
+                try:
+                    block = handle.read(frames, dtype="float32", always_2d=True)
+                except (sf.SoundFileError, RuntimeError) as err:
+                    raise AudioError(f"{name}: decoding failed at frame {handle.tell()} ({err})") from err
+                if block.shape[0] == 0:
+                    return
+                yield torch.from_numpy(_sanitize(block, name))
+
+    return handle.samplerate, blocks()
+
+
+def iter_audio_blocks(path: AudioSource, sample_rate: int, block_seconds: float) -> Iterator[torch.Tensor]:
     """Stream a (long) file as consecutive mono blocks at ``sample_rate`` with bounded memory.
 
     Each block holds ``block_seconds`` of audio (the last one may be shorter) and is sanitised like
     ``load_audio``. Blocks are resampled independently, so block edges carry tiny resampling
     transients; the sum of block lengths matches a whole-file resampling to within a sample per block.
     """
-    if block_seconds <= 0:
-        raise ValueError(f"block_seconds must be positive, got {block_seconds}")
-    path = Path(path)
-    try:
-        handle = sf.SoundFile(str(path))
-    except (sf.SoundFileError, RuntimeError, OSError) as err:
-        raise AudioError(f"{path}: cannot decode audio ({err})") from err
-    with handle:
-        frames = max(1, int(round(block_seconds * handle.samplerate)))
-        while True:
-            try:
-                block = handle.read(frames, dtype="float32", always_2d=True)
-            except (sf.SoundFileError, RuntimeError) as err:
-                raise AudioError(f"{path}: decoding failed at frame {handle.tell()} ({err})") from err
-            if block.shape[0] == 0:
-                return
-            yield _resample(torch.from_numpy(_sanitize(block, path)), handle.samplerate, sample_rate)
+    rate, blocks = read_blocks(path, block_seconds)
+    for block in blocks:
+        yield _resample(block, rate, sample_rate)
 
 
-def audio_duration(path: str | Path) -> float:
+def audio_duration(path: AudioSource) -> float:
     """Duration in seconds read from the file header (no decoding)."""
+    target, name = _target(path)
     try:
-        return float(sf.info(str(path)).duration)
+        return float(sf.info(target).duration)
     except (sf.SoundFileError, RuntimeError, OSError) as err:
-        raise AudioError(f"{path}: cannot read the audio header ({err})") from err
+        raise AudioError(f"{name}: cannot read the audio header ({err})") from err

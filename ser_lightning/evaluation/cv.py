@@ -138,6 +138,12 @@ def run_fold(spec: RunSpec) -> dict:
         "test_labels": [datamodule.labels[i] for i in plan.test],
         "test_probabilities": _rounded(probabilities),
         "test_logits": _rounded(logits),
+        "test_parts": {name: _rounded(values) for name, values in parts.items()},
+        "val_logits": _rounded(outcome.val_predictions.logits),
+        "val_labels": outcome.val_predictions.labels.tolist(),
+        "val_parts": {} if outcome.val_predictions.parts is None else {
+            name: _rounded(outcome.val_predictions.parts[:, k])
+            for k, name in enumerate(HEAD_NAMES[: outcome.val_predictions.parts.shape[1]])},
         "temperature": outcome.temperature,
         "calibration": calibration_summary(logits, labels, outcome.temperature),
         "head_metrics": {name: split_scores(labels, values.argmax(1), list(datamodule.class_names)).metrics

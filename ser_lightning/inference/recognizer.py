@@ -21,7 +21,7 @@ feature extractor the checkpoint was trained with, and predicts files or in-memo
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,12 +34,11 @@ from torch import Tensor
 from ser_lightning.checkpoints import (
     CheckpointError, as_feature_config, feature_config, module_from_checkpoint, read_checkpoint,
 )
-from ser_lightning.data.audio import AudioError, audio_duration, iter_audio_blocks, load_audio
+from ser_lightning.data.audio import AudioError, AudioSource, audio_duration, iter_audio_blocks, load_audio, read_blocks
 from ser_lightning.data.features import FeatureConfig, FeatureExtractor
 from ser_lightning.models.ensemble import SeedEnsemble
 from ser_lightning.data.speakers import speaker_statistics
-from ser_lightning.inference.stream import EmotionStream, StreamEvent, WindowJob, classify_jobs
-from ser_lightning.padding import pad_last
+from ser_lightning.inference.stream import UNCERTAIN, EmotionStream, StreamEvent, WindowJob, classify_jobs, confident
 
 __all__ = ["CheckpointError", "EmotionRecognizer", "Prediction", "WindowPrediction"]
 
@@ -82,17 +81,6 @@ class Prediction:
     note: str = ""
 
 
-@dataclass
-class _Segment:
-    """Model output for one stretch of audio."""
-
-    probabilities: Tensor  # (K,)
-    attention: np.ndarray
-    grid: tuple[int, int] | None
-    features: Tensor  # (F, N)
-    padded: bool
-
-
 def check_compatible(model_hparams: Mapping[str, Any], feature: FeatureConfig, data_hparams: Mapping[str, Any]) -> None:
     """Raise CheckpointError naming the option when the model and the feature/data configuration disagree."""
     extractor_features = feature.num_features
@@ -124,8 +112,11 @@ class EmotionRecognizer:
         window_seconds: float = 4.0,
         hop_seconds: float | None = None,
         batch_size: int = 16,
+        min_confidence: float | None = None,
     ) -> None:
         hop_seconds = window_seconds / 2 if hop_seconds is None else hop_seconds
+        if min_confidence is not None and not 0 <= min_confidence <= 1:
+            raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
         if not window_seconds > 0:
             raise ValueError(f"window_seconds must be > 0, got {window_seconds}")
         if not 0 < hop_seconds <= window_seconds:
@@ -145,6 +136,8 @@ class EmotionRecognizer:
         self.hop_samples = max(1, round(hop_seconds * self.sample_rate))
         self.window_seconds, self.hop_seconds = window_seconds, hop_seconds
         self.batch_size = batch_size
+        self.min_confidence = min_confidence
+        self.classifier: Callable[[EmotionRecognizer, Sequence[WindowJob]], list[StreamEvent]] = classify_jobs
 
     @classmethod
     def from_checkpoint(
@@ -157,11 +150,13 @@ class EmotionRecognizer:
         batch_size: int = 16,
         feature: FeatureConfig | Mapping[str, Any] | None = None,
         trusted: bool = False,
+        min_confidence: float | None = None,
     ) -> EmotionRecognizer:
         """Load a checkpoint written by ``python -m ser_lightning fit`` (or ``cv``), safely; several paths
         load a seed ensemble (``SeedEnsemble``: their probabilities averaged; same classes, features and architecture).
 
-        Recordings longer than ``window_seconds`` are split into windows every ``hop_seconds``
+        ``min_confidence``: below this top probability a prediction's emotion is ``"uncertain"`` (the probabilities
+        are still given). Recordings longer than ``window_seconds`` are split into windows every ``hop_seconds``
         (default: half a window). The feature configuration comes from the checkpoint's datamodule hyper-parameters; pass
         ``feature`` to give it explicitly (e.g. for a checkpoint trained without the datamodule).
         The file is read with the safe loader (``ser_lightning.checkpoints``); ``trusted=True``
@@ -190,7 +185,8 @@ class EmotionRecognizer:
             module = modules[0] if len(modules) == 1 else SeedEnsemble(modules)
         except ValueError as error:
             raise CheckpointError(f"checkpoints {', '.join(map(str, paths))}: {error}") from error
-        return cls(module, config, window_seconds=window_seconds, hop_seconds=hop_seconds, batch_size=batch_size)
+        return cls(module, config, window_seconds=window_seconds, hop_seconds=hop_seconds, batch_size=batch_size,
+                   min_confidence=min_confidence)
 
     # ----------------------------------------------------------------- model
     @property
@@ -234,22 +230,14 @@ class EmotionRecognizer:
         return speaker_stats.to(self.device).expand(count, *speaker_stats.shape)
 
     @torch.no_grad()
-    def _classify(self, waves: Sequence[Tensor], speaker_stats: Tensor | None = None) -> list[_Segment]:
-        """Features of each waveform, padded into batches of ``batch_size``; one result per waveform."""
-        results: list[_Segment] = []
-        min_frames = self.module.model.min_input_frames
-        for first in range(0, len(waves), self.batch_size):
-            feats = [self.extractor(w.to(self.device)) for w in waves[first : first + self.batch_size]]
-            batch, lengths = pad_last(feats)
-            output = self.module(batch, lengths, self._stats_for(speaker_stats, len(feats), "prediction"))
-            probabilities = output.logits.float().softmax(dim=1).cpu()
-            self.check_finite(probabilities, "prediction")
-            for k, feat in enumerate(feats):
-                positions = int(output.positions[k])
-                alpha = output.alpha[k, :positions].float().cpu().numpy()
-                grid = None if output.grid is None else (output.grid[0], positions // output.grid[0])
-                results.append(_Segment(probabilities[k], alpha, grid, feat.cpu(), feat.shape[-1] < min_frames))
-        return results
+    def _classify(self, waves: Sequence[Tensor], speaker_stats: Tensor | None = None) -> list[StreamEvent]:
+        """Each whole waveform classified (through ``classify``, which batches); one event per waveform."""
+        stats = self._stats_for(speaker_stats, 1, "prediction")
+        jobs = [WindowJob(StreamEvent(k, 0.0, w.numel() / self.sample_rate, True), self.extractor(w.to(self.device)).cpu(),
+                          None if stats is None else stats[0].cpu(), attention=True, keep_features=True,
+                          min_confidence=self.min_confidence)
+                for k, w in enumerate(waves)]
+        return self.classify(jobs)
 
     def named(self, probabilities: Tensor) -> tuple[str, dict[str, float]]:
         """The predicted class and {class: probability} of a (K,) probability vector."""
@@ -263,17 +251,14 @@ class EmotionRecognizer:
             raise ValueError(f"{what}: the model's output is not finite (NaN or infinite probabilities); "
                              "the input is far outside the range of audio samples the model was trained on")
 
-    def _single(self, path: str | None, num_samples: int, segment: _Segment) -> Prediction:
-        label, probs = self.named(segment.probabilities)
+    def _single(self, path: str | None, num_samples: int, event: StreamEvent) -> Prediction:
         duration = num_samples / self.sample_rate
+        frames = event.features.shape[-1]
         note = ""
-        if segment.padded:
-            note = (
-                f"shorter than the model's receptive field ({segment.features.shape[-1]} < "
-                f"{self.module.model.min_input_frames} frames): zero-padded"
-            )
-        return Prediction(path, label, probs, duration, segment.attention, segment.grid, [],
-                          segment.features.numpy(), (0.0, duration), note)
+        if frames < self.module.model.min_input_frames:
+            note = f"shorter than the model's receptive field ({frames} < {self.module.model.min_input_frames} frames): zero-padded"
+        return Prediction(path, event.emotion, event.probabilities, duration, event.attention, event.attention_grid, [],
+                          event.features.numpy(), (0.0, duration), note)
 
     # ----------------------------------------------------------------- windows
     def stream(self, sample_rate: int, window_seconds: float = 2.0, hop_seconds: float = 0.5, **options: Any) -> EmotionStream:
@@ -283,20 +268,23 @@ class EmotionRecognizer:
         return EmotionStream(self, sample_rate, window_seconds=window_seconds, hop_seconds=hop_seconds, **options)
 
     def classify(self, jobs: Sequence[WindowJob]) -> list[StreamEvent]:
-        """Run the model on windows prepared by streams (batched, also across streams); their events, in order."""
-        return classify_jobs(self, jobs)
+        """Run the model on prepared windows (batched); their events, in order. Every model call of the recognizer
+        goes through here; a server replaces ``classifier`` to batch the windows of many clients together."""
+        return self.classifier(self, jobs)
 
-    def _predict_windows(self, path: str | None, blocks: Iterable[Tensor],
-                         speaker_stats: Tensor | None = None) -> Prediction | None:
+    def _predict_windows(self, path: str | None, blocks: Iterable[Tensor], speaker_stats: Tensor | None = None,
+                         sample_rate: int | None = None) -> Prediction | None:
         """Classify a long recording window by window (an ``EmotionStream`` over its blocks); None when it fits
         within one window. The recording's probabilities are the mean over the windows with speech (over all
         windows when none has speech, with a note); its attention is that of the speech window with the highest
         probability of the predicted emotion."""
         stats = self._stats_for(speaker_stats, 1, "prediction")
-        stream = self.stream(self.sample_rate, self.window_seconds, self.hop_seconds, classify_silence=True,
-                             attention=True, features=True, speaker_statistics=None if stats is None else stats[0])
+        stream = self.stream(sample_rate or self.sample_rate, self.window_seconds, self.hop_seconds, classify_silence=True,
+                             attention=True, features=True, min_confidence=self.min_confidence,
+                             speaker_statistics=None if stats is None else stats[0])
         events: list[StreamEvent] = []
         total, peak = 0, 0.0
+        rate = sample_rate or self.sample_rate
         for block in blocks:
             total += block.numel()
             if block.numel():
@@ -312,28 +300,29 @@ class EmotionRecognizer:
         mean = torch.tensor([list(e.probabilities.values()) for e in speech]).mean(dim=0)
         label, probs = self.named(mean)
         best = max(speech, key=lambda e: e.probabilities[label])
+        label = label if confident(probs, self.min_confidence) else UNCERTAIN
         notes = [] if len(speech) < len(events) or any(e.speech for e in events) else ["no speech detected"]
         if any(e.features.shape[-1] < self.module.model.min_input_frames for e in events):
             notes.append(f"windows of {self.window_seconds} s are shorter than the model's receptive field: zero-padded")
-        return Prediction(path, label, probs, total / self.sample_rate, best.attention, best.attention_grid, windows,
+        return Prediction(path, label, probs, total / rate, best.attention, best.attention_grid, windows,
                           best.features.numpy(), (best.start_s, best.end_s), "; ".join(notes))
 
     # ----------------------------------------------------------------- public API
-    def predict_file(self, path: str | Path, speaker_stats: Tensor | None = None) -> Prediction:
-        """Classify one audio file (any rate / channel count / format soundfile reads).
+    def predict_file(self, path: AudioSource, speaker_stats: Tensor | None = None) -> Prediction:
+        """Classify one audio file, by name or open in memory (any rate / channel count / format soundfile reads).
 
         ``speaker_stats`` (from ``speaker_statistics``) is needed when the model normalises per speaker.
         Raises AudioError naming the file when it cannot be used.
         """
-        path = Path(path)
-        if audio_duration(path) > self.window_seconds:
-            blocks = iter_audio_blocks(path, self.sample_rate, block_seconds=self.hop_seconds)
-            prediction = self._predict_windows(str(path), blocks, speaker_stats)
-            if prediction is not None:  # None: shorter than a window once decoded and resampled
+        name = str(path) if isinstance(path, (str, Path)) else str(getattr(path, "name", None) or "the audio data")
+        if audio_duration(path) > self.window_seconds:  # in windows, exactly as a stream at the file's own rate
+            rate, blocks = read_blocks(path, block_seconds=self.hop_seconds)
+            prediction = self._predict_windows(name, blocks, speaker_stats, rate)
+            if prediction is not None:  # None: shorter than a window once decoded
                 return prediction
         wave = load_audio(path, self.sample_rate, trim_silence=self.feature.trim_silence)
-        _check_not_silent(wave, str(path))
-        return self._single(str(path), wave.numel(), self._classify([wave], speaker_stats)[0])
+        _check_not_silent(wave, name)
+        return self._single(name, wave.numel(), self._classify([wave], speaker_stats)[0])
 
     def predict_batch(self, waveforms: Sequence[Tensor | np.ndarray], sample_rate: int,
                       speaker_stats: Tensor | None = None) -> list[Prediction]:

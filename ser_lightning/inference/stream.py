@@ -92,12 +92,15 @@ class StreamEvent:
 
 @dataclass
 class WindowJob:
-    """A window whose features are ready for the model: the unit ``classify`` batches (also across streams)."""
+    """A window whose features are ready for the model: the unit ``classify`` batches (also across streams and
+    requests). Empty features: nothing to classify (a window without speech)."""
 
-    stream: EmotionStream
     event: StreamEvent
     features: Tensor  # (F, N)
-    speaker_stats: Tensor | None  # (2, W)
+    speaker_stats: Tensor | None = None  # (2, W)
+    attention: bool = False
+    keep_features: bool = False
+    min_confidence: float | None = None
 
 
 class IncrementalResampler:
@@ -422,12 +425,15 @@ class EmotionStream:
         event = StreamEvent(self.next_window, start_s, end_s, speech_seconds >= min(self.min_speech_seconds, end_s - start_s),
                             speech_seconds=speech_seconds)
         if not event.speech and not self.classify_silence:
-            return WindowJob(self, event, torch.zeros(0), None)
+            return self._job(event, torch.zeros(0), None)
         features = self._features(start, samples) if incremental else self.extractor(self.resampler.window(samples))
         stats = None
         if self.recognizer.needs_speaker_stats:
             stats, event.normalization = self._statistics(features, event.speech, start)
-        return WindowJob(self, event, features, stats)
+        return self._job(event, features, stats)
+
+    def _job(self, event: StreamEvent, features: Tensor, stats: Tensor | None) -> WindowJob:
+        return WindowJob(event, features, stats, self.attention, self.keep_features, self.min_confidence)
 
     def _features(self, start: int, samples: Tensor) -> Tensor:
         """The window's features from the cached frames plus its recomputed edge frames (see the module docstring)."""
@@ -495,6 +501,14 @@ class _RunningStatistics:
         return torch.cat([stats, functional_stats(torch.stack(self.functionals))], dim=1), "running"
 
 
+UNCERTAIN = "uncertain"
+"""The emotion reported when the top probability is below the minimum confidence asked for."""
+
+
+def confident(probabilities: dict[str, float], min_confidence: float | None) -> bool:
+    return min_confidence is None or max(probabilities.values()) >= min_confidence
+
+
 def classify_jobs(recognizer: EmotionRecognizer, jobs: Sequence[WindowJob]) -> list[StreamEvent]:
     """Run the model on the jobs' features (in batches of equal length) and fill in their events, in order."""
     from ser_lightning.padding import pad_last
@@ -511,15 +525,14 @@ def classify_jobs(recognizer: EmotionRecognizer, jobs: Sequence[WindowJob]) -> l
         probabilities = output.logits.float().softmax(dim=1).cpu()
         recognizer.check_finite(probabilities, "stream window")
         for k, job in enumerate(group):
-            stream, event = job.stream, job.event
+            event = job.event
             label, event.probabilities = recognizer.named(probabilities[k])
-            low = stream.min_confidence is not None and max(event.probabilities.values()) < stream.min_confidence
-            event.emotion = "uncertain" if low else label
+            event.emotion = label if confident(event.probabilities, job.min_confidence) else UNCERTAIN
             event.speaker_stats = job.speaker_stats
-            if stream.attention:
+            if job.attention:
                 positions = int(output.positions[k])
                 event.attention = output.alpha[k, :positions].float().cpu().numpy()
                 event.attention_grid = None if output.grid is None else (output.grid[0], positions // output.grid[0])
-            if stream.keep_features:
+            if job.keep_features:
                 event.features = job.features
     return [job.event for job in jobs]
