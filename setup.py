@@ -169,6 +169,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["ser_lightning", "ser_lightning.*"]),
+    package_data={"ser_lightning.inference": ["web/*.html", "web/*.js", "web/*.css"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp310"}},

@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "ser_lightning.evaluation.tune:tune_main"),
     "predict": ("classify audio files or folders with a checkpoint", "ser_lightning.inference.commands:predict_main"),
     "export": ("export a checkpoint to ONNX, checked against PyTorch", "ser_lightning.inference.commands:export_main"),
+    "serve": ("serve a model over HTTP and WebSocket, with a web page for the microphone and files",
+              "ser_lightning.inference.serve:serve_main"),
     "synth": ("write a synthetic corpus in the layout of a real one", "ser_lightning.data.synth:synth_main"),
 }
 

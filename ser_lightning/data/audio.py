@@ -68,6 +68,32 @@ def _target(source: AudioSource) -> tuple[Any, str]:
     return source, str(getattr(source, "name", None) or "the audio data")
 
 
+def check_complete(source: Any, name: str) -> None:
+    """Raise AudioError when a WAV file is cut short: its header declares more sample bytes than it holds
+    (the decoder would silently return what is there). Other formats fail in the decoder itself."""
+    if isinstance(source, str):
+        with open(source, "rb") as handle:
+            header = handle.read(4096)
+            size = handle.seek(0, 2)
+    else:
+        header = source.read(4096)
+        size = source.seek(0, 2)
+        source.seek(0)
+    if len(header) < 12 or header[:4] not in (b"RIFF", b"RIFX") or header[8:12] != b"WAVE":
+        return
+    order = "little" if header[:4] == b"RIFF" else "big"
+    position = 12
+    while position + 8 <= len(header):
+        chunk, length = header[position : position + 4], int.from_bytes(header[position + 4 : position + 8], order)
+        if chunk == b"data":
+            present = size - position - 8
+            if length != 0xFFFFFFFF and present < length:
+                raise AudioError(f"{name}: the file is truncated (its header declares {length} bytes of samples, "
+                                 f"{max(0, present)} are present)")
+            return
+        position += 8 + length + (length & 1)
+
+
 def load_audio(
     path: AudioSource, sample_rate: int, *, trim_silence: bool = False, trim_db: float = 40.0
 ) -> torch.Tensor:
@@ -80,6 +106,7 @@ def load_audio(
     """
     target, name = _target(path)
     try:
+        check_complete(target, name)
         data, rate = sf.read(target, dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, OSError) as err:
         raise AudioError(f"{name}: cannot decode audio ({err})") from err
@@ -98,6 +125,7 @@ def read_blocks(path: AudioSource, block_seconds: float) -> tuple[int, Iterator[
         raise ValueError(f"block_seconds must be positive, got {block_seconds}")
     target, name = _target(path)
     try:
+        check_complete(target, name)
         handle = sf.SoundFile(target)
     except (sf.SoundFileError, RuntimeError, OSError) as err:
         raise AudioError(f"{name}: cannot decode audio ({err})") from err

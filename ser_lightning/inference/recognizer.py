@@ -230,12 +230,13 @@ class EmotionRecognizer:
         return speaker_stats.to(self.device).expand(count, *speaker_stats.shape)
 
     @torch.no_grad()
-    def _classify(self, waves: Sequence[Tensor], speaker_stats: Tensor | None = None) -> list[StreamEvent]:
+    def _classify(self, waves: Sequence[Tensor], speaker_stats: Tensor | None = None,
+                  min_confidence: float | None = None) -> list[StreamEvent]:
         """Each whole waveform classified (through ``classify``, which batches); one event per waveform."""
         stats = self._stats_for(speaker_stats, 1, "prediction")
         jobs = [WindowJob(StreamEvent(k, 0.0, w.numel() / self.sample_rate, True), self.extractor(w.to(self.device)).cpu(),
                           None if stats is None else stats[0].cpu(), attention=True, keep_features=True,
-                          min_confidence=self.min_confidence)
+                          min_confidence=self.min_confidence if min_confidence is None else min_confidence)
                 for k, w in enumerate(waves)]
         return self.classify(jobs)
 
@@ -273,14 +274,15 @@ class EmotionRecognizer:
         return self.classifier(self, jobs)
 
     def _predict_windows(self, path: str | None, blocks: Iterable[Tensor], speaker_stats: Tensor | None = None,
-                         sample_rate: int | None = None) -> Prediction | None:
+                         sample_rate: int | None = None, min_confidence: float | None = None) -> Prediction | None:
         """Classify a long recording window by window (an ``EmotionStream`` over its blocks); None when it fits
         within one window. The recording's probabilities are the mean over the windows with speech (over all
         windows when none has speech, with a note); its attention is that of the speech window with the highest
         probability of the predicted emotion."""
         stats = self._stats_for(speaker_stats, 1, "prediction")
+        min_confidence = self.min_confidence if min_confidence is None else min_confidence
         stream = self.stream(sample_rate or self.sample_rate, self.window_seconds, self.hop_seconds, classify_silence=True,
-                             attention=True, features=True, min_confidence=self.min_confidence,
+                             attention=True, features=True, min_confidence=min_confidence,
                              speaker_statistics=None if stats is None else stats[0])
         events: list[StreamEvent] = []
         total, peak = 0, 0.0
@@ -300,7 +302,7 @@ class EmotionRecognizer:
         mean = torch.tensor([list(e.probabilities.values()) for e in speech]).mean(dim=0)
         label, probs = self.named(mean)
         best = max(speech, key=lambda e: e.probabilities[label])
-        label = label if confident(probs, self.min_confidence) else UNCERTAIN
+        label = label if confident(probs, min_confidence) else UNCERTAIN
         notes = [] if len(speech) < len(events) or any(e.speech for e in events) else ["no speech detected"]
         if any(e.features.shape[-1] < self.module.model.min_input_frames for e in events):
             notes.append(f"windows of {self.window_seconds} s are shorter than the model's receptive field: zero-padded")
@@ -308,7 +310,8 @@ class EmotionRecognizer:
                           best.features.numpy(), (best.start_s, best.end_s), "; ".join(notes))
 
     # ----------------------------------------------------------------- public API
-    def predict_file(self, path: AudioSource, speaker_stats: Tensor | None = None) -> Prediction:
+    def predict_file(self, path: AudioSource, speaker_stats: Tensor | None = None, *,
+                     min_confidence: float | None = None) -> Prediction:
         """Classify one audio file, by name or open in memory (any rate / channel count / format soundfile reads).
 
         ``speaker_stats`` (from ``speaker_statistics``) is needed when the model normalises per speaker.
@@ -317,12 +320,12 @@ class EmotionRecognizer:
         name = str(path) if isinstance(path, (str, Path)) else str(getattr(path, "name", None) or "the audio data")
         if audio_duration(path) > self.window_seconds:  # in windows, exactly as a stream at the file's own rate
             rate, blocks = read_blocks(path, block_seconds=self.hop_seconds)
-            prediction = self._predict_windows(name, blocks, speaker_stats, rate)
+            prediction = self._predict_windows(name, blocks, speaker_stats, rate, min_confidence)
             if prediction is not None:  # None: shorter than a window once decoded
                 return prediction
         wave = load_audio(path, self.sample_rate, trim_silence=self.feature.trim_silence)
         _check_not_silent(wave, name)
-        return self._single(name, wave.numel(), self._classify([wave], speaker_stats)[0])
+        return self._single(name, wave.numel(), self._classify([wave], speaker_stats, min_confidence)[0])
 
     def predict_batch(self, waveforms: Sequence[Tensor | np.ndarray], sample_rate: int,
                       speaker_stats: Tensor | None = None) -> list[Prediction]:

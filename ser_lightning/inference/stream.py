@@ -295,7 +295,7 @@ def as_mono(samples: Any, channels: int) -> Tensor:
         raise ValueError(f"samples: expected (n,) or (n, channels), got shape {array.shape}")
     if not np.isfinite(array).all():
         raise ValueError("samples: NaN or infinite values")
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    return torch.from_numpy(np.array(array, dtype=np.float32))  # a copy: the caller's buffer may be read-only
 
 
 class EmotionStream:
