@@ -89,8 +89,8 @@ def zhang2d_checkpoint(tiny_corpus, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def speaker_checkpoint(tiny_corpus, tmp_path_factory) -> Path:
-    """seed1d with speaker normalisation, the pitch rows and the statistics head, trained for one epoch."""
+    """seed1d with speaker normalisation, the pitch rows and the statistics head (pooled and prosodic), one epoch."""
     return train_tiny_checkpoint(
         tiny_corpus, tmp_path_factory.mktemp("speaker_run"), "--data.normalization=speaker", "--data.feature.pitch=true",
-        "--model.statistics_head=logistic",
+        "--model.statistics_head=logistic", "--model.statistics=[pooled, prosodic]",
     )

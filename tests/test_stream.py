@@ -1,0 +1,167 @@
+"""Streaming recognition: every event equals the offline prediction of its window, whatever the chunking."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+from ser_lightning import EmotionRecognizer
+from ser_lightning.inference.stream import IncrementalResampler
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def speech(tiny_corpus) -> np.ndarray:
+    """About 7 s of 16 kHz speech: three tiny-corpus utterances of different speakers and emotions, back to back."""
+    files = sorted(tiny_corpus.rglob("*.wav"))
+    return np.concatenate([sf.read(files[k], dtype="float32")[0] for k in (0, 33, 70)])
+
+
+@pytest.fixture(scope="module")
+def recognizers(seed1d_checkpoint, speaker_checkpoint) -> dict[str, EmotionRecognizer]:
+    plain = EmotionRecognizer.from_checkpoint(seed1d_checkpoint.parent / "last.ckpt")
+    speaker = EmotionRecognizer.from_checkpoint(speaker_checkpoint.parent / "last.ckpt")
+    return {"plain": plain, "speaker": speaker}
+
+
+def chunks(samples: np.ndarray, size: int | str, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    position = 0
+    while position < len(samples):
+        step = int(rng.integers(1, 6000)) if size == "random" else size
+        yield samples[position : position + step]
+        position += step
+
+
+def run(stream, samples: np.ndarray, size: int | str) -> list:
+    events = []
+    for chunk in chunks(samples, size):
+        events += stream.push(chunk)
+    return events + stream.close()
+
+
+def at_rate(samples: np.ndarray, rate: int) -> np.ndarray:
+    return samples if rate == 16000 else AF.resample(torch.from_numpy(samples), 16000, rate).numpy()
+
+
+@pytest.mark.parametrize("rate", [16000, 48000])
+@pytest.mark.parametrize("model, normalization", [("plain", None), ("speaker", "enrolled"), ("speaker", "running")])
+def test_every_event_equals_predict_batch_on_its_window_whatever_the_chunking(recognizers, speech, model,
+                                                                              normalization, rate):
+    recognizer = recognizers[model]
+    samples = at_rate(speech, rate)
+    enrolled = recognizer.speaker_statistics([torch.from_numpy(speech)]) if normalization == "enrolled" else None
+    reference = None
+    for size in (1, 160, 4000, "random"):
+        audio = samples[: int(2.6 * rate)] if size == 1 else samples  # one sample at a time: a short stream
+        stream = recognizer.stream(rate, speaker_statistics=enrolled, classify_silence=True)
+        assert stream.incremental
+        events = run(stream, audio, size)
+        regular = 1 + (len(audio) - 2 * rate) // (rate // 2)
+        assert len(events) == regular + ((regular - 1) * (rate // 2) + 2 * rate < len(audio))
+        for event in events:
+            window = audio[round(event.start_s * rate) : round(event.end_s * rate)]
+            expected = recognizer.predict_batch([window], rate, speaker_stats=event.speaker_stats)[0]
+            assert event.emotion == expected.label
+            assert event.probabilities == pytest.approx(expected.probabilities, abs=TOLERANCE)
+            if normalization is not None:
+                assert event.normalization in ({"enrolled"} if enrolled is not None else {"warmup", "running"})
+        if size == "random":  # every chunking gives the same events
+            assert reference is not None
+        if size != 1:
+            probabilities = [list(e.probabilities.values()) for e in events]
+            if reference is not None:
+                np.testing.assert_allclose(probabilities, reference, atol=TOLERANCE)
+            reference = probabilities
+
+
+def test_events_span_their_windows_to_the_sample_and_close_aligns_the_last_to_the_end(recognizers, speech):
+    recognizer, rate = recognizers["plain"], 16000
+    audio = speech[: 3 * rate + 1234]
+    events = run(recognizer.stream(rate, window_seconds=2.0, hop_seconds=0.5, classify_silence=True), audio, 777)
+    spans = [(round(e.start_s * rate), round(e.end_s * rate)) for e in events]
+    assert spans == [(0, 32000), (8000, 40000), (16000, 48000), (len(audio) - 32000, len(audio))]
+    assert [e.index for e in events] == [0, 1, 2, 3]
+    short = run(recognizer.stream(rate, classify_silence=True), speech[:12345], 1000)
+    assert [(e.start_s, e.end_s) for e in short] == [(0.0, 12345 / rate)]  # shorter than a window: all of it
+
+
+def test_events_are_ready_as_soon_as_their_window_is_complete(recognizers, speech):
+    stream = recognizers["plain"].stream(16000, classify_silence=True)
+    assert stream.push(speech[:31999]) == []
+    assert [e.index for e in stream.push(speech[31999:32000])] == [0]
+    assert [e.index for e in stream.push(speech[32000:40000])] == [1]
+
+
+def test_windows_without_speech_say_so_instead_of_forcing_an_emotion(recognizers, speech):
+    rate = 16000
+    noise = (10 ** (-70 / 20) * np.random.default_rng(0).standard_normal(3 * rate)).astype(np.float32)
+    audio = np.concatenate([noise, speech[: 3 * rate]])
+    for vad in ("silero", "energy"):
+        events = run(recognizers["plain"].stream(rate, vad=vad), audio, 4000)
+        silent, voiced = events[0], events[-1]
+        assert (silent.speech, silent.emotion, silent.probabilities) == (False, None, None), vad
+        assert voiced.speech and voiced.emotion in recognizers["plain"].class_names, vad
+        assert silent.speech_seconds < 0.25 <= voiced.speech_seconds
+
+
+def test_int16_and_interleaved_channels_equal_their_float_mono_mix(recognizers, speech):
+    recognizer, rate = recognizers["plain"], 16000
+    audio = speech[: 3 * rate]
+    stereo = np.stack([audio, 0.5 * audio], axis=1)
+    pcm = np.round(np.clip(stereo, -1, 1) * 32767).astype(np.int16)
+    mono = pcm.astype(np.float32).mean(axis=1) / 32768.0
+    expected = run(recognizer.stream(rate, classify_silence=True), mono, 4000)
+    for samples in (pcm.reshape(-1), pcm):  # interleaved 1-D, and (n, channels)
+        got = run(recognizer.stream(rate, channels=2, classify_silence=True), samples, 3000 * 2)
+        assert [e.probabilities for e in got] == [pytest.approx(e.probabilities, abs=TOLERANCE) for e in expected]
+    with pytest.raises(ValueError, match="whole number of 2-channel frames"):
+        recognizer.stream(rate, channels=2).push(pcm.reshape(-1)[:5])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        recognizer.stream(rate).push(np.array([0.0, np.nan], dtype=np.float32))
+
+
+def test_running_speaker_statistics_come_from_the_streams_own_speech(recognizers, speech):
+    recognizer, rate = recognizers["speaker"], 16000
+    stream = recognizer.stream(rate, warmup_windows=3, features=True, classify_silence=True)
+    events = run(stream, speech, 4000)
+    assert [e.normalization for e in events[:2]] == ["warmup", "warmup"] and events[-1].normalization == "running"
+    regular = [e for e in events if e.speech][:-1]  # the end-aligned window is counted too; leave it out here
+    frames = torch.cat([regular[0].features] + [e.features[:, -50:] for e in regular[1:]], dim=1).double()
+    num_rows = frames.shape[0]
+    last = regular[-1].speaker_stats
+    torch.testing.assert_close(last[0, :num_rows].double(), frames.mean(1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(last[1, :num_rows].double(), frames.std(1, unbiased=False), rtol=1e-3, atol=1e-3)
+
+
+def test_non_incremental_windows_are_exact_too(recognizers, speech):
+    recognizer, rate = recognizers["plain"], 11025  # a 0.5 s hop is not a whole number of resampler periods
+    audio = at_rate(speech, rate)[: 3 * rate]
+    stream = recognizer.stream(rate, classify_silence=True)
+    assert not stream.incremental
+    for event in run(stream, audio, 3000):
+        window = audio[round(event.start_s * rate) : round(event.end_s * rate)]
+        expected = recognizer.predict_batch([window], rate)[0]
+        assert event.probabilities == pytest.approx(expected.probabilities, abs=TOLERANCE)
+
+
+def test_seed_ensembles_stream(seed1d_checkpoint, speech):
+    checkpoints = [seed1d_checkpoint.parent / "last.ckpt", next(seed1d_checkpoint.parent.glob("epoch*.ckpt"))]
+    ensemble = EmotionRecognizer.from_checkpoint(checkpoints)
+    for event in run(ensemble.stream(16000, classify_silence=True), speech[: 3 * 16000], 5000):
+        window = speech[round(event.start_s * 16000) : round(event.end_s * 16000)]
+        expected = ensemble.predict_batch([window], 16000)[0]
+        assert event.probabilities == pytest.approx(expected.probabilities, abs=TOLERANCE)
+
+
+@pytest.mark.parametrize("orig, new", [(48000, 16000), (44100, 16000), (8000, 16000), (16000, 16000)])
+def test_incremental_resampler_gives_the_whole_signals_resampling(orig, new):
+    signal = torch.randn(orig + 321, generator=torch.Generator().manual_seed(0))
+    resampler = IncrementalResampler(orig, new)
+    out = torch.cat([resampler.push(part) for part in signal.split(997)])
+    whole = AF.resample(signal, orig, new)
+    assert len(out) <= len(whole) and len(whole) - len(out) <= resampler.edge_blocks * resampler.new + resampler.new
+    torch.testing.assert_close(out, whole[: len(out)], atol=1e-5, rtol=0)
