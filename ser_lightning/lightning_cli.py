@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from ser_lightning.callbacks import FigureCallback, ThrottledProgressBar
+from ser_lightning.callbacks import FigureCallback, RandomStates, ThrottledProgressBar
 from ser_lightning.checkpoints import CheckpointError, load_module
 from ser_lightning.configs import with_default_config
 from ser_lightning.data.datamodule import SERDataModule
@@ -54,13 +54,14 @@ class SERLightningCLI(LightningCLI):
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The trainer, with ``ThrottledProgressBar`` unless bars are switched off or the configuration brings one,
-        and loggers that claim their version folder atomically (``claim_log_versions``)."""
+        """The trainer, with ``RandomStates`` (exact resume), ``ThrottledProgressBar`` unless bars are switched off
+        or the configuration brings one, and loggers that claim their version folder atomically."""
         config = {**self.config_init.get("trainer", {}), **kwargs}
         given = config.get("callbacks") or []
-        given = given if isinstance(given, list) else [given]
+        given = [*(given if isinstance(given, list) else [given]), RandomStates()]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
-            kwargs["callbacks"] = [*given, ThrottledProgressBar()]
+            given.append(ThrottledProgressBar())
+        kwargs["callbacks"] = given
         trainer = super().instantiate_trainer(**kwargs)
         claim_log_versions(trainer)
         return trainer

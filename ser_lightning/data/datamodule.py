@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -183,6 +183,9 @@ class SERDataModule(pl.LightningDataModule):
         self.fold_plan: FoldPlan | None = None
         self._feature_stats: tuple[Tensor, Tensor] | None = None
         self._speaker_stats: list[Tensor] | None = None
+        # the training order's generator lives as long as the datamodule: each epoch draws on from where the
+        # last one stopped, and a checkpoint keeps its state (state_dict) so that a resumed run draws the same
+        self._train_generator = torch.Generator().manual_seed(random_seed)
 
     def _select_classes(self, emotions: str | list[str]) -> list[str]:
         """The requested emotions, checked against the corpus (and intersected with the test corpus)."""
@@ -352,9 +355,18 @@ class SERDataModule(pl.LightningDataModule):
             dataset, collate_fn=collate_utterances, num_workers=workers, persistent_workers=workers > 0, **kwargs
         )
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the data: the state of the training order's generator (exact resume)."""
+        return {"train_generator": self._train_generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the training order's generator from a checkpoint (before the next epoch's loader iterates)."""
+        if "train_generator" in state_dict:  # checkpoints of earlier versions start the order afresh
+            self._train_generator.set_state(state_dict["train_generator"])
+
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset("train")
-        generator = torch.Generator().manual_seed(self.hparams.random_seed)
+        generator = self._train_generator
         if self.hparams.bucketing:
             sampler = BucketBatchSampler(
                 RandomSampler(dataset, generator=generator), self.hparams.batch_size,
