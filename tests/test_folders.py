@@ -50,7 +50,8 @@ def messy_folder(tmp_path_factory) -> Path:
     (root / "a" / "gone.wav").symlink_to("missing.wav")
     (root / "a" / "self.wav").symlink_to("self.wav")
     (root / "a" / "up").symlink_to("..")
-    (root / "again").symlink_to("a")
+    (root / "0again").symlink_to("a")  # links that sort before what they point to: still the duplicates
+    (root / "0good.wav").symlink_to(Path("a") / "good.wav")
     os.mkfifo(root / "a" / "pipe.wav")
     return root
 
@@ -74,7 +75,8 @@ def unreadable_locked(monkeypatch):
     ("a/gone.wav", DANGLING_LINK, "'missing.wav', which does not exist"),
     ("a/self.wav", LINK_LOOP, "leads back to itself"),
     ("a/up", LINK_LOOP, "a folder it lies in (a loop: not followed)"),
-    ("again", DUPLICATE, "the same folder as"),
+    ("0again", DUPLICATE, "the same folder as"),
+    ("0good.wav", DUPLICATE, "the same file as"),
     ("a/locked.wav", UNREADABLE, "Permission denied"),
     ("a/pipe.wav", NOT_A_FILE, "not a regular file"),
 ])
@@ -85,7 +87,7 @@ def test_every_file_a_folder_walk_cannot_use_is_listed_once_with_its_reason(mess
     entries = [entry for entry in listing.unused if entry.path == messy_folder / name]
     assert len(entries) == 1 and entries[0].kind == kind and words in entries[0].reason, listing.unused
     assert str(messy_folder / name) in entries[0].reason
-    assert len(listing.unused) == 8  # the loop and the duplicate folder are reported once, not walked into
+    assert len(listing.unused) == 9  # the loop and the duplicate folder are reported once, not walked into
 
 
 def test_corpus_scan_and_datamodule_summary_count_unused_files_by_reason(tiny_corpus, tmp_path, feature_cache):

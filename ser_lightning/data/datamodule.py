@@ -26,7 +26,7 @@ from .folds import (
     PROTOCOLS, SPLITS, FoldPlan, check_fold_feasibility, format_fold_plan, make_cross_corpus_plan, make_fold_plan,
 )
 from .loading import load_features
-from .records import Skipped, Utterance, resolve_emotions, unused_summary
+from .records import UNUSABLE_AUDIO, Skipped, Utterance, resolve_emotions, unused_summary
 from .speakers import per_utterance, speaker_statistics
 from .synth import default_cache_dir, ensure_synthetic_corpus
 
@@ -261,7 +261,7 @@ class SERDataModule(pl.LightningDataModule):
             loaded = load_features(scan.utterances, self.feature, self.cache_dir, lenient=hp.lenient)
             parts.append(loaded.utterances)
             self.features += loaded.features
-            self.skipped += scan.skipped + [Skipped(path, reason, "unusable audio") for path, reason in loaded.skipped]
+            self.skipped += scan.skipped + [Skipped(path, reason, UNUSABLE_AUDIO) for path, reason in loaded.skipped]
             self.ignored += scan.ignored
         self.utterances = [u for part in parts for u in part]
         self._report_unused()

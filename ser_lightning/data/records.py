@@ -55,6 +55,7 @@ UNREADABLE = "unreadable"
 NOT_A_FILE = "not a regular file"
 MALFORMED = "malformed name"
 OUTSIDE_ROOT = "outside the corpus root"
+UNUSABLE_AUDIO = "unusable audio"
 
 
 class Skipped(NamedTuple):
@@ -181,25 +182,31 @@ class FolderListing:
 
 
 def walk_folder(root: str | Path) -> FolderListing:
-    """Every file under ``root`` at any depth, following links to folders and files, each folder once.
+    """Every file under ``root`` at any depth, following links to folders and files, each folder and file once.
 
     Audio files (by extension) that can be opened are listed in ``audio``, other files in ``other``;
     everything else is listed in ``unused`` with its reason: AppleDouble (``._*``) and other hidden
     files, links whose target is missing (dangling) or that lead to themselves or back to a folder
-    above them (a loop: reported once, not followed), a file or folder reached a second time through
-    a link (a duplicate, used once), files and folders the system refuses to read (with its reason),
-    and things that are not regular files (pipes, sockets, devices). Paths are spelled through
-    ``root`` (links are not resolved). OSError if ``root`` itself cannot be read.
+    they lie in (a loop: reported once, not followed), a folder or file reached a second time (a
+    duplicate: kept where it was reached without a link), files and folders the system refuses to
+    read (with its reason), and things that are not regular files (pipes, sockets, devices). Paths
+    are spelled through ``root`` (links are not resolved). OSError if ``root`` itself cannot be read.
     """
     root = Path(root)
     top = os.stat(root)
     os.scandir(root).close()  # the caller's error when the folder itself cannot be listed
     listing = FolderListing()
-    folders: dict[tuple[int, int], Path] = {_identity(top): root}
-    files: dict[tuple[int, int], Path] = {}
-    pending = [(root, (_identity(top),))]  # a folder and the identities of it and the folders above it
-    while pending:
-        folder, above = pending.pop()
+    folders: dict[tuple[int, int], Path] = {}
+    files: list[tuple[bool, Path, tuple[int, int]]] = []  # (reached through a link, path, identity)
+    real, linked = [(root, (_identity(top),))], []  # folders to list, with the identities of those they lie in
+    while real or linked:
+        through_link = not real  # folders reached without a link first: they keep their own paths
+        folder, above = (real or linked).pop()
+        if above[-1] in folders:
+            listing.unused.append(Skipped(folder, f"{folder}: the same folder as '{folders[above[-1]]}' (listed "
+                                                  "there)", DUPLICATE))
+            continue
+        folders[above[-1]] = folder
         try:
             with os.scandir(folder) as scan:
                 names = sorted(entry.name for entry in scan)
@@ -211,38 +218,41 @@ def walk_folder(root: str | Path) -> FolderListing:
             info = _stat(path, listing.unused)
             if info is None:
                 continue
-            identity = _identity(info)
             if stat.S_ISDIR(info.st_mode):
-                if identity in above:
-                    listing.unused.append(Skipped(path, f"{path}: a link back to '{folders[identity]}', a folder "
-                                                        "it lies in (a loop: not followed)", LINK_LOOP))
-                elif identity in folders:
-                    listing.unused.append(Skipped(path, f"{path}: the same folder as '{folders[identity]}' "
-                                                        "(listed there)", DUPLICATE))
+                if _identity(info) in above:
+                    listing.unused.append(Skipped(path, f"{path}: a link back to '{folders[_identity(info)]}', a "
+                                                        "folder it lies in (a loop: not followed)", LINK_LOOP))
                 else:
-                    folders[identity] = path
-                    pending.append((path, (*above, identity)))
+                    (linked if through_link or path.is_symlink() else real).append((path, (*above, _identity(info))))
             elif not stat.S_ISREG(info.st_mode):
                 listing.unused.append(Skipped(path, f"{path}: not a regular file", NOT_A_FILE))
             elif name.startswith("._"):
                 listing.unused.append(Skipped(path, f"{path}: AppleDouble metadata left by macOS, not audio", APPLEDOUBLE))
             elif name.startswith("."):
                 listing.unused.append(Skipped(path, f"{path}: a hidden file", HIDDEN))
-            elif identity in files:
-                listing.unused.append(Skipped(path, f"{path}: the same file as '{files[identity]}' (used once)",
-                                              DUPLICATE))
-            elif path.suffix.lower() not in AUDIO_SUFFIXES:
-                files[identity] = path
-                listing.other.append(path)
-            elif (problem := _unreadable(path)) is not None:
-                listing.unused.append(Skipped(path, f"{path}: cannot be read ({problem})", UNREADABLE))
             else:
-                files[identity] = path
-                listing.audio.append(path)
+                files.append((through_link or path.is_symlink(), path, _identity(info)))
+    _sort_files(files, listing)
+    return listing
+
+
+def _sort_files(files: list[tuple[bool, Path, tuple[int, int]]], listing: FolderListing) -> None:
+    """Each file once (where it was reached without a link, if it was): audio, other, or unused (duplicate, unreadable)."""
+    kept: dict[tuple[int, int], Path] = {}
+    for _, path, identity in sorted(files):
+        if identity in kept:
+            listing.unused.append(Skipped(path, f"{path}: the same file as '{kept[identity]}' (used once)", DUPLICATE))
+            continue
+        kept[identity] = path
+        if path.suffix.lower() not in AUDIO_SUFFIXES:
+            listing.other.append(path)
+        elif (problem := _unreadable(path)) is not None:
+            listing.unused.append(Skipped(path, f"{path}: cannot be read ({problem})", UNREADABLE))
+        else:
+            listing.audio.append(path)
     listing.audio.sort()
     listing.other.sort()
     listing.unused.sort()
-    return listing
 
 
 def _identity(info: os.stat_result) -> tuple[int, int]:
