@@ -18,6 +18,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -168,7 +169,7 @@ def parse_folds(spec: str | None, num_folds: int) -> list[int]:
     return folds
 
 
-def dumped_config(cli: object) -> dict:
+def dumped_config(cli: Any) -> dict:
     """The whole configuration a LightningCLI parsed, as plain values (link targets and nulls included)."""
     return yaml.safe_load(cli.parser.dump(cli.config, skip_link_targets=False, skip_none=False))
 
@@ -213,28 +214,22 @@ def open_study(out: Path, record: StudyRecord, *, new_out: bool = False) -> Path
     with runs but no ``study.json`` (an earlier version's) is judged by the configuration of its runs.
     """
     folder, number = out, 1
-    while True:
-        existing = read_study(folder)
-        if existing is None:
-            atomic_write_text(folder / STUDY_FILE, record.to_json())
-            return folder
-        changes = existing.differences(record)
-        if not changes:
-            if existing.code and existing.code != record.code:
-                print(f"[{record.command}] note: {folder} was started by another code version ({existing.code}; "
-                      f"now {record.code}); its finished runs are kept", flush=True)
-            if not (folder / STUDY_FILE).exists():
-                atomic_write_text(folder / STUDY_FILE, record.to_json())
-            return folder
+    while (existing := read_study(folder)) is not None and (changes := existing.differences(record)):
         if not new_out:
             raise StudyMismatch(f"--out {folder}: this study was made with another configuration ({describe(changes)}); "
                                 "run it with that configuration, choose another --out, or pass --new_out to start a "
                                 "new folder beside it")
         number += 1
         folder = out.with_name(f"{out.name}-{number}")
-        if number == 2:
-            print(f"[{record.command}] {out} holds a study of another configuration ({describe(changes)}); "
-                  f"this one goes to {out.name}-N", flush=True)
+    if folder != out:
+        print(f"[{record.command}] --out {out} holds a study of another configuration: this one is in {folder}",
+              flush=True)
+    if existing is not None and existing.code and existing.code != record.code:
+        print(f"[{record.command}] note: {folder} was started by another code version ({existing.code}; now "
+              f"{record.code}); its finished runs are kept", flush=True)
+    if existing is None or not (folder / STUDY_FILE).exists():
+        atomic_write_text(folder / STUDY_FILE, record.to_json())
+    return folder
 
 
 def read_study(folder: Path) -> StudyRecord | None:

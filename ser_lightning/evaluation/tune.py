@@ -11,8 +11,9 @@ State lives in the output folder: one SQLite study per outer fold, so a stopped 
 with the trials it has (a trial that was cut off is marked failed and replaced), and finished
 outer folds are skipped. ``OUT/study.json`` records the configuration (without the searched
 options), the space and the code version; a rerun with another configuration or space is refused
-(or, with ``--new_out``, goes to a new folder), as for ``cv``. Trials run one after another, or ``--workers`` at a time as Ray tasks
-(``--executor ray``; the local Ray instance listens on 127.0.0.1 only).
+(or, with ``--new_out``, goes to a new folder), as for ``cv``. Trials run one after another, or
+``--workers`` at a time as Ray tasks (``--executor ray``; the local Ray instance listens on
+127.0.0.1 only).
 
 Space file (YAML), one entry per option:
 
