@@ -227,7 +227,8 @@ def walk_folder(root: str | Path) -> FolderListing:
             elif not stat.S_ISREG(info.st_mode):
                 listing.unused.append(Skipped(path, f"{path}: not a regular file", NOT_A_FILE))
             elif name.startswith("._"):
-                listing.unused.append(Skipped(path, f"{path}: AppleDouble metadata left by macOS, not audio", APPLEDOUBLE))
+                listing.unused.append(Skipped(path, f"{path}: AppleDouble metadata left by macOS, not audio",
+                                              APPLEDOUBLE))
             elif name.startswith("."):
                 listing.unused.append(Skipped(path, f"{path}: a hidden file", HIDDEN))
             else:
@@ -237,7 +238,7 @@ def walk_folder(root: str | Path) -> FolderListing:
 
 
 def _sort_files(files: list[tuple[bool, Path, tuple[int, int]]], listing: FolderListing) -> None:
-    """Each file once (where it was reached without a link, if it was): audio, other, or unused (duplicate, unreadable)."""
+    """Each file once (where reached without a link, if it was): audio, other or unused (duplicate, unreadable)."""
     kept: dict[tuple[int, int], Path] = {}
     for _, path, identity in sorted(files):
         if identity in kept:
@@ -265,7 +266,8 @@ def _stat(path: Path, unused: list[Skipped]) -> os.stat_result | None:
         return os.stat(path)
     except FileNotFoundError:
         if os.path.islink(path):
-            unused.append(Skipped(path, f"{path}: a link to '{os.readlink(path)}', which does not exist", DANGLING_LINK))
+            target = os.readlink(path)
+            unused.append(Skipped(path, f"{path}: a link to '{target}', which does not exist", DANGLING_LINK))
             return None
         reason = "it disappeared while the folder was read"
     except OSError as error:
@@ -295,7 +297,7 @@ def listed_path(entry: str, base: Path) -> Path:
 
 
 def within(path: Path, roots: Sequence[Path]) -> bool:
-    """Whether ``path`` (as ``listed_path`` spells it) lies inside one of ``roots`` (one folder, spelled several ways)."""
+    """Whether ``path`` (as ``listed_path`` spells it) lies inside one of ``roots`` (a folder, spelled several ways)."""
     return any(path.is_relative_to(root) for root in roots)
 
 

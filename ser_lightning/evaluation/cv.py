@@ -216,9 +216,9 @@ def open_study(out: Path, record: StudyRecord, *, new_out: bool = False) -> Path
     folder, number = out, 1
     while (existing := read_study(folder)) is not None and (changes := existing.differences(record)):
         if not new_out:
-            raise StudyMismatch(f"--out {folder}: this study was made with another configuration ({describe(changes)}); "
-                                "run it with that configuration, choose another --out, or pass --new_out to start a "
-                                "new folder beside it")
+            raise StudyMismatch(f"--out {folder}: this study was made with another configuration "
+                                f"({describe(changes)}); run it with that configuration, choose another --out, or pass "
+                                "--new_out to start a new folder beside it")
         number += 1
         folder = out.with_name(f"{out.name}-{number}")
     if folder != out:
