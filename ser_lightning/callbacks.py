@@ -6,12 +6,17 @@ validation batch's attention) and renders only every ``every_n_epochs`` epochs a
 of fitting, on global rank 0 only. The configuration section is ``figures:``.
 
 ThrottledProgressBar: Lightning's tqdm bars, redrawn at most a few times a second.
+
+RandomStates: the random states of torch, NumPy and Python kept in every checkpoint and restored on
+resume, so that a resumed run continues exactly as an uninterrupted one.
 """
 from __future__ import annotations
 
+import random
 import time
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -138,6 +143,52 @@ class ThrottledProgressBar(TQDMProgressBar):
             self._last_draw = now
             return True
         return False
+
+
+class RandomStates(Callback):
+    """Keeps the random states of torch (CPU and CUDA), NumPy and Python's ``random`` in every checkpoint.
+
+    Restored when a run resumes from the checkpoint, before the next epoch's data loader iterates:
+    the dropout masks, random crops, SpecAugment masks and mixup pairs of the resumed epochs are
+    then those of an uninterrupted run (the training order's own generator is kept by the
+    datamodule). The states are stored as tensors and plain lists, so the checkpoint still loads
+    with ``torch.load(weights_only=True)``. Exact for one process with ``num_workers: 0``; worker
+    processes keep their own random states, which no checkpoint holds.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return random_states()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_random_states(state_dict)
+
+
+def random_states() -> dict[str, Any]:
+    """This process's random states as tensors and plain values."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, keys.tolist(), position, has_gauss, gauss],
+        "python": [version, list(internal), gauss_next],
+    }
+    if torch.cuda.is_available():
+        states["torch.cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_random_states(states: dict[str, Any]) -> None:
+    """Restore what ``random_states`` returned (a state the checkpoint lacks is left as it is)."""
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    if "numpy" in states:
+        name, keys, position, has_gauss, gauss = states["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss))
+    if "python" in states:
+        version, internal, gauss_next = states["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+    if "torch.cuda" in states and torch.cuda.is_available() and len(states["torch.cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["torch.cuda"])
 
 
 def _first_samples(batch: Batch, output: ModelOutput, count: int) -> dict[str, Any]:

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 
-from ser_lightning.callbacks import FigureCallback, ThrottledProgressBar
+from ser_lightning.callbacks import FigureCallback, RandomStates, ThrottledProgressBar
 from ser_lightning.checkpoints import CheckpointError, load_module
 from ser_lightning.configs import with_default_config
 from ser_lightning.data.datamodule import SERDataModule
@@ -53,13 +58,50 @@ class SERLightningCLI(LightningCLI):
         parser.link_arguments("data.pitch_rows", "model.pitch_rows", apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The trainer, with ``ThrottledProgressBar`` unless bars are switched off or the configuration brings one."""
+        """The trainer, with ``RandomStates`` (exact resume), ``ThrottledProgressBar`` unless bars are switched off
+        or the configuration brings one, and loggers that claim their version folder atomically."""
         config = {**self.config_init.get("trainer", {}), **kwargs}
         given = config.get("callbacks") or []
-        given = given if isinstance(given, list) else [given]
+        given = [*(given if isinstance(given, list) else [given]), RandomStates()]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
-            kwargs["callbacks"] = [*given, ThrottledProgressBar()]
-        return super().instantiate_trainer(**kwargs)
+            given.append(ThrottledProgressBar())
+        kwargs["callbacks"] = given
+        trainer = super().instantiate_trainer(**kwargs)
+        claim_log_versions(trainer)
+        return trainer
+
+
+def claim_log_versions(trainer: Trainer) -> None:
+    """Let each TensorBoard/CSV logger claim its ``version_N`` folder atomically when it first needs one.
+
+    Lightning picks the next number by listing the folder, so runs started at once in one folder
+    all take the same ``version_N`` (one ``config.yaml`` overwritten, their events mixed). The
+    loggers here create the folder with ``os.mkdir`` instead (``allocate_version``), on the main
+    process only (under DDP the other ranks follow its log folder); a given version is kept.
+    """
+    for logger in trainer.loggers:
+        if isinstance(logger, (TensorBoardLogger, CSVLogger)) and "://" not in logger.root_dir:
+            logger._get_next_version = partial(_claim_version, logger)  # what Lightning's `version` calls
+
+
+def _claim_version(logger: TensorBoardLogger | CSVLogger) -> int:
+    if rank_zero_only.rank != 0:
+        return type(logger)._get_next_version(logger)
+    return allocate_version(Path(logger.root_dir))
+
+
+def allocate_version(root: Path) -> int:
+    """The number of a new ``root/version_N`` folder, created here: one past the highest, the next free one if taken."""
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [int(match[1]) for name in os.listdir(root) if (match := re.fullmatch(r"version_(\d+)", name))]
+    version = max(taken, default=-1) + 1
+    while True:
+        try:
+            (root / f"version_{version}").mkdir()
+        except FileExistsError:  # another run took it a moment ago
+            version += 1
+            continue
+        return version
 
 
 def build_cli(args: Sequence[str]) -> SERLightningCLI:

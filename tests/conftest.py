@@ -5,6 +5,8 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+from lightning.pytorch import Callback
 
 # The tests run in two worker processes (pytest.ini): one thread each, for them and the processes they
 # start, so that they do not oversubscribe the cores.
@@ -94,3 +96,14 @@ def speaker_checkpoint(tiny_corpus, tmp_path_factory) -> Path:
         tiny_corpus, tmp_path_factory.mktemp("speaker_run"), "--data.normalization=speaker", "--data.feature.pitch=true",
         "--model.statistics_head=logistic", "--model.statistics=[pooled, prosodic]",
     )
+
+
+class FinalWeights(Callback):
+    """Saves the model's weights as ``final.pt`` in the run's log folder when fitting ends, to compare runs."""
+
+    def on_train_end(self, trainer, module) -> None:
+        torch.save(module.state_dict(), Path(trainer.log_dir) / "final.pt")
+
+
+FINAL_WEIGHTS = "--trainer.callbacks+=conftest.FinalWeights"
+"""The option that adds ``FinalWeights`` to a run (its process must find this file as ``conftest``)."""

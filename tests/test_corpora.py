@@ -138,7 +138,7 @@ def test_emodb_boredom_is_skipped_and_counted(layouts, tmp_path):
     for name in ("03a01La.wav", "08b01Lb.wav"):
         shutil.copy(source, root / "wav" / name)
     result = scan_corpus("emodb", root, DEFAULT_EMOTIONS)
-    assert len(result.skipped) == 2 and all("boredom (L)" in reason for _, reason in result.skipped)
+    assert len(result.skipped) == 2 and all("boredom (L)" in reason for _, reason, _ in result.skipped)
     assert len(result.utterances) == len(scan_corpus("emodb", layouts["emodb"], DEFAULT_EMOTIONS).utterances)
 
 
@@ -148,7 +148,7 @@ def test_malformed_file_is_an_error_or_skipped_when_lenient(layouts, tmp_path):
     with pytest.raises(CorpusError, match=r"x01\.wav.*data\.lenient"):
         scan_corpus("savee", root, DEFAULT_EMOTIONS)
     result = scan_corpus("savee", root, DEFAULT_EMOTIONS, lenient=True)
-    assert [p.name for p, _ in result.skipped] == ["x01.wav"]
+    assert [p.name for p, _, _ in result.skipped] == ["x01.wav"]
 
 
 def write_manifest(folder: Path, lines: list[str]) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_args
+from conftest import FINAL_WEIGHTS, tiny_args
 
 from ser_lightning.cli import main
 from ser_lightning.evaluation.report import TIE_TOLERANCE, _paired, _wins, summarize
@@ -77,28 +77,46 @@ def test_the_baseline_can_be_switched_off(tiny_corpus, feature_cache, tmp_path):
     assert "pooled" not in (out / "cv_report.md").read_text()
 
 
-@pytest.mark.slow
-def test_killed_mid_fold_resumes_from_the_last_checkpoint_and_skips_finished_folds(tiny_corpus, feature_cache, tmp_path):
-    out = tmp_path / "out"
-    args = cv_args(tiny_corpus, out, feature_cache, "--only=0,1", "--trainer.max_epochs=12", "--baseline=false")
-    last = out / "fold_1" / "run" / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen([sys.executable, "-m", "ser_lightning", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 300
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # a few epochs into fold 1
+def kill_when_checkpointed(proc: subprocess.Popen, last: Path, epoch: int, timeout: float = 300) -> int:
+    """SIGKILL ``proc`` as soon as ``last`` holds a checkpoint of ``epoch`` or later; returns the epoch it holds.
+
+    Lightning writes a checkpoint to a temporary file and moves it into place (a rename: the tests' folders
+    are on the temporary files' file system), so a ``last.ckpt`` that exists is whole.
+    """
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if last.exists() and int(torch.load(last, weights_only=True)["epoch"]) >= epoch:
+            break
+        time.sleep(0.01)  # polling: what ends the wait is the checkpoint, not the time
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    first = out / "fold_0" / "result.json"
-    assert first.exists() and not (out / "fold_1" / "result.json").exists(), "the kill did not land inside fold 1"
-    killed_at = int(torch.load(last, weights_only=True)["epoch"])
-    before = (first.read_bytes(), first.stat().st_mtime_ns)
+    return int(torch.load(last, weights_only=True)["epoch"])
+
+
+@pytest.mark.slow
+def test_a_fold_killed_mid_run_resumes_to_the_uninterrupted_weights_and_metrics(tiny_corpus, feature_cache, tmp_path):
+    # every random draw of training: data order, crops, SpecAugment masks, dropout and mixup
+    epochs = ["--trainer.max_epochs=3", "--baseline=false", "--data.crop_seconds=1.5", "--data.augment={}",
+              "--model.dropout=0.3", "--model.mixup_alpha=0.4"]
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    main(cv_args(tiny_corpus, whole, feature_cache, "--only=1", *epochs, FINAL_WEIGHTS))
+    args = cv_args(tiny_corpus, out, feature_cache, "--only=1", *epochs, FINAL_WEIGHTS)
+    tests = str(Path(__file__).parent)  # where the run finds the FinalWeights callback
+    path = os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    proc = subprocess.Popen([sys.executable, "-m", "ser_lightning", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    killed_at = kill_when_checkpointed(proc, out / "fold_1" / "run" / "checkpoints" / "last.ckpt", epoch=0)
+    final = Path("fold_1") / "run" / "final.pt"
+    assert killed_at < 2 and not (out / final).exists(), "fold 1 had finished training when it was killed"
     main(args)
-    assert (first.read_bytes(), first.stat().st_mtime_ns) == before  # fold 0 was not recomputed
-    resumed = json.loads((out / "fold_1" / "result.json").read_text())
-    assert resumed["resumed_from_epoch"] == killed_at and 0 <= killed_at < 11
-    assert resumed["epochs_trained"] == 12
+    resumed, uninterrupted = (json.loads((folder / "fold_1" / "result.json").read_text()) for folder in (out, whole))
+    assert resumed["resumed_from_epoch"] == killed_at and uninterrupted["resumed_from_epoch"] is None
+    for key in ("metrics", "val_metrics", "test_probabilities", "best_val_UA", "epochs_trained", "confusion_matrix"):
+        assert resumed[key] == uninterrupted[key], key
+    weights = [torch.load(folder / final, weights_only=True) for folder in (out, whole)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])  # bit for bit
 
 
 # ----------------------------------------------------------------------------- reports from hand-written results

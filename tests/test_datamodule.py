@@ -89,8 +89,9 @@ def test_setup_batches_and_statistics(tiny_corpus, shared_cache):
             assert (batch["features"][b, :, n:] == 0).all()
         seen += batch["index"].tolist()
     assert sorted(seen) == plan.train
-    order = lambda: [i for b in dm.train_dataloader() for i in b["index"].tolist()]  # noqa: E731
-    assert order() == order()  # seeded shuffling
+    order = lambda module: [i for b in module.train_dataloader() for i in b["index"].tolist()]  # noqa: E731
+    assert order(make_dm(tiny_corpus, shared_cache)) == seen  # seeded shuffling: the same seed, the same order
+    assert order(dm) != seen  # a loader built again (the next epoch's, a resumed run's) goes on, not back
     assert sorted(i for b in dm.test_dataloader() for i in b["index"].tolist()) == plan.test
     assert [b["index"].tolist() for b in dm.predict_dataloader()] == [b["index"].tolist() for b in dm.test_dataloader()]
     assert sorted(i for b in dm.val_dataloader() for i in b["index"].tolist()) == plan.val

@@ -98,6 +98,28 @@ def test_folder_with_broken_files_gives_error_rows_and_exit_1(seed1d_checkpoint,
         assert name in row["error"] and reason in row["error"], row["error"]
 
 
+def test_folder_links_are_followed_and_every_file_not_used_is_counted_and_listed(seed1d_checkpoint, speech, tmp_path,
+                                                                                capsys):
+    wave, rate = speech
+    (tmp_path / "elsewhere").mkdir()
+    sf.write(tmp_path / "elsewhere" / "linked.wav", wave, rate)
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    sf.write(folder / "good.wav", wave, rate)
+    (folder / "._good.wav").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble metadata, as macOS leaves it
+    (folder / "stale.wav").symlink_to("deleted.wav")
+    (folder / "back").symlink_to(".")
+    (folder / "more").symlink_to(tmp_path / "elsewhere")
+    main(["predict", "--ckpt_path", str(seed1d_checkpoint), str(folder)])
+    printed = capsys.readouterr().out
+    assert str(folder / "more" / "linked.wav") in printed  # found through the link to a folder
+    assert ("2 files: 2 predicted, 0 failed; 3 other file(s) in folders not used (AppleDouble (._*) x1, "
+            "dangling link x1, link loop x1)") in printed
+    listing = printed.split("not used, by reason:\n", 1)[1]
+    for path in ("._good.wav", "stale.wav", "back"):
+        assert f"{folder / path}: " in listing
+
+
 def test_all_good_files_exit_0_with_documented_json(seed1d_checkpoint, speech, tmp_path, capsys):
     wave, rate = speech
     sf.write(tmp_path / "a.wav", wave, rate)

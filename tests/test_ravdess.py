@@ -5,7 +5,9 @@ import pytest
 
 from ser_lightning.data.corpora import scan_corpus
 from ser_lightning.data.ravdess import parse_ravdess_name, scan_ravdess
-from ser_lightning.data.records import DEFAULT_EMOTIONS, EMOTIONS, CorpusError, resolve_emotions
+from ser_lightning.data.records import (
+    APPLEDOUBLE, DEFAULT_EMOTIONS, EMOTIONS, HIDDEN, MALFORMED, CorpusError, resolve_emotions,
+)
 
 
 def test_parse_valid_name():
@@ -74,7 +76,10 @@ def test_scan_keeps_speech_of_selected_emotions_and_lists_everything_else(messy_
     angry = by_name["03-01-05-02-02-01-01.wav"]
     assert (angry.emotion, angry.speaker, angry.sex, angry.corpus) == ("angry", "01", "male", "ravdess")
     assert angry.fields["intensity"] == "strong" and angry.fields["statement"] == 2
-    assert [(path, "song file" in reason) for path, reason in result.skipped] == [(song, True)]  # listed, not hidden
+    listed = [(path, kind, "song file" in reason) for path, reason, kind in result.skipped]  # listed, not hidden
+    speech_root = root / "Audio_Speech_Actors_01-24"
+    assert sorted(listed) == sorted([(song, "RAVDESS song file", True), (speech_root / ".DS_Store", HIDDEN, False),
+                             (speech_root / "Actor_01" / "._03-01-01-01-01-01-01.wav", APPLEDOUBLE, False)])
     assert sorted(p.name for p in result.ignored) == ["labels.csv", "notes.txt"]  # non-audio files, listed
 
 
@@ -91,7 +96,7 @@ def test_scan_malformed_name_is_an_error_or_skipped_when_lenient(messy_tree):
         scan_ravdess(root, DEFAULT_EMOTIONS)
     result = scan_corpus("ravdess", root, DEFAULT_EMOTIONS, lenient=True)
     assert len(result.utterances) == 3
-    malformed = [(path, reason) for path, reason in result.skipped if "song file" not in reason]
+    malformed = [(path, reason) for path, reason, kind in result.skipped if kind == MALFORMED]
     assert [path for path, _ in malformed] == [bad] and "emotion" in malformed[0][1]
 
 

@@ -33,16 +33,26 @@ def corpus_info(name: str, option: str = "data.corpus") -> Corpus:
     return CORPORA[name]
 
 
-def corpus_classes(name: str, root: str | Path | None = None) -> tuple[str, ...]:
+def corpus_classes(name: str, root: str | Path | None = None, allow_outside_root: bool = False) -> tuple[str, ...]:
     """The common-vocabulary classes a corpus has (manifest, emobox: those its data at ``root`` uses)."""
     corpus = corpus_info(name)
     if corpus.classes is not None:
         return corpus.classes
     if root is None or corpus.read_classes is None:
         raise ValueError(f"data.root: corpus '{name}' needs data.root to read its classes from")
-    return corpus.read_classes(Path(root))
+    return corpus.read_classes(Path(root), allow_outside_root=allow_outside_root)
 
 
-def scan_corpus(name: str, root: str | Path, emotions: Sequence[str], lenient: bool = False) -> ScanResult:
-    """Scan ``root`` with the scanner registered for corpus ``name``."""
-    return corpus_info(name).scan(root, emotions, lenient=lenient)
+def scan_corpus(
+    name: str, root: str | Path, emotions: Sequence[str], lenient: bool = False, allow_outside_root: bool = False
+) -> ScanResult:
+    """Scan ``root`` with the scanner registered for corpus ``name``.
+
+    ``allow_outside_root`` applies to corpora that list their files (manifest, EmoBox): their
+    entries must lie inside the corpus root unless it is true. Folder corpora find their files
+    inside the root by construction (links to folders elsewhere are followed: the owner made them).
+    """
+    corpus = corpus_info(name)
+    if corpus.lists_paths:
+        return corpus.scan(root, emotions, lenient=lenient, allow_outside_root=allow_outside_root)
+    return corpus.scan(root, emotions, lenient=lenient)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -26,7 +26,7 @@ from .folds import (
     PROTOCOLS, SPLITS, FoldPlan, check_fold_feasibility, format_fold_plan, make_cross_corpus_plan, make_fold_plan,
 )
 from .loading import load_features
-from .records import Utterance, resolve_emotions
+from .records import UNUSABLE_AUDIO, Skipped, Utterance, resolve_emotions, unused_summary
 from .speakers import per_utterance, speaker_statistics
 from .synth import default_cache_dir, ensure_synthetic_corpus
 
@@ -95,6 +95,8 @@ class SERDataModule(pl.LightningDataModule):
         bucketing: group training utterances of similar length into batches (less padding; works under DDP).
         augment: SpecAugment masking of training batches (``freq_mask_param``, ``time_mask_param``, ``num_masks``); None = off.
         lenient: skip (and report) files with malformed names or undecodable audio instead of stopping.
+        allow_outside_root: let a manifest (``corpus: manifest``) or EmoBox folder list audio files outside the
+            corpus root (the manifest's folder; the EmoBox folder); by default such entries are refused unopened.
         synthetic_actors: actors of the built-in synthetic corpus (used when root is None).
         synthetic_random_seed: random seed of the built-in synthetic corpus (another value gives other voices and files).
     """
@@ -121,6 +123,7 @@ class SERDataModule(pl.LightningDataModule):
         bucketing: bool = False,
         augment: SpecAugmentConfig | None = None,
         lenient: bool = False,
+        allow_outside_root: bool = False,
         synthetic_actors: int = 24,
         synthetic_random_seed: int = 0,
     ) -> None:
@@ -175,16 +178,20 @@ class SERDataModule(pl.LightningDataModule):
         self.utterances: list[Utterance] = []
         self.features: list[Tensor] = []
         self.labels: list[int] = []
-        self.skipped: list[tuple[Path, str]] = []
+        self.skipped: list[Skipped] = []
+        self.ignored: list[Path] = []
         self.fold_plan: FoldPlan | None = None
         self._feature_stats: tuple[Tensor, Tensor] | None = None
         self._speaker_stats: list[Tensor] | None = None
+        # the training order's generator lives as long as the datamodule: each epoch draws on from where the
+        # last one stopped, and a checkpoint keeps its state (state_dict) so that a resumed run draws the same
+        self._train_generator = torch.Generator().manual_seed(random_seed)
 
     def _select_classes(self, emotions: str | list[str]) -> list[str]:
         """The requested emotions, checked against the corpus (and intersected with the test corpus)."""
         hp = self.hparams
         requested = resolve_emotions(emotions)
-        available = corpus_classes(hp.corpus, hp.root)
+        available = corpus_classes(hp.corpus, hp.root, hp.allow_outside_root)
         title = corpus_info(hp.corpus).title
         if isinstance(emotions, str) and emotions.strip().lower() == "all":
             requested = tuple(e for e in requested if e in available)
@@ -193,7 +200,7 @@ class SERDataModule(pl.LightningDataModule):
             raise ValueError(f"data.emotions: {title} has no {missing}; its classes are {list(available)}")
         chosen = list(requested)
         if hp.test_root is not None:
-            test_available = corpus_classes(self.test_corpus, hp.test_root)
+            test_available = corpus_classes(self.test_corpus, hp.test_root, hp.allow_outside_root)
             dropped = [e for e in chosen if e not in test_available]
             chosen = [e for e in chosen if e in test_available]
             if dropped:
@@ -245,9 +252,10 @@ class SERDataModule(pl.LightningDataModule):
         if self.fold_plan is not None:
             return
         hp = self.hparams
-        scans = [scan_corpus(hp.corpus, self._corpus_root(), self._class_names, lenient=hp.lenient)]
+        scans = [scan_corpus(hp.corpus, self._corpus_root(), self._class_names, hp.lenient, hp.allow_outside_root)]
         if hp.test_root is not None:
-            scans.append(scan_corpus(self.test_corpus, hp.test_root, self._class_names, lenient=hp.lenient))
+            scans.append(scan_corpus(self.test_corpus, hp.test_root, self._class_names, hp.lenient,
+                                     hp.allow_outside_root))
         else:  # fail before decoding when the corpus cannot be split as asked
             check_fold_feasibility(
                 scans[0].utterances, protocol=hp.protocol, num_folds=hp.num_folds,
@@ -258,12 +266,10 @@ class SERDataModule(pl.LightningDataModule):
             loaded = load_features(scan.utterances, self.feature, self.cache_dir, lenient=hp.lenient)
             parts.append(loaded.utterances)
             self.features += loaded.features
-            self.skipped += scan.skipped + loaded.skipped
-            if scan.ignored:
-                rank_zero_info(f"data: {len(scan.ignored)} non-audio file(s) ignored, e.g. {scan.ignored[0]}")
-        if self.skipped:
-            rank_zero_warn(f"data: skipped {len(self.skipped)} file(s), e.g. {self.skipped[0][1]}")
+            self.skipped += scan.skipped + [Skipped(path, reason, UNUSABLE_AUDIO) for path, reason in loaded.skipped]
+            self.ignored += scan.ignored
         self.utterances = [u for part in parts for u in part]
+        self._report_unused()
         self.labels = [self._class_names.index(u.emotion) for u in self.utterances]
         self.fold_plan = self._plan(parts)
         for split in SPLITS:
@@ -280,6 +286,15 @@ class SERDataModule(pl.LightningDataModule):
             speakers = [(u.corpus, u.speaker) for u in self.utterances]
             statistics = speaker_statistics(self.features, speakers, functionals=self.feature.pitch)
             self._speaker_stats = per_utterance(statistics, speakers)
+
+    def _report_unused(self) -> None:
+        """Count every file found but not used, by reason: a warning when audio was skipped, else a note."""
+        if not self.skipped and not self.ignored:
+            return
+        header = (f"data: skipped {len(self.skipped)} file(s) and ignored {len(self.ignored)} non-audio file(s) "
+                  f"({len(self.utterances)} used), by reason:")
+        message = "\n  ".join([header, *unused_summary(self.skipped, self.ignored)])
+        (rank_zero_warn if self.skipped else rank_zero_info)(message)
 
     def _plan(self, parts: list[list[Utterance]]) -> FoldPlan:
         """The fold plan of [training corpus] or [training corpus, test corpus]."""
@@ -358,9 +373,18 @@ class SERDataModule(pl.LightningDataModule):
             dataset, collate_fn=collate_utterances, num_workers=workers, persistent_workers=workers > 0, **kwargs
         )
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the data: the state of the training order's generator (exact resume)."""
+        return {"train_generator": self._train_generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the training order's generator from a checkpoint (before the next epoch's loader iterates)."""
+        if "train_generator" in state_dict:  # checkpoints of earlier versions start the order afresh
+            self._train_generator.set_state(state_dict["train_generator"])
+
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset("train")
-        generator = torch.Generator().manual_seed(self.hparams.random_seed)
+        generator = self._train_generator
         if self.hparams.bucketing:
             sampler = BucketBatchSampler(
                 RandomSampler(dataset, generator=generator), self.hparams.batch_size,

@@ -17,7 +17,10 @@
   folder (``key channel speaker start end <...> label`` per line, as EmoBox writes it), else the
   actor of a RAVDESS-style file name. A record whose speaker cannot be found is an error.
 - Relative ``wav`` paths are EmoBox's (``downloads/<dataset>/...``, relative to the EmoBox folder):
-  each is looked up under ``data.root`` and then under each folder above it.
+  each is looked up under ``data.root``, then under the two folders above it (``EmoBox/data`` and
+  ``EmoBox``). Every path must lie inside the EmoBox folder (the one two above ``data.root``; ``..``
+  that climbs out of it, or an absolute path elsewhere, is a bad record that is never opened) unless
+  ``data.allow_outside_root`` is true, which also looks under every folder above ``data.root``.
 
 Each utterance keeps its place in the benchmark's folds in ``fields[SPLIT_FIELD]``: per fold, the
 split (``train``, ``valid``, ``test``) or None. ``data.protocol: emobox`` uses those folds as given
@@ -35,8 +38,8 @@ from typing import Any
 
 from .ravdess import parse_ravdess_name
 from .records import (
-    EMOTIONS, Corpus, CorpusError, ScanResult, SyntheticFile, SyntheticSpeaker, Utterance, synthetic_takes,
-    synthetic_voices,
+    EMOTIONS, OUTSIDE_ROOT, Corpus, CorpusError, NotInVocabulary, ScanResult, Skipped, SyntheticFile,
+    SyntheticSpeaker, Utterance, listed_path, synthetic_takes, synthetic_voices, within,
 )
 
 SPLIT_FIELD = "emobox_splits"
@@ -58,6 +61,7 @@ OUT_OF_VOCABULARY = frozenset({"boredom", "contempt", "excited", "frustrated", "
 """EmoBox label names that the vocabulary lacks: their records are skipped and listed, never an error."""
 SEXES = {"male": "male", "m": "male", "female": "female", "f": "female"}
 MAX_LISTED = 20
+BAD_RECORD = "bad EmoBox record"
 
 
 @dataclass
@@ -177,11 +181,29 @@ def _vocabulary_label(record: _Record, label_map: dict[str, str] | None, root: P
     return None
 
 
-def _audio_path(wav: str, bases: Sequence[Path]) -> Path | None:
-    path = Path(wav).expanduser()
-    if path.is_absolute():
-        return path if path.is_file() else None
-    return next(((base / path).resolve() for base in bases if (base / path).is_file()), None)
+def _search_folders(root: Path, allow_outside_root: bool) -> tuple[list[Path], tuple[Path, ...] | None]:
+    """(folders a relative ``wav`` path is looked up under, the EmoBox folder (two spellings) or None: anywhere)."""
+    root = root.absolute()
+    if allow_outside_root:
+        return [root, *root.parents], None
+    bases = [root, *root.parents][:3]  # EmoBox/data/<dataset>, EmoBox/data, EmoBox
+    return bases, (bases[-1], bases[-1].resolve())
+
+
+def _audio_path(wav: str, bases: Sequence[Path], top: Sequence[Path] | None) -> Path | Skipped:
+    """The audio file a record names (under the first base that has it), or why there is none."""
+    candidates = [listed_path(wav, base) for base in bases]  # an absolute path is the same under every base
+    if top is not None:
+        candidates = [path for path in candidates if within(path, top)]
+        if not candidates:
+            return Skipped(Path(wav), f"audio path '{wav}' is outside the EmoBox folder {top[0]} "
+                                      "(set data.allow_outside_root=true to use files elsewhere)", OUTSIDE_ROOT)
+    found = next((path.resolve() for path in candidates if path.is_file()), None)
+    if found is None:
+        above = "the two folders above it" if top is not None else "each folder above it"
+        return Skipped(bases[0] / wav, f"audio file '{wav}' not found (looked under {bases[0]} and {above}; "
+                                       "EmoBox's paths start at the EmoBox folder)", BAD_RECORD)
+    return found
 
 
 def _speaker_and_sex(record: _Record, speakers: Mapping[str, str]) -> tuple[str | None, str | None]:
@@ -199,57 +221,60 @@ def _speaker_and_sex(record: _Record, speakers: Mapping[str, str]) -> tuple[str 
     return (None if speaker is None else str(speaker)), sex
 
 
-def _utterances(root: Path) -> tuple[list[Utterance], list[tuple[Path, str]], list[tuple[Path, str]]]:
-    """(utterances, problems, out-of-vocabulary records) of every record in the fold files."""
+def _utterances(root: Path, allow_outside_root: bool = False) -> tuple[list[Utterance], list[Skipped]]:
+    """(utterances, skipped records: bad ones and those whose label the vocabulary lacks) of the fold files."""
     records = _read_folds(root)
     label_map, speakers = _read_label_map(root), _read_speakers(root)
-    bases = [root, *root.parents]
-    utterances, problems, out_of_vocabulary = [], [], []
+    bases, top = _search_folders(root, allow_outside_root)
+    utterances, skipped = [], []
     for record in records.values():
         emotion = _vocabulary_label(record, label_map, root)
         data = record.data
         if emotion is None and not record.problems:  # a label the vocabulary lacks: skipped whatever else it has
-            out_of_vocabulary.append((Path(str(data["wav"])), f"{record.source}: label '{data['emo']}' is not in "
-                                      "the vocabulary"))
+            skipped.append(Skipped(Path(str(data["wav"])), f"{record.source}: label '{data['emo']}' is not in the "
+                                   "vocabulary", NotInVocabulary.kind))
             continue
         if data.get("type", "raw") != "raw":
             record.problems.append(f"{record.source}: type '{data['type']}' (precomputed features): only raw audio is read")
         if "start_time" in data or "end_time" in data:
             record.problems.append(f"{record.source}: segments (start_time/end_time) are not supported: whole files are read")
-        path = _audio_path(str(data["wav"]), bases)
-        if path is None:
-            record.problems.append(f"{record.source}: audio file '{data['wav']}' not found (looked under {root} "
-                                   "and each folder above it; EmoBox's paths start at the EmoBox folder)")
+        path = _audio_path(str(data["wav"]), bases, top)
+        if isinstance(path, Skipped):
+            record.problems.append(f"{record.source}: {path.reason}")
         speaker, sex = _speaker_and_sex(record, speakers)
         if speaker is None:
             record.problems.append(f"{record.source}: no speaker for '{record.key}' (add a speaker field, or keep "
                                    f"EmoBox's {SPEAKER_FILE} in {root})")
         if record.problems:
-            problems.append((path or root / str(data["wav"]), "; ".join(record.problems)))
+            where, kind = (path.path, path.kind) if isinstance(path, Skipped) else (path, BAD_RECORD)
+            skipped.append(Skipped(where, "; ".join(record.problems), kind))
             continue
         fields = {"key": record.key, "dataset": data.get("dataset"), SPLIT_FIELD: tuple(record.splits)}
         utterances.append(Utterance(path, emotion, speaker, sex, "emobox", fields))
-    return utterances, problems, out_of_vocabulary
+    return utterances, skipped
 
 
-def scan_emobox(root: str | Path, emotions: Sequence[str], *, lenient: bool = False) -> ScanResult:
+def scan_emobox(
+    root: str | Path, emotions: Sequence[str], *, lenient: bool = False, allow_outside_root: bool = False
+) -> ScanResult:
     """The records of an EmoBox dataset folder with the wanted emotions; every bad record reported at once."""
     root = Path(root).expanduser()
-    utterances, problems, out_of_vocabulary = _utterances(root)
+    utterances, skipped = _utterances(root, allow_outside_root)
+    problems = [entry for entry in skipped if entry.kind != NotInVocabulary.kind]
     if problems and not lenient:
-        listing = "\n  ".join(reason for _, reason in problems[:MAX_LISTED])
+        listing = "\n  ".join(problem.reason for problem in problems[:MAX_LISTED])
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
         raise CorpusError(f"{root}: {len(problems)} bad record(s) (set data.lenient=true to skip them):\n  {listing}{more}")
     wanted = set(emotions)
     selected = sorted((u for u in utterances if u.emotion in wanted), key=lambda u: str(u.path))
     if not selected:
         raise CorpusError(f"{root}: no EmoBox records with emotions {sorted(wanted)}")
-    return ScanResult(selected, problems + out_of_vocabulary)
+    return ScanResult(selected, skipped)
 
 
-def emobox_classes(root: Path) -> tuple[str, ...]:
+def emobox_classes(root: Path, *, allow_outside_root: bool = False) -> tuple[str, ...]:
     """The vocabulary classes the dataset's records use, in vocabulary order."""
-    used = {u.emotion for u in _utterances(Path(root).expanduser())[0]}
+    used = {u.emotion for u in _utterances(Path(root).expanduser(), allow_outside_root)[0]}
     return tuple(name for name in EMOTIONS if name in used)
 
 
@@ -333,4 +358,5 @@ CORPUS = Corpus(
     name="emobox", title="EmoBox", classes=None, example="fold_1/<dataset>_train_fold_1.jsonl",
     scan=scan_emobox, synthetic_speakers=synthetic_speakers, synthetic_files=synthetic_files, default_speakers=6,
     max_speakers=99, write_synthetic_metadata=write_synthetic_metadata, read_classes=emobox_classes,
+    lists_paths=True,
 )

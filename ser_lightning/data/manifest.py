@@ -1,10 +1,12 @@
 """CSV manifests for custom data: one row per file with ``path,label,speaker`` and optional columns.
 
-``data.root`` is the CSV file itself. Relative paths are resolved against the manifest's folder;
-labels must be names of the common vocabulary (any case); an optional ``sex`` column takes
-male/female/m/f (empty = unknown); every other column is kept in ``Utterance.fields``. Duplicate
-paths, missing files, unknown labels and empty cells are reported with their line numbers, all
-in one error (or, with ``lenient``, the rows are skipped and listed in ``ScanResult.skipped``).
+``data.root`` is the CSV file itself. Relative paths are resolved against the manifest's folder,
+and every path must lie inside that folder (``..`` that climbs out of it, or an absolute path
+elsewhere, is a bad row that is never opened) unless ``allow_outside_root``; links inside the
+folder are followed. Labels must be names of the common vocabulary (any case); an optional ``sex``
+column takes male/female/m/f (empty = unknown); every other column is kept in ``Utterance.fields``.
+Duplicate paths, missing files, unknown labels and empty cells are reported with their line
+numbers, all in one error (or, with ``lenient``, the rows are skipped and listed in ``ScanResult.skipped``).
 """
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .records import (
-    EMOTIONS, Corpus, CorpusError, ScanResult, SyntheticFile, SyntheticSpeaker, Utterance, synthetic_takes,
-    synthetic_voices,
+    EMOTIONS, OUTSIDE_ROOT, Corpus, CorpusError, ScanResult, Skipped, SyntheticFile, SyntheticSpeaker, Utterance,
+    listed_path, synthetic_takes, synthetic_voices, within,
 )
 
 REQUIRED = ("path", "label", "speaker")
@@ -46,8 +48,11 @@ def read_rows(manifest: str | Path) -> list[tuple[int, dict[str, str]]]:
     return rows
 
 
-def manifest_labels(manifest: str | Path) -> tuple[str, ...]:
-    """The vocabulary labels used in the manifest, in vocabulary order (unknown labels are left out)."""
+def manifest_labels(manifest: str | Path, *, allow_outside_root: bool = False) -> tuple[str, ...]:
+    """The vocabulary labels used in the manifest, in vocabulary order (unknown labels are left out).
+
+    ``allow_outside_root`` is accepted like every corpus's ``read_classes``; labels do not depend on it.
+    """
     used = {row["label"].lower() for _, row in read_rows(manifest)}
     return tuple(name for name in EMOTIONS if name in used)
 
@@ -65,7 +70,7 @@ def _parse_row(row: dict[str, str], folder: Path, seen: dict[Path, int]) -> tupl
         problems.append(f"sex '{row['sex']}' is not male, female, m, f or empty")
     path = None
     if row.get("path"):
-        path = (folder / Path(row["path"]).expanduser()).resolve()
+        path = listed_path(row["path"], folder).resolve()
         if path in seen:
             problems.append(f"duplicate path '{row['path']}' (first listed on line {seen[path]})")
         elif not path.is_file():
@@ -76,24 +81,34 @@ def _parse_row(row: dict[str, str], folder: Path, seen: dict[Path, int]) -> tupl
     return Utterance(path, label, row["speaker"], SEXES[sex], "manifest", extra), []
 
 
-def scan_manifest(manifest: str | Path, emotions: Sequence[str], *, lenient: bool = False) -> ScanResult:
+def scan_manifest(
+    manifest: str | Path, emotions: Sequence[str], *, lenient: bool = False, allow_outside_root: bool = False
+) -> ScanResult:
     """Read the manifest's rows with the wanted emotions; report every bad row with its line number."""
     manifest = Path(manifest).expanduser()
     folder = manifest.resolve().parent
+    roots = None if allow_outside_root else (folder, manifest.absolute().parent)
     wanted = set(emotions)
     utterances: list[Utterance] = []
-    problems: list[tuple[Path, str]] = []
+    problems: list[Skipped] = []
     seen: dict[Path, int] = {}
     for line, row in read_rows(manifest):
+        where = f"{manifest} line {line}"
+        if roots is not None and row.get("path") and not within(listed_path(row["path"], folder), roots):
+            problems.append(Skipped(listed_path(row["path"], folder), f"{where}: path '{row['path']}' is outside the "
+                                    f"manifest's folder {folder} (set data.allow_outside_root=true to use files "
+                                    "elsewhere)", OUTSIDE_ROOT))
+            continue
         utterance, row_problems = _parse_row(row, folder, seen)
         if row_problems:
-            problems.append((folder / row.get("path", ""), f"{manifest} line {line}: {'; '.join(row_problems)}"))
+            problems.append(Skipped(folder / row.get("path", ""), f"{where}: {'; '.join(row_problems)}",
+                                    "bad manifest row"))
             continue
         seen[utterance.path] = line
         if utterance.emotion in wanted:
             utterances.append(utterance)
     if problems and not lenient:
-        listing = "\n  ".join(reason for _, reason in problems[:MAX_LISTED])
+        listing = "\n  ".join(problem.reason for problem in problems[:MAX_LISTED])
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
         raise CorpusError(
             f"{manifest}: {len(problems)} bad row(s) (set data.lenient=true to skip them):\n  {listing}{more}"
@@ -126,5 +141,5 @@ CORPUS = Corpus(
     name="manifest", title="manifest", classes=None, example="manifest.csv with path,label,speaker",
     scan=scan_manifest, synthetic_speakers=synthetic_speakers, synthetic_files=synthetic_files,
     default_speakers=6, max_speakers=99, root_is_file=True, write_synthetic_metadata=write_synthetic_metadata,
-    read_classes=manifest_labels,
+    read_classes=manifest_labels, lists_paths=True,
 )

@@ -80,7 +80,8 @@ def ravdess_utterance(path: Path, vocal_channel: str = "speech") -> Utterance:
     """The Utterance of one RAVDESS file (CorpusError if malformed, Excluded if of the other vocal channel)."""
     name = parse_ravdess_name(path)
     if name.vocal_channel != vocal_channel:
-        raise Excluded(f"{path}: a RAVDESS {name.vocal_channel} file (vocal channel), not {vocal_channel}")
+        raise Excluded(f"{path}: a RAVDESS {name.vocal_channel} file (vocal channel), not {vocal_channel}",
+                       kind=f"RAVDESS {name.vocal_channel} file")
     return Utterance(
         path=path.resolve(), emotion=name.emotion, speaker=name.speaker, sex=name.sex, corpus="ravdess",
         fields=asdict(name),

@@ -5,10 +5,14 @@ tools that only list files import it.
 """
 from __future__ import annotations
 
+import errno
+import os
+import stat
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import soundfile
 
@@ -27,9 +31,39 @@ class CorpusError(ValueError):
 class NotInVocabulary(Exception):
     """A well-formed file whose emotion has no counterpart in the common vocabulary (e.g. EmoDB boredom)."""
 
+    kind = "label not in the vocabulary"
+
 
 class Excluded(Exception):
-    """A well-formed file that belongs to another task (e.g. RAVDESS song files in a speech corpus)."""
+    """A well-formed file that belongs to another task (e.g. RAVDESS song files in a speech corpus).
+
+    ``kind`` names the task for the summary of unused files (e.g. "RAVDESS song file").
+    """
+
+    def __init__(self, message: str, kind: str = "file of another task") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+# Kinds of unused files (``Skipped.kind``), as the summaries name them.
+APPLEDOUBLE = "AppleDouble (._*)"
+HIDDEN = "hidden file"
+DANGLING_LINK = "dangling link"
+LINK_LOOP = "link loop"
+DUPLICATE = "duplicate"
+UNREADABLE = "unreadable"
+NOT_A_FILE = "not a regular file"
+MALFORMED = "malformed name"
+OUTSIDE_ROOT = "outside the corpus root"
+UNUSABLE_AUDIO = "unusable audio"
+
+
+class Skipped(NamedTuple):
+    """A file found but not used: its path, why (one line naming the file) and the kind of reason for summaries."""
+
+    path: Path
+    reason: str
+    kind: str
 
 
 @dataclass(frozen=True)
@@ -46,10 +80,10 @@ class Utterance:
 
 @dataclass
 class ScanResult:
-    """Utterances found in a corpus folder, files skipped (path, reason) and non-audio files ignored."""
+    """Utterances found in a corpus, the files (or manifest entries) skipped, and non-audio files ignored."""
 
     utterances: list[Utterance]
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
     ignored: list[Path] = field(default_factory=list)
 
 
@@ -78,8 +112,10 @@ class SyntheticFile:
 class Corpus:
     """Everything about one corpus: its names, classes, speakers and the layout the synthesizer writes.
 
-    scan(root, emotions, lenient) finds its utterances; read_classes(root), for a corpus whose
-    classes come from its data (``classes`` None), lists the vocabulary classes it uses;
+    scan(root, emotions, lenient) finds its utterances; read_classes(root, allow_outside_root), for a
+    corpus whose classes come from its data (``classes`` None), lists the vocabulary classes it uses;
+    ``lists_paths``: the corpus lists its files in metadata (manifest, EmoBox), so its scan and
+    read_classes also take ``allow_outside_root`` (listed files must lie inside the root unless it is true);
     synthetic_speakers(count) and synthetic_files(speaker, emotions) describe a synthetic copy;
     write_synthetic_metadata(out_dir, rows), when set, writes the corpus's side files (rows:
     (file, speaker) pairs).
@@ -96,7 +132,8 @@ class Corpus:
     max_speakers: int
     root_is_file: bool = False
     write_synthetic_metadata: Callable[[Path, list[tuple[SyntheticFile, SyntheticSpeaker]]], None] | None = None
-    read_classes: Callable[[Path], tuple[str, ...]] | None = None
+    read_classes: Callable[..., tuple[str, ...]] | None = None
+    lists_paths: bool = False
 
 
 SYNTHETIC_TAKES = 3
@@ -135,14 +172,150 @@ def decode_code(code: str, table: Mapping[str, Any], what: str, path: Path) -> A
     return table[code]
 
 
-def list_files(root: Path) -> tuple[list[Path], list[Path]]:
-    """(audio files, other files) under ``root`` at any depth, sorted; hidden files are left out."""
-    audio, other = [], []
-    for path in sorted(root.rglob("*")):
-        if path.name.startswith(".") or not path.is_file():
+@dataclass
+class FolderListing:
+    """The files under a folder: audio files to use, other files, and files that cannot be used (with reasons)."""
+
+    audio: list[Path] = field(default_factory=list)
+    other: list[Path] = field(default_factory=list)
+    unused: list[Skipped] = field(default_factory=list)
+
+
+def walk_folder(root: str | Path) -> FolderListing:
+    """Every file under ``root`` at any depth, following links to folders and files, each folder and file once.
+
+    Audio files (by extension) that can be opened are listed in ``audio``, other files in ``other``;
+    everything else is listed in ``unused`` with its reason: AppleDouble (``._*``) and other hidden
+    files, links whose target is missing (dangling) or that lead to themselves or back to a folder
+    they lie in (a loop: reported once, not followed), a folder or file reached a second time (a
+    duplicate: kept where it was reached without a link), files and folders the system refuses to
+    read (with its reason), and things that are not regular files (pipes, sockets, devices). Paths
+    are spelled through ``root`` (links are not resolved). OSError if ``root`` itself cannot be read.
+    """
+    root = Path(root)
+    top = os.stat(root)
+    os.scandir(root).close()  # the caller's error when the folder itself cannot be listed
+    listing = FolderListing()
+    folders: dict[tuple[int, int], Path] = {}
+    files: list[tuple[bool, Path, tuple[int, int]]] = []  # (reached through a link, path, identity)
+    real, linked = [(root, (_identity(top),))], []  # folders to list, with the identities of those they lie in
+    while real or linked:
+        through_link = not real  # folders reached without a link first: they keep their own paths
+        folder, above = (real or linked).pop()
+        if above[-1] in folders:
+            listing.unused.append(Skipped(folder, f"{folder}: the same folder as '{folders[above[-1]]}' (listed "
+                                                  "there)", DUPLICATE))
             continue
-        (audio if path.suffix.lower() in AUDIO_SUFFIXES else other).append(path)
-    return audio, other
+        folders[above[-1]] = folder
+        try:
+            with os.scandir(folder) as scan:
+                names = sorted(entry.name for entry in scan)
+        except OSError as error:
+            listing.unused.append(Skipped(folder, f"{folder}: cannot list this folder ({error.strerror})", UNREADABLE))
+            continue
+        for name in names:
+            path = folder / name
+            info = _stat(path, listing.unused)
+            if info is None:
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                if _identity(info) in above:
+                    listing.unused.append(Skipped(path, f"{path}: a link back to '{folders[_identity(info)]}', a "
+                                                        "folder it lies in (a loop: not followed)", LINK_LOOP))
+                else:
+                    (linked if through_link or path.is_symlink() else real).append((path, (*above, _identity(info))))
+            elif not stat.S_ISREG(info.st_mode):
+                listing.unused.append(Skipped(path, f"{path}: not a regular file", NOT_A_FILE))
+            elif name.startswith("._"):
+                listing.unused.append(Skipped(path, f"{path}: AppleDouble metadata left by macOS, not audio",
+                                              APPLEDOUBLE))
+            elif name.startswith("."):
+                listing.unused.append(Skipped(path, f"{path}: a hidden file", HIDDEN))
+            else:
+                files.append((through_link or path.is_symlink(), path, _identity(info)))
+    _sort_files(files, listing)
+    return listing
+
+
+def _sort_files(files: list[tuple[bool, Path, tuple[int, int]]], listing: FolderListing) -> None:
+    """Each file once (where reached without a link, if it was): audio, other or unused (duplicate, unreadable)."""
+    kept: dict[tuple[int, int], Path] = {}
+    for _, path, identity in sorted(files):
+        if identity in kept:
+            listing.unused.append(Skipped(path, f"{path}: the same file as '{kept[identity]}' (used once)", DUPLICATE))
+            continue
+        kept[identity] = path
+        if path.suffix.lower() not in AUDIO_SUFFIXES:
+            listing.other.append(path)
+        elif (problem := _unreadable(path)) is not None:
+            listing.unused.append(Skipped(path, f"{path}: cannot be read ({problem})", UNREADABLE))
+        else:
+            listing.audio.append(path)
+    listing.audio.sort()
+    listing.other.sort()
+    listing.unused.sort()
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
+
+
+def _stat(path: Path, unused: list[Skipped]) -> os.stat_result | None:
+    """The status of ``path`` through links; None (and the reason appended to ``unused``) when there is none."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            target = os.readlink(path)
+            unused.append(Skipped(path, f"{path}: a link to '{target}', which does not exist", DANGLING_LINK))
+            return None
+        reason = "it disappeared while the folder was read"
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            unused.append(Skipped(path, f"{path}: a link that leads back to itself ({error.strerror})", LINK_LOOP))
+            return None
+        reason = error.strerror or str(error)
+    unused.append(Skipped(path, f"{path}: cannot be read ({reason})", UNREADABLE))
+    return None
+
+
+def _unreadable(path: Path) -> str | None:
+    """The system's reason why ``path`` cannot be opened for reading, or None."""
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
+
+
+def listed_path(entry: str, base: Path) -> Path:
+    """The path a manifest entry names: ``~`` expanded, relative entries taken from ``base``, ``..`` collapsed.
+
+    Links are not resolved: the result is what the entry spells, so that ``within`` can check it.
+    """
+    return Path(os.path.normpath(base / Path(entry).expanduser()))
+
+
+def within(path: Path, roots: Sequence[Path]) -> bool:
+    """Whether ``path`` (as ``listed_path`` spells it) lies inside one of ``roots`` (a folder, spelled several ways)."""
+    return any(path.is_relative_to(root) for root in roots)
+
+
+def unused_summary(skipped: Sequence[Skipped], ignored: Sequence[Path] = (), examples: int = 5) -> list[str]:
+    """Lines counting the files not used, one per kind of reason, each with up to ``examples`` of their reasons."""
+    by_kind: dict[str, list[Skipped]] = {}
+    for entry in skipped:
+        by_kind.setdefault(entry.kind, []).append(entry)
+    lines = []
+    for kind, entries in sorted(by_kind.items(), key=lambda item: (-len(item[1]), item[0])):
+        lines.append(f"{len(entries)} {kind}:")
+        lines += [f"    {entry.reason}" for entry in entries[:examples]]
+        if len(entries) > examples:
+            lines.append(f"    ... and {len(entries) - examples} more")
+    if ignored:
+        kinds = Counter(path.suffix.lower() or "(no extension)" for path in ignored)
+        lines.append(f"{len(ignored)} non-audio (" + ", ".join(f"{ext} x{n}" for ext, n in sorted(kinds.items())) + ")")
+    return lines
 
 
 def scan_folder(
@@ -156,28 +329,32 @@ def scan_folder(
 ) -> ScanResult:
     """Parse every audio file under ``root`` into an Utterance and keep the wanted emotions.
 
-    ``parse`` raises CorpusError for a malformed name (fatal, or skipped and listed with
-    ``lenient``), NotInVocabulary for a valid file whose emotion the vocabulary lacks and Excluded
-    for a file of another task (both always skipped and listed). Files of unwanted emotions are
-    simply not selected; non-audio files are listed in ``ignored``. An empty selection raises
-    CorpusError naming the folder and an example name.
+    Files are found by ``walk_folder`` (links followed; hidden files, dangling links, loops and
+    unreadable files are skipped and listed). ``parse`` raises CorpusError for a malformed name
+    (fatal, or skipped and listed with ``lenient``), NotInVocabulary for a valid file whose emotion
+    the vocabulary lacks and Excluded for a file of another task (both always skipped and listed).
+    Files of unwanted emotions are simply not selected; non-audio files are listed in ``ignored``.
+    An empty selection raises CorpusError naming the folder and an example name.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
         raise CorpusError(f"data.root: '{root}' is not a folder")
+    try:
+        listing = walk_folder(root)
+    except OSError as error:
+        raise CorpusError(f"data.root: cannot read the folder '{root}' ({error.strerror or error})") from error
     wanted = set(emotions)
-    audio, other = list_files(root)
-    result = ScanResult([], ignored=other)
-    for path in audio:
+    result = ScanResult([], skipped=listing.unused, ignored=listing.other)
+    for path in listing.audio:
         try:
             utterance = parse(path)
         except (NotInVocabulary, Excluded) as reason:
-            result.skipped.append((path, str(reason)))
+            result.skipped.append(Skipped(path, str(reason), reason.kind))
             continue
         except CorpusError as err:
             if not lenient:
                 raise CorpusError(f"{err} (set data.lenient=true to skip such files)") from err
-            result.skipped.append((path, str(err)))
+            result.skipped.append(Skipped(path, str(err), MALFORMED))
             continue
         if utterance.emotion in wanted:
             result.utterances.append(utterance)

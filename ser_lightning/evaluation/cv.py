@@ -6,18 +6,25 @@ speakers; the linear baseline is fitted and tested on the same split. The result
 ``OUT/fold_K/result.json`` (``OUT/fold_K_repeat_R/`` for repeats after the first), written
 atomically; a rerun skips complete runs and resumes an interrupted one from its last checkpoint.
 Runs are independent, so an executor can run them in any order and place (``executors``).
+
+``OUT/study.json`` records the configuration and code version the study was started with
+(``identity``); a rerun into the same folder with another configuration is refused, naming the
+options that differ, or goes to a new folder beside it with ``--new_out``.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from ser_lightning.evaluation.identity import (
+    STUDY_FILE, StudyMismatch, StudyRecord, code_version, config_key, describe, study_config,
+)
 from ser_lightning.evaluation.report import atomic_write_text, write_report
 
 RUN_NAME = "run"
@@ -46,23 +53,6 @@ class RunSpec:
 
 def run_dir(out: Path, fold: int, repeat: int = 0) -> Path:
     return out / (f"fold_{fold}" if repeat == 0 else f"fold_{fold}_repeat_{repeat}")
-
-
-def config_key(config: dict, tuned: tuple[str, ...] = ()) -> str:
-    """Hash of everything in the configuration that must agree across the runs of one report."""
-    config = json.loads(json.dumps(config, default=str))
-    for name in tuned:
-        *sections, option = name.split(".")
-        section = config
-        for key in sections:
-            section = section.get(key, {})
-        section.pop(option, None)
-    config.get("data", {}).pop("fold", None)
-    for key in ("logger", "default_root_dir", "enable_progress_bar"):
-        config.get("trainer", {}).pop(key, None)
-    for key in ("config", "seed_everything"):
-        config.pop(key, None)
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _dotted(config: dict, name: str) -> object:
@@ -97,7 +87,7 @@ def run_fold(spec: RunSpec) -> dict:
 
     started = time.monotonic()
     cli = build_cli(run_args(spec))
-    config = yaml.safe_load(cli.parser.dump(cli.config, skip_link_targets=False, skip_none=False))
+    config = dumped_config(cli)
     trainer, module, datamodule = cli.trainer, cli.model, cli.datamodule
     last = spec.folder / RUN_NAME / "checkpoints" / "last.ckpt"
     resumed_from = resume_epoch(last)
@@ -156,6 +146,7 @@ def run_fold(spec: RunSpec) -> dict:
         "best_val_UA": outcome.best_val_UA,
         "epochs_trained": outcome.epochs_trained,
         "resumed_from_epoch": resumed_from,
+        "code": code_version(),
         "wall_seconds": outcome.wall_seconds,  # fitting and evaluating the model
         "run_seconds": time.monotonic() - started,  # the whole run: data, model, baselines
     }
@@ -201,27 +192,77 @@ def parse_folds(spec: str | None, num_folds: int) -> list[int]:
     return folds
 
 
-def study_settings(lightning_args: list[str]) -> tuple[int, int]:
-    """(data.num_folds, seed_everything) of the configuration; parsing it validates it before any training."""
+def dumped_config(cli: Any) -> dict:
+    """The whole configuration a LightningCLI parsed, as plain values (link targets and nulls included)."""
+    return yaml.safe_load(cli.parser.dump(cli.config, skip_link_targets=False, skip_none=False))
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """A study's configuration, validated before any training: its folds, base seed and the whole configuration."""
+
+    args: tuple[str, ...]
+    num_folds: int
+    base_seed: int
+    config: dict
+
+
+def study_settings(lightning_args: list[str], num_folds: int | None = None) -> StudySettings:
+    """The study's settings (``num_folds``: ``--folds``, else the configuration's); parsing validates them."""
     from ser_lightning.lightning_cli import build_cli
 
-    cli = build_cli(lightning_args)
+    cli = build_cli([*lightning_args, *([f"--data.num_folds={num_folds}"] if num_folds else [])])
     if cli.config.data.test_root is not None:
         raise SystemExit("cv: data.test_root is set (cross-corpus evaluation has one train/test split, not folds); "
                          "use `fit` for it")
     if cli.trainer.world_size > 1:
         raise SystemExit("cv: one process per run; use --executor processes or ray to run runs in parallel "
                          "(trainer.devices / num_nodes > 1 is for `fit`)")
-    return int(cli.config.data.num_folds), int(cli.config.seed_everything)
+    return StudySettings(tuple(lightning_args), int(cli.config.data.num_folds), int(cli.config.seed_everything),
+                         dumped_config(cli))
 
 
-def plan_runs(lightning_args: list[str], out: Path, folds_spec: str | None, num_folds: int | None,
-              repeats: int) -> list[RunSpec]:
-    """Every run of the study, validated before any training."""
-    configured, base_seed = study_settings(lightning_args)
-    num_folds = num_folds or configured
-    return [RunSpec(tuple(lightning_args), str(out), fold, num_folds, repeat, base_seed)
-            for repeat in range(repeats) for fold in parse_folds(folds_spec, num_folds)]
+def plan_runs(settings: StudySettings, out: Path, folds_spec: str | None, repeats: int) -> list[RunSpec]:
+    """Every run of the study (``--only``: ``folds_spec``; ``--repeats``) into ``out``."""
+    return [RunSpec(settings.args, str(out), fold, settings.num_folds, repeat, settings.base_seed)
+            for repeat in range(repeats) for fold in parse_folds(folds_spec, settings.num_folds)]
+
+
+def open_study(out: Path, record: StudyRecord, *, new_out: bool = False) -> Path:
+    """The folder a study writes to, with ``record`` in its ``study.json``.
+
+    ``out`` when it is new or was started with the same configuration (a different code version is
+    only reported); else, with ``new_out``, the first of ``OUT-2``, ``OUT-3``, ... that is new or
+    holds this configuration, and without it StudyMismatch naming the options that differ. A folder
+    with runs but no ``study.json`` (an earlier version's) is judged by the configuration of its runs.
+    """
+    folder, number = out, 1
+    while (existing := read_study(folder)) is not None and (changes := existing.differences(record)):
+        if not new_out:
+            raise StudyMismatch(f"--out {folder}: this study was made with another configuration "
+                                f"({describe(changes)}); run it with that configuration, choose another --out, or pass "
+                                "--new_out to start a new folder beside it")
+        number += 1
+        folder = out.with_name(f"{out.name}-{number}")
+    if folder != out:
+        print(f"[{record.command}] --out {out} holds a study of another configuration: this one is in {folder}",
+              flush=True)
+    if existing is not None and existing.code and existing.code != record.code:
+        print(f"[{record.command}] note: {folder} was started by another code version ({existing.code}; now "
+              f"{record.code}); its finished runs are kept", flush=True)
+    if existing is None or not (folder / STUDY_FILE).exists():
+        atomic_write_text(folder / STUDY_FILE, record.to_json())
+    return folder
+
+
+def read_study(folder: Path) -> StudyRecord | None:
+    """The record of the study in ``folder``: its ``study.json``, else its first run's, else None (a new study)."""
+    path = folder / STUDY_FILE
+    if path.exists():
+        return StudyRecord.from_json(path.read_text(encoding="utf-8"), path)
+    for result in sorted(folder.glob("fold_*/result.json")):
+        return StudyRecord.from_result(json.loads(result.read_text()))
+    return None
 
 
 def cv_main(argv: list[str]) -> None:
@@ -238,6 +279,9 @@ def cv_main(argv: list[str]) -> None:
                         help="runs per fold with seeds seed_everything + 0..R-1; the report separates the variance "
                              "over folds from the variance over seeds (default 1)")
     parser.add_argument("--out", type=Path, default=Path("cv_runs"), help="output folder (default: cv_runs)")
+    parser.add_argument("--new_out", action="store_true",
+                        help="when --out holds a study of another configuration, write to a new folder beside it "
+                             "(OUT-2, OUT-3, ...) instead of stopping")
     parser.add_argument("--executor", choices=sorted(EXECUTORS), default="local",
                         help="local: one run after another in this process (default); processes: parallel worker "
                              "processes on this machine; ray: Ray tasks on a local or existing cluster")
@@ -249,12 +293,13 @@ def cv_main(argv: list[str]) -> None:
     args, lightning_args = parser.parse_known_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
-    runs = plan_runs(lightning_args, args.out, args.only, args.folds, args.repeats)
-    args.out.mkdir(parents=True, exist_ok=True)
+    settings = study_settings(lightning_args, args.folds)
+    out = open_study(args.out, StudyRecord("cv", study_config(settings.config)), new_out=args.new_out)
+    runs = plan_runs(settings, out, args.only, args.repeats)
     run_study(runs, args)
-    report = write_report([args.out], args.out)
+    report = write_report([out], out)
     print(report["markdown"])
-    print(f"[cv] report written to {args.out}")
+    print(f"[cv] report written to {out}")
 
 
 def cv_report_main(argv: list[str]) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ser_lightning.evaluation.baseline import BASELINES
+from ser_lightning.evaluation.identity import StudyMismatch, describe, run_differences
 from ser_lightning.evaluation.metrics import METRICS, split_scores
 
 
@@ -55,9 +56,9 @@ def collect_results(dirs: list[Path]) -> list[dict]:
     for result in runs[1:]:
         for key in ("config_key", "num_folds", "class_names"):
             if result[key] != first[key]:
-                raise ValueError(
-                    f"fold {result['fold']} and fold {first['fold']} differ in {key}: they come from different "
-                    "configurations and cannot be merged into one report"
+                raise StudyMismatch(
+                    f"fold {result['fold']} and fold {first['fold']} come from different configurations and cannot "
+                    f"be merged into one report ({describe(run_differences(first, result)) or f'{key} differs'})"
                 )
     return runs
 

@@ -9,8 +9,11 @@ trained once more as a normal ``cv`` run of fold k and tested once; those runs m
 
 State lives in the output folder: one SQLite study per outer fold, so a stopped search resumes
 with the trials it has (a trial that was cut off is marked failed and replaced), and finished
-outer folds are skipped. Trials run one after another, or ``--workers`` at a time as Ray tasks
-(``--executor ray``; the local Ray instance listens on 127.0.0.1 only).
+outer folds are skipped. ``OUT/study.json`` records the configuration (without the searched
+options), the space and the code version; a rerun with another configuration or space is refused
+(or, with ``--new_out``, goes to a new folder), as for ``cv``. Trials run one after another, or
+``--workers`` at a time as Ray tasks (``--executor ray``; the local Ray instance listens on
+127.0.0.1 only).
 
 Space file (YAML), one entry per option:
 
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ import yaml
 from lightning.pytorch import Callback
 
 from ser_lightning.evaluation.cv import RunSpec, load_result, run_fold
+from ser_lightning.evaluation.identity import StudyRecord, study_config
 from ser_lightning.evaluation.report import atomic_write_text, write_report
 
 PARAM_TYPES = ("float", "int", "categorical")
@@ -225,7 +229,7 @@ def search_fold(args: argparse.Namespace, lightning_args: list[str], space: list
 
 def tune_main(argv: list[str]) -> None:
     """Nested search: per outer fold, trials scored on inner validation speakers; the best one tested once."""
-    from ser_lightning.evaluation.cv import plan_runs
+    from ser_lightning.evaluation.cv import open_study, plan_runs, study_settings
 
     parser = argparse.ArgumentParser(
         prog="python -m ser_lightning tune", description=tune_main.__doc__,
@@ -236,6 +240,9 @@ def tune_main(argv: list[str]) -> None:
     parser.add_argument("--folds", type=int, help="outer folds (default: the config's data.num_folds)")
     parser.add_argument("--only", help="comma-separated outer folds to run here")
     parser.add_argument("--out", type=Path, default=Path("tune_runs"), help="output folder (default: tune_runs)")
+    parser.add_argument("--new_out", action="store_true",
+                        help="when --out holds a search of another configuration or space, write to a new folder "
+                             "beside it (OUT-2, OUT-3, ...) instead of stopping")
     parser.add_argument("--executor", choices=("local", "ray"), default="local",
                         help="local: trials one after another (default); ray: --workers trials at a time as Ray tasks")
     parser.add_argument("--workers", type=int, default=2, help="parallel trials with ray (default 2)")
@@ -245,8 +252,11 @@ def tune_main(argv: list[str]) -> None:
     if args.trials < 1 or args.workers < 1 or args.threads_per_worker < 1:
         parser.error("--trials, --workers and --threads_per_worker must be >= 1")
     space = load_space(args.space)
-    runs = plan_runs(lightning_args, args.out, args.only, args.folds, repeats=1)
-    args.out.mkdir(parents=True, exist_ok=True)
+    settings = study_settings(lightning_args, args.folds)
+    tuned = tuple(param.name for param in space)
+    record = StudyRecord("tune", study_config(settings.config, tuned), space={p.name: asdict(p) for p in space})
+    args.out = open_study(args.out, record, new_out=args.new_out)
+    runs = plan_runs(settings, args.out, args.only, repeats=1)
     chosen = []
     for run in runs:
         if load_result(run.folder) is not None:
@@ -255,7 +265,7 @@ def tune_main(argv: list[str]) -> None:
             continue
         best = search_fold(args, lightning_args, space, run.fold, run.num_folds, run.base_seed)
         final = RunSpec((*lightning_args, *overrides(best["params"])), run.out, run.fold, run.num_folds, 0, run.base_seed,
-                        tuned=tuple(param.name for param in space))
+                        tuned=tuned)
         result = run_fold(final)
         atomic_write_text(run.folder / "chosen.json", json.dumps(best, indent=2))
         chosen.append(best)

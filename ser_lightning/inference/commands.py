@@ -7,7 +7,10 @@ AIFF, CAF, ...) or glob patterns. It prints a table, writes ``--output results.c
 ``results.json``, and with ``--plot_dir DIR`` one PNG per file (features with the attention over
 them, class probabilities, and the window probabilities over time for long recordings). A file that
 cannot be used gets an error row and the others go on; the exit status is 1 when any file failed.
-Files in folders that are not audio are counted in the summary line, never skipped silently.
+Folders are searched through links (a link back to a folder above is a loop, reported once); files
+in folders that are not used (non-audio, AppleDouble ``._*`` and other hidden files, dangling links,
+loops, duplicates, unreadable files with the system's reason) are counted by reason in the summary
+and listed below it, never skipped silently.
 
 A model trained with ``normalization: speaker`` normalises each recording with the statistics of its
 speaker's recordings: ``--speaker_groups folder`` (default) treats every folder's files as one
@@ -43,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ser_lightning.data.records import list_files
+from ser_lightning.data.records import Skipped, unused_summary, walk_folder
 from ser_lightning.inference.recognizer import CheckpointError, EmotionRecognizer, Prediction
 
 
@@ -61,11 +64,14 @@ class FileResult:
         return self.prediction is not None and not self.error
 
 
-def expand_paths(paths: Iterable[str], ignored: list[str] | None = None) -> list[tuple[str, str | None]]:
+def expand_paths(
+    paths: Iterable[str], ignored: list[str] | None = None, unused: list[Skipped] | None = None
+) -> list[tuple[str, str | None]]:
     """Files from PATH arguments as (path, problem) pairs; problem says why a PATH gave no file (else None).
 
-    Files named explicitly are tried whatever their extension; in folders, non-audio files are
-    appended to ``ignored`` (when given).
+    Files named explicitly are tried whatever their extension; folders are searched with
+    ``walk_folder``: their non-audio files are appended to ``ignored`` and the files they hold that
+    cannot be used (hidden, dangling links, loops, ...) to ``unused`` (when given).
     """
     found: list[tuple[str, str | None]] = []
     seen: set[str] = set()
@@ -86,9 +92,16 @@ def expand_paths(paths: Iterable[str], ignored: list[str] | None = None) -> list
                 continue
         for match in matches:
             if match.is_dir():
-                files, other = list_files(match)
+                try:
+                    listing = walk_folder(match)
+                except OSError as error:
+                    found.append((str(match), f"cannot read the folder ({error.strerror or error})"))
+                    continue
+                files = listing.audio
                 if ignored is not None:
-                    ignored += [str(p) for p in other]
+                    ignored += [str(p) for p in listing.other]
+                if unused is not None:
+                    unused += listing.unused
                 if not files:
                     found.append((str(match), "the folder contains no audio files"))
                 for file in files:
@@ -292,7 +305,8 @@ def predict_main(argv: list[str]) -> None:
     except (CheckpointError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     ignored: list[str] = []
-    results = predict_paths(recognizer, expand_paths(args.paths, ignored), args.plot_dir, args.speaker_groups)
+    unused: list[Skipped] = []
+    results = predict_paths(recognizer, expand_paths(args.paths, ignored, unused), args.plot_dir, args.speaker_groups)
     print(format_table(results))
     if args.output is not None:
         write_results(results, args.output, recognizer.class_names)
@@ -303,9 +317,15 @@ def predict_main(argv: list[str]) -> None:
         kinds = Counter(Path(p).suffix.lower() or "(no extension)" for p in ignored)
         summary += f"; {len(ignored)} non-audio file(s) in folders skipped (" + ", ".join(
             f"{ext} x{count}" for ext, count in sorted(kinds.items())) + ")"
+    if unused:
+        kinds = Counter(entry.kind for entry in unused)
+        summary += f"; {len(unused)} other file(s) in folders not used (" + ", ".join(
+            f"{kind} x{count}" for kind, count in sorted(kinds.items())) + ")"
     if recognizer.needs_speaker_stats:
         summary += f"; speaker statistics per {args.speaker_groups}"
     print(summary)
+    if unused:
+        print("\n".join(["not used, by reason:", *(f"  {line}" for line in unused_summary(unused))]))
     if failed:
         raise SystemExit(1)
 
