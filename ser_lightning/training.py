@@ -49,6 +49,7 @@ class FitOutcome:
     val_predictions: SplitPredictions
     test_predictions: SplitPredictions | None
     temperature: float = 1.0  # fitted on the validation predictions; stored in the module and the best checkpoint
+    network_weight: float = 1.0  # the attention head's share in the logits, chosen on the validation predictions
 
 
 class PredictionCollector(Callback):
@@ -114,24 +115,47 @@ def fit_and_test(trainer: Trainer, module: LightningModule, datamodule: Any, *, 
     best_score = None if best is None or checkpoint.best_model_score is None else float(checkpoint.best_model_score)
     epochs = trainer.current_epoch
     val, val_predictions = evaluate(trainer, module, datamodule, "val", best)
+    weight = choose_network_weight(val_predictions)
+    if weight != 1.0:  # the validation logits with the chosen share
+        parts = val_predictions.parts
+        val_predictions.logits = weight * parts[:, 0] + parts[:, 1]
+        val = split_scores(val_predictions.labels, val_predictions.logits.argmax(1), list(datamodule.class_names))
     temperature = fit_temperature(val_predictions.logits, val_predictions.labels)
     if trainer.is_global_zero:
-        store_temperature(module, best, temperature)
+        store_calibration(module, best, temperature, weight)
     trainer.strategy.barrier()
     test_scores, test_predictions = evaluate(trainer, module, datamodule, "test", best) if test else (None, None)
     return FitOutcome(best, best_score, epochs, time.monotonic() - start, val, test_scores, val_predictions,
-                      test_predictions, temperature)
+                      test_predictions, temperature, weight)
 
 
-def store_temperature(module: LightningModule, checkpoint: str | None, temperature: float) -> None:
-    """Set the module's temperature and write it into the chosen checkpoint (atomically), so that
-    ``predict``, the Python API and the ONNX export use the calibrated probabilities."""
+NETWORK_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def choose_network_weight(predictions: SplitPredictions) -> float:
+    """With a statistics head: the share of the attention head's logits (``NETWORK_WEIGHTS``) that maximises the
+    validation UA, ties going to the smaller share (stacking: a network that does not help the validation speakers
+    gets less say); 1 without a statistics head."""
+    if predictions.parts is None or predictions.parts.shape[1] < 2:
+        return 1.0
+    from ser_lightning.models.logistic import unweighted_accuracy
+
+    scores = [unweighted_accuracy(predictions.labels, (w * predictions.parts[:, 0] + predictions.parts[:, 1]).argmax(1))
+              for w in NETWORK_WEIGHTS]
+    return NETWORK_WEIGHTS[int(np.argmax(scores))]
+
+
+def store_calibration(module: LightningModule, checkpoint: str | None, temperature: float, weight: float) -> None:
+    """Set the module's temperature and network weight and write them into the chosen checkpoint (atomically), so
+    that ``predict``, the Python API and the ONNX export use them."""
     module.temperature.fill_(temperature)
+    module.network_weight.fill_(weight)
     if checkpoint is None:
         return
     with safe_loading():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state["state_dict"]["temperature"] = torch.tensor(temperature)
+    state["state_dict"]["network_weight"] = torch.tensor(weight)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(Path(checkpoint), buffer.getvalue())

@@ -135,6 +135,7 @@ def run_fold(spec: RunSpec) -> dict:
             name: _rounded(outcome.val_predictions.parts[:, k])
             for k, name in enumerate(HEAD_NAMES[: outcome.val_predictions.parts.shape[1]])},
         "temperature": outcome.temperature,
+        "network_weight": outcome.network_weight,
         "calibration": calibration_summary(logits, labels, outcome.temperature),
         "head_metrics": {name: split_scores(labels, values.argmax(1), list(datamodule.class_names)).metrics
                          for name, values in parts.items()},

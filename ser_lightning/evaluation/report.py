@@ -172,6 +172,8 @@ def summarize(runs: list[dict]) -> dict:
             entry["ensemble_UA_difference"] = _paired(
                 [f["ensemble_metrics"]["UA"] - f["baselines"][name]["metrics"]["UA"] for f in present])
         summary["baselines"][name] = entry
+    if all("network_weight" in r for r in runs) and folds[0]["head_UA"]:
+        summary["network_weights"] = [r["network_weight"] for r in runs]
     heads = [name for name in folds[0]["head_UA"] if all(name in f["head_UA"] for f in folds)]
     if heads:
         summary["heads"] = {name: dict(zip(("mean", "std"), mean_std([f["head_UA"][name] for f in folds])),
@@ -331,6 +333,9 @@ def _heads_lines(summary: dict) -> list[str]:
         lines += ["", f"The network's own contribution (both minus the statistics head alone): "
                   f"{100 * paired['mean']:+.1f} +- {100 * paired['std']:.1f} UA points; it helps in "
                   f"{paired['wins']} of {paired['folds']} folds."]
+        if "network_weights" in summary:
+            lines += [f"The network's share of the logits, chosen per run on the validation speakers: "
+                      + ", ".join(f"{w:g}" for w in summary["network_weights"]) + "."]
     return lines
 
 

@@ -109,13 +109,14 @@ HEAD_NAMES = ("attention", "statistics")
 
 
 def _upgrade_state_dict(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:  # noqa: ARG001
-    """Read checkpoints of earlier versions: the statistics head's old keys, no temperature (1: uncalibrated)."""
+    """Read checkpoints of earlier versions: the statistics head's old keys, no temperature or network weight (1)."""
     renames = {"statistics_head.weight": "statistics_head.linear.weight", "statistics_head.bias": "statistics_head.linear.bias",
                "statistics_mean": "statistics_head.mean", "statistics_std": "statistics_head.std"}
     for old, new in renames.items():
         if prefix + old in state_dict and prefix + new not in state_dict:
             state_dict[prefix + new] = state_dict.pop(prefix + old)
     state_dict.setdefault(prefix + "temperature", torch.ones(()))
+    state_dict.setdefault(prefix + "network_weight", torch.ones(()))
 
 
 class SERModule(LightningModule):
@@ -200,6 +201,7 @@ class SERModule(LightningModule):
         if statistics_head != "none":
             self.statistics_head = HEADS[statistics_head](num_features, num_classes, self.hparams.statistics)
         self.register_buffer("temperature", torch.ones(()))  # fitted on the validation speakers after training
+        self.register_buffer("network_weight", torch.ones(()))  # the attention head's share, chosen likewise
         self.register_load_state_dict_pre_hook(_upgrade_state_dict)
         self.register_buffer("class_weights", torch.ones(num_classes))
         metrics = stage_metrics(num_classes)
@@ -273,7 +275,8 @@ class SERModule(LightningModule):
         if self.statistics_head is None:
             return StepOutput(output, (output.logits,))
         statistics_logits = self.statistics_head(features, x, lengths, speaker_stats, index)
-        return StepOutput(output._replace(logits=output.logits + statistics_logits), (output.logits, statistics_logits))
+        combined = self.network_weight * output.logits + statistics_logits
+        return StepOutput(output._replace(logits=combined), (output.logits, statistics_logits))
 
     def forward(self, features: Tensor, lengths: Tensor | None = None, speaker_stats: Tensor | None = None) -> ModelOutput:
         """Calibrated logits (divided by the temperature fitted on the validation speakers) of raw (B, F, N)
