@@ -12,12 +12,25 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+from ser_lightning.errors import DataError, os_reason
+
 MAX_NONFINITE_FRACTION = 0.01
 """Files with more non-finite samples than this fraction are rejected; fewer are zeroed."""
 
 
-class AudioError(ValueError):
+class AudioError(DataError, ValueError):
     """An audio file cannot be decoded into usable samples; the message names the file."""
+
+
+def _unusable(path: Path, error: Exception, what: str) -> AudioError:
+    """The AudioError for a file libsndfile refused: the system's reason when the file cannot even be
+    opened (libsndfile then says only "System error."), else libsndfile's."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as os_error:
+        return AudioError(f"{path}: cannot be read ({os_reason(os_error)})")
+    return AudioError(f"{path}: {what} ({error})")
 
 
 def _sanitize(block: np.ndarray, path: Path) -> np.ndarray:
@@ -69,7 +82,7 @@ def load_audio(
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, OSError) as err:
-        raise AudioError(f"{path}: cannot decode audio ({err})") from err
+        raise _unusable(path, err, "cannot decode audio") from err
     if data.shape[0] == 0:
         raise AudioError(f"{path}: the file contains no samples")
     wave = _resample(torch.from_numpy(_sanitize(data, path)), rate, sample_rate)
@@ -91,7 +104,7 @@ def iter_audio_blocks(path: str | Path, sample_rate: int, block_seconds: float) 
     try:
         handle = sf.SoundFile(str(path))
     except (sf.SoundFileError, RuntimeError, OSError) as err:
-        raise AudioError(f"{path}: cannot decode audio ({err})") from err
+        raise _unusable(path, err, "cannot decode audio") from err
     with handle:
         frames = max(1, int(round(block_seconds * handle.samplerate)))
         while True:
@@ -109,4 +122,4 @@ def audio_duration(path: str | Path) -> float:
     try:
         return float(sf.info(str(path)).duration)
     except (sf.SoundFileError, RuntimeError, OSError) as err:
-        raise AudioError(f"{path}: cannot read the audio header ({err})") from err
+        raise _unusable(Path(path), err, "cannot read the audio header") from err

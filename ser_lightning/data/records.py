@@ -12,6 +12,8 @@ from typing import Any
 
 import soundfile
 
+from ser_lightning.errors import DataError
+
 EMOTIONS: tuple[str, ...] = ("neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised")
 DEFAULT_EMOTIONS: tuple[str, ...] = ("neutral", "happy", "sad", "angry")
 # Every container libsndfile decodes (WAV, FLAC, OGG/Vorbis/Opus, MP3, AIFF, CAF, ...); headerless raw is left out.
@@ -20,7 +22,7 @@ AUDIO_SUFFIXES = frozenset(
 )
 
 
-class CorpusError(ValueError):
+class CorpusError(DataError, ValueError):
     """A corpus folder or file name does not follow the expected layout."""
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import statistics
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from ser_lightning.evaluation.metrics import METRICS, split_scores
+from ser_lightning.outputs import atomic_write_bytes, atomic_write_text
 
 BASELINE_TITLES = {
     "pooled": "pooled statistics + logistic regression",
@@ -25,22 +24,6 @@ BASELINE_TITLES = {
     "egemaps": "openSMILE eGeMAPSv02 functionals + logistic regression",
     "compare": "openSMILE ComParE_2016 functionals + logistic regression",
 }
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def collect_results(dirs: list[Path]) -> list[dict]:

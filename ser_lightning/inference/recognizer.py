@@ -222,8 +222,12 @@ class EmotionRecognizer:
         return speaker_stats.to(self.device).expand(count, *speaker_stats.shape)
 
     @torch.no_grad()
-    def _classify(self, waves: Sequence[Tensor], speaker_stats: Tensor | None = None) -> list[_Segment]:
-        """Features of each waveform, padded into batches of ``batch_size``; one result per waveform."""
+    def _classify(self, waves: Sequence[Tensor], speaker_stats: Tensor | None = None,
+                  names: Sequence[str] = ()) -> list[_Segment]:
+        """Features of each waveform, padded into batches of ``batch_size``; one result per waveform.
+
+        AudioError naming the waveform (``names``) when the model's output for it is not finite.
+        """
         results: list[_Segment] = []
         min_frames = self.module.model.min_input_frames
         for first in range(0, len(waves), self.batch_size):
@@ -231,6 +235,12 @@ class EmotionRecognizer:
             batch, lengths = pad_last(feats)
             output = self.module(batch, lengths, self._stats_for(speaker_stats, len(feats), "prediction"))
             probabilities = output.logits.float().softmax(dim=1).cpu()
+            finite = torch.isfinite(probabilities).all(dim=1)
+            if not bool(finite.all()):
+                k = first + int((~finite).nonzero()[0])
+                name = names[k] if k < len(names) else f"waveform {k}"
+                raise AudioError(f"{name}: the model's output is not finite (NaN or infinite), so no emotion can be "
+                                 f"given; the samples peak at {float(waves[k].abs().max()):.3g} (audio lies in [-1, 1])")
             for k, feat in enumerate(feats):
                 positions = int(output.positions[k])
                 alpha = output.alpha[k, :positions].float().cpu().numpy()
@@ -281,7 +291,8 @@ class EmotionRecognizer:
 
         def flush() -> None:
             nonlocal probability_sum, padded
-            for (start, _), segment in zip(pending, self._classify([w for _, w in pending], speaker_stats)):
+            names = [f"{path or 'waveform'} (window at {start / self.sample_rate:.2f} s)" for start, _ in pending]
+            for (start, _), segment in zip(pending, self._classify([w for _, w in pending], speaker_stats, names)):
                 label, probs = self._named(segment.probabilities)
                 end = start + self.window_samples
                 windows.append(WindowPrediction(start / self.sample_rate, end / self.sample_rate, label, probs))
@@ -335,7 +346,7 @@ class EmotionRecognizer:
                 return prediction
         wave = load_audio(path, self.sample_rate, trim_silence=self.feature.trim_silence)
         _check_not_silent(wave, str(path))
-        return self._single(str(path), wave.numel(), self._classify([wave], speaker_stats)[0])
+        return self._single(str(path), wave.numel(), self._classify([wave], speaker_stats, [str(path)])[0])
 
     def predict_batch(self, waveforms: Sequence[Tensor | np.ndarray], sample_rate: int,
                       speaker_stats: Tensor | None = None) -> list[Prediction]:
@@ -347,7 +358,8 @@ class EmotionRecognizer:
         """
         waves = [self._prepare(w, sample_rate, k) for k, w in enumerate(waveforms)]
         short = [k for k, w in enumerate(waves) if w.numel() <= self.window_samples]
-        segments = dict(zip(short, self._classify([waves[k] for k in short], speaker_stats)))
+        segments = dict(zip(short, self._classify([waves[k] for k in short], speaker_stats,
+                                                  [f"waveform {k}" for k in short])))
         results: list[Prediction] = []
         for k, wave in enumerate(waves):
             if k in segments:
