@@ -105,9 +105,10 @@ def describe(error: BaseException) -> tuple[int, str]:
         return FAILURE_STATUS, one_line(os_error_text(error))
     if isinstance(error, ValueError) and _raised_by_project(error):
         return USAGE_STATUS, one_line(str(error))
-    found = next((cause for cause in causes(error) if isinstance(cause, OSError) and cause.filename), None)
-    if found is not None:
-        return FAILURE_STATUS, one_line(os_error_text(found))
+    found = next((cause for cause in causes(error) if isinstance(cause, OSError)), None)
+    if found is not None:  # e.g. torch.save's "enforce fail at inline_container.cc" on a full disk
+        text = os_error_text(found) if found.filename else f"{os_reason(found)} ({type(error).__name__}: {error})"
+        return FAILURE_STATUS, one_line(text)
     return FAILURE_STATUS, one_line(f"unexpected {type(error).__name__}: {error} (rerun with {DEBUG_FLAG} or "
                                     f"{DEBUG_VARIABLE}=1 for the traceback, and report it if it is a bug)")
 

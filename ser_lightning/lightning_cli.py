@@ -34,6 +34,8 @@ from ser_lightning.training import FitOutcome, fit_and_test
 
 # The commands hand LightningCLI explicit argument lists on purpose.
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+# Lightning's own use of a torch API deprecated in torch 2.11: nothing a user can act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 """The loggers Lightning prints its lines through (its modules log to children of these)."""
@@ -215,10 +217,10 @@ def _checkpoint_command(argv: list[str], name: str, extra: Callable | None = Non
                         help="load a checkpoint that needs more than the safe loader allows (only files you trust)")
     if extra is not None:
         extra(parser)
-    args, rest = parser.parse_known_args(argv)
-    if "-h" in rest or "--help" in rest:
+    if "-h" in argv or "--help" in argv:
         parser.print_help()
-        build_cli(rest)  # prints the configuration options and exits
+        build_cli(["--help"])  # prints the configuration options and exits
+    args, rest = parser.parse_known_args(argv)
     module = load_module(args.ckpt_path, trusted=args.trust_checkpoint)
     if getattr(args, "output", None) is not None:
         check_writable_file(args.output, "--output")

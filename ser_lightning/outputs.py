@@ -49,7 +49,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path``, renamed to ``path`` when the block ends without an error.
 
     For writers that take a file name (e.g. an exporter); any failure removes the temporary file and
-    leaves the old ``path`` (or none) in place. An OSError becomes an OutputError naming ``path``.
+    leaves the old ``path`` (or none) in place. An OSError becomes an OutputError naming ``path``
+    ("no space left on device: PATH").
     """
     path = Path(path)
     # the same suffix: writers that choose a format by the file name choose the same one
@@ -59,7 +60,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     except OSError as error:
-        raise OutputError(f"cannot write {path}: {os_error_text(error, path)}") from error
+        raise OutputError(os_error_text(error, path)) from error
     finally:
         tmp.unlink(missing_ok=True)
 

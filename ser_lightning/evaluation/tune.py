@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 from lightning.pytorch import Callback
 
-from ser_lightning.errors import CommandParser, DataError, UsageError, os_reason
+from ser_lightning.errors import CommandParser, DataError, UsageError, one_line, os_reason
 from ser_lightning.evaluation.cv import RunSpec, load_result, run_fold
 from ser_lightning.evaluation.report import write_report
 from ser_lightning.outputs import atomic_write_text, check_writable
@@ -64,8 +64,8 @@ def load_space(path: Path) -> list[Param]:
         entries = yaml.safe_load(Path(path).read_text())
     except OSError as error:
         raise UsageError(f"tune: --space {path}: cannot read it ({os_reason(error)})") from None
-    except yaml.YAMLError as error:
-        raise UsageError(f"tune: --space {path}: not valid YAML ({error})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise UsageError(f"tune: --space {path}: not a YAML file ({one_line(str(error))})") from None
     if not isinstance(entries, dict) or not entries:
         raise UsageError(f"tune: --space {path}: expected a mapping of option -> {{type, low, high}} or {{type, choices}}")
     space = []
@@ -257,8 +257,8 @@ def tune_main(argv: list[str]) -> None:
         parser.error("--trials, --workers and --threads_per_worker must be >= 1")
     if args.folds is not None and args.folds < 2:
         parser.error(f"--folds must be >= 2, got {args.folds}")
-    space = load_space(args.space)
     check_writable(args.out, "--out")
+    space = load_space(args.space)
     runs = plan_runs(lightning_args, args.out, args.only, args.folds, repeats=1)
     chosen = []
     for run in runs:
