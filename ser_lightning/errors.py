@@ -3,8 +3,9 @@
 Every command runs under one handler (``ser_lightning.cli.main``) that turns an error into one line on
 stderr and an exit status (the traceback only with ``--debug`` or ``SER_LIGHTNING_DEBUG=1``):
 
-- ``UsageError`` (status 2): an option, argument or configuration value is wrong. Configuration
-  checks raise ``ValueError`` naming the option; the entry points turn those into ``UsageError``.
+- ``UsageError`` (status 2): an option, argument or configuration value is wrong. The configuration
+  checks raise ``ValueError`` naming the option; a ``ValueError`` raised by the project's own code is
+  reported with status 2 too (one raised inside a library is unexpected).
 - ``DataError`` (status 1): an input file is unusable (``AudioError``, ``CorpusError``,
   ``CheckpointError`` derive from it), an output cannot be written, or a run produced numbers that
   make no sense (it diverged, it never trained).
