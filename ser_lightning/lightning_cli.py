@@ -67,9 +67,9 @@ class _HeldRecords(logging.Handler):
 
 
 @contextmanager
-def lines_held_until_accepted() -> Iterator[None]:
-    """Hold Lightning's log lines while the configuration is checked: printed if the block succeeds, dropped if
-    it fails, so that a rejected configuration prints only its one error line."""
+def lines_held_until_accepted(*, release: bool = True) -> Iterator[None]:
+    """Hold Lightning's log lines while the configuration is checked: printed if the block succeeds (unless
+    ``release`` is False), dropped if it fails, so that a rejected configuration prints only its error line."""
     loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
     saved = [(logger.handlers, logger.propagate) for logger in loggers]
     held = _HeldRecords()
@@ -80,7 +80,7 @@ def lines_held_until_accepted() -> Iterator[None]:
     finally:
         for logger, (handlers, propagate) in zip(loggers, saved):
             logger.handlers, logger.propagate = handlers, propagate
-    for record in held.records:  # reached only when the block succeeded
+    for record in held.records if release else []:  # reached only when the block succeeded
         logging.getLogger(record.name).handle(record)
 
 

@@ -26,6 +26,9 @@ class OutputError(DataError, OSError):
 def check_writable(folder: str | Path, option: str) -> Path:
     """Create ``folder`` if needed and prove it writable with a temporary file; OutputError naming ``option``."""
     folder = Path(folder).expanduser()
+    blocking = next((parent for parent in (folder, *folder.parents) if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise OutputError(f"{option}: cannot write there: {blocking} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):

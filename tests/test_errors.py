@@ -225,8 +225,8 @@ def test_an_unwritable_output_folder_fails_before_any_work_naming_it(command, re
         out = not_a_folder(tmp_path)
     wav = str(next(tiny_corpus.rglob("*.wav")))  # also a bad --space and checkpoint: the output check comes first
     status, err = failing_command(OUTPUT_COMMANDS[command](out, tiny_corpus, wav), capsys)
-    reason = "permission denied" if readonly else "not a directory"
-    assert status == 1 and err.count("\n") == 1 and f"cannot write there: {reason}: {out}" in err, err
+    reason = f"permission denied: {out}" if readonly else f"{out.parent} is a file, not a folder"
+    assert status == 1 and err.count("\n") == 1 and f"cannot write there: {reason}" in err, err
 
 
 def fake_fsync_enospc(fd: int) -> None:
@@ -370,7 +370,7 @@ def test_an_unreadable_audio_file_gives_the_systems_reason(case, tiny_corpus, tm
         assert str(error.value) == f"{path}: cannot be read ({reason})"
 
 
-def test_a_tampered_study_database_is_named(tiny_corpus, tmp_path, capsys):
+def test_a_tampered_study_database_is_named(tiny_corpus, tmp_path, capsys, lightning_lines):
     out = tmp_path / "tune"
     database = out / "outer_fold_0" / "study.db"
     database.parent.mkdir(parents=True)

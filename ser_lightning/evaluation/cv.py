@@ -198,10 +198,11 @@ def study_settings(lightning_args: list[str]) -> tuple[int, int]:
 
 def plan_runs(lightning_args: list[str], out: Path, folds_spec: str | None, num_folds: int | None,
               repeats: int) -> list[RunSpec]:
-    """Every run of the study, validated before any training (a rejected study prints only its error)."""
+    """Every run of the study, validated before any training; the validation prints nothing (each run prints
+    Lightning's lines of its own), so a rejected study prints only its error."""
     from ser_lightning.lightning_cli import lines_held_until_accepted
 
-    with lines_held_until_accepted():
+    with lines_held_until_accepted(release=False):
         configured, base_seed = study_settings(lightning_args)
         num_folds = num_folds or configured
         folds = parse_folds(folds_spec, num_folds)
