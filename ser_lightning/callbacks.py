@@ -9,6 +9,7 @@ ThrottledProgressBar: Lightning's tqdm bars, redrawn at most a few times a secon
 
 RandomStates: the random states of torch, NumPy and Python kept in every checkpoint and restored on
 resume, so that a resumed run continues exactly as an uninterrupted one.
+DivergenceCheck: stops a run whose training loss is no longer finite, before anything uses the broken weights.
 """
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from ser_lightning.data.batches import Batch
+from ser_lightning.errors import DataError
 from ser_lightning.models.layers import ModelOutput
 
 
@@ -189,6 +192,44 @@ def set_random_states(states: dict[str, Any]) -> None:
         random.setstate((version, tuple(internal), gauss_next))
     if "torch.cuda" in states and torch.cuda.is_available() and len(states["torch.cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["torch.cuda"])
+class DivergenceCheck(Callback):
+    """Stops training with ``DataError("training diverged (loss is NaN at epoch E) ...")`` once a loss is not finite.
+
+    Each training batch's loss is checked on its device (no synchronisation per step); the flag is read
+    before each validation loop and at the end of each training epoch, so that neither validation,
+    the figures nor a checkpoint choice ever see a diverged model.
+    """
+
+    def __init__(self) -> None:
+        self._bad: torch.Tensor | None = None  # the first non-finite loss seen (NaN or inf), on the loss's device
+
+    def on_train_batch_end(self, trainer: Trainer, module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        loss = loss.detach().float()
+        if self._bad is None:
+            self._bad = torch.zeros((), device=loss.device)
+        # keep the first non-finite value: NaN or +-inf tells the user which way it went
+        self._bad = torch.where((self._bad == 0) & ~torch.isfinite(loss), loss, self._bad)
+
+    def _check(self, trainer: Trainer, module: LightningModule) -> None:
+        if self._bad is None or trainer.sanity_checking:
+            return
+        value = float(self._bad)
+        if value == 0:
+            return
+        kind = "NaN" if value != value else ("inf" if value > 0 else "-inf")
+        raise DataError(f"training diverged (loss is {kind} at epoch {trainer.current_epoch}); lower model.lr "
+                        f"(now {module.hparams.get('lr')}) or check the input features")
+
+    def on_validation_start(self, trainer: Trainer, module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._check(trainer, module)
+
+    def on_train_epoch_end(self, trainer: Trainer, module: LightningModule) -> None:
+        self._check(trainer, module)
 
 
 def _first_samples(batch: Batch, output: ModelOutput, count: int) -> dict[str, Any]:

@@ -20,13 +20,14 @@ from typing import Any
 import torch
 
 from ser_lightning.data.features import FeatureConfig, SpecAugmentConfig
+from ser_lightning.errors import DataError, os_error_text
 
 SAFE_GLOBALS = (FeatureConfig, SpecAugmentConfig)
 RENAMED_FEATURES = {"seed_contour": "loudness_contour"}
 """Feature names of earlier versions -> today's."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DataError, ValueError):
     """A checkpoint is missing, unreadable, or disagrees with its own configuration."""
 
 
@@ -39,11 +40,31 @@ def safe_loading() -> Any:
     return torch.serialization.safe_globals(list(SAFE_GLOBALS))
 
 
+FILE_KINDS = {b"RIFF": "a WAV audio file", b"fLaC": "a FLAC audio file", b"OggS": "an Ogg audio file",
+              b"ID3": "an MP3 audio file", b"\x89PNG": "a PNG image", b"%PDF": "a PDF document"}
+"""Magic numbers of files people give by mistake, to say what they gave instead of a checkpoint."""
+
+
+def check_checkpoint_file(path: Path) -> None:
+    """CheckpointError unless ``path`` is a readable file that starts like one ``torch.save`` writes (zip or pickle)."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4)
+    except OSError as error:
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({os_error_text(error, path)})") from error
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # a zip archive, or a pickle (torch before 1.6)
+        return
+    kind = next((name for magic, name in FILE_KINDS.items() if head.startswith(magic)), None)
+    described = kind or ("an empty file" if not head else f"a file starting with {head!r}")
+    raise CheckpointError(f"checkpoint {path}: not a checkpoint written by fit or cv (it is {described})")
+
+
 def read_checkpoint(path: str | Path, *, trusted: bool = False) -> dict[str, Any]:
     """The checkpoint's dictionary, read safely (see the module docstring)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path}: no such file")
+    check_checkpoint_file(path)
     if trusted:
         warnings.warn(f"checkpoint {path}: loading with the unrestricted unpickler (trusted): it can run code",
                       stacklevel=2)

@@ -1,12 +1,15 @@
 """``python -m ser_lightning COMMAND ...``: one table of commands, each a function ``main(argv)``.
 
-Nothing heavy is imported until a command runs, so ``--help`` is instant.
+Nothing heavy is imported until a command runs, so ``--help`` is instant. ``main`` is the one place
+where errors end a command: one line on stderr and exit status 2 (usage) or 1 (data, runtime), the
+traceback only with ``--debug`` or ``SER_LIGHTNING_DEBUG=1`` (see ``ser_lightning.errors``).
 """
 from __future__ import annotations
 
 import importlib
 import sys
 
+from ser_lightning.errors import UsageError, debug_requested, describe
 from ser_lightning.runtime import end_process_group, keep_freed_memory
 
 # name: (one line of help, "module:function" taking the remaining arguments)
@@ -28,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "ser_lightning.inference.serve:serve_main"),
     "synth": ("write a synthetic corpus in the layout of a real one", "ser_lightning.data.synth:synth_main"),
 }
+TRAINING_COMMANDS = frozenset({"fit", "validate", "test", "predict-split", "cv", "tune"})
+"""Commands that run training or evaluation loops: they get the allocator settings (``runtime.keep_freed_memory``)."""
 
 
 def usage() -> str:
@@ -35,23 +40,39 @@ def usage() -> str:
     lines = ["usage: python -m ser_lightning COMMAND [options]   (COMMAND --help for its options)", "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, (text, _) in COMMANDS.items()]
     lines += ["", "fit, validate, test, predict-split, cv and tune read a configuration: --config FILE|NAME "
-              "(default: demo) plus --section.option value overrides; --print_config shows it."]
+              "(default: demo) plus --section.option value overrides; --print_config shows it.",
+              "An error ends a command in one line (exit status 2: usage, 1: data or runtime); --debug (or "
+              "SER_LIGHTNING_DEBUG=1) shows the traceback."]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
-        return
+def run_command(argv: list[str]) -> None:
+    """Run ``COMMAND ARGS...`` (errors propagate)."""
     if argv[0] not in COMMANDS:
-        raise SystemExit(f"error: unknown command '{argv[0]}'\n\n{usage()}")
-    keep_freed_memory()
+        raise UsageError(f"unknown command '{argv[0]}'; the commands are {', '.join(COMMANDS)} "
+                         "(python -m ser_lightning --help)")
+    if argv[0] in TRAINING_COMMANDS:
+        keep_freed_memory()
     module, function = COMMANDS[argv[0]][1].split(":")
     try:
         getattr(importlib.import_module(module), function)(argv[1:])
     finally:
         end_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug, argv = debug_requested(list(sys.argv[1:] if argv is None else argv))
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    try:
+        run_command(argv)
+    except (Exception, KeyboardInterrupt) as error:
+        if debug:
+            raise
+        status, line = describe(error)
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        raise SystemExit(status) from None
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ser_lightning.errors import UsageError
+
 DEFAULT_CONFIG = "demo.yaml"
 
 
@@ -18,7 +20,7 @@ def config_dirs() -> list[Path]:
 
 
 def find_config(name: str) -> Path:
-    """A configuration file by path, or by the name of a shipped configuration; SystemExit naming the places looked."""
+    """A configuration file by path, or by the name of a shipped configuration; UsageError naming the places looked."""
     path = Path(name).expanduser()
     if path.is_file():
         return path
@@ -27,8 +29,8 @@ def find_config(name: str) -> Path:
         if candidate.is_file():
             return candidate
     shipped = sorted({p.stem for folder in config_dirs() if folder.is_dir() for p in folder.glob("*.yaml")})
-    raise SystemExit(
-        f"error: --config {name}: no such file, and no shipped configuration of that name (looked in "
+    raise UsageError(
+        f"--config {name}: no such file, and no shipped configuration of that name (looked in "
         f"{', '.join(str(folder) for folder in config_dirs())}; shipped: {shipped or 'none found'})"
     )
 

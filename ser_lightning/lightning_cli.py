@@ -8,31 +8,85 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import os
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import ArgumentError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from ser_lightning.callbacks import FigureCallback, RandomStates, ThrottledProgressBar
-from ser_lightning.checkpoints import CheckpointError, load_module
+from ser_lightning.callbacks import DivergenceCheck, FigureCallback, RandomStates, ThrottledProgressBar
+from ser_lightning.checkpoints import load_module
 from ser_lightning.configs import with_default_config
 from ser_lightning.data.datamodule import SERDataModule
+from ser_lightning.errors import CommandParser, UsageError, one_line
 from ser_lightning.evaluation.baseline import BASELINES, DEFAULT_BASELINES, BaselineResult, run_baselines
 from ser_lightning.models.module import SERModule
+from ser_lightning.outputs import atomic_open, check_writable, check_writable_file
 from ser_lightning.runtime import cache_cuda_check
 from ser_lightning.training import FitOutcome, fit_and_test
 
 # The commands hand LightningCLI explicit argument lists on purpose.
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+# Lightning's own use of a torch API deprecated in torch 2.11: nothing a user can act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+"""The loggers Lightning prints its lines through (its modules log to children of these)."""
+
+
+class AdvertisingFilter(logging.Filter):
+    """Drops the tips Lightning prints on every run to advertise its cloud services (litlogger, litmodels)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
+def quiet_lightning() -> None:
+    """Install ``AdvertisingFilter`` on the loggers Lightning's tips come from (once)."""
+    from lightning_utilities.core import rank_zero
+
+    for logger in {rank_zero.log, logging.getLogger("lightning.pytorch.utilities.rank_zero")}:
+        if not any(isinstance(f, AdvertisingFilter) for f in logger.filters):
+            logger.addFilter(AdvertisingFilter())
+
+
+class _HeldRecords(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextmanager
+def lines_held_until_accepted(*, release: bool = True) -> Iterator[None]:
+    """Hold Lightning's log lines while the configuration is checked: printed if the block succeeds (unless
+    ``release`` is False), dropped if it fails, so that a rejected configuration prints only its error line."""
+    loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
+    saved = [(logger.handlers, logger.propagate) for logger in loggers]
+    held = _HeldRecords()
+    for logger in loggers:
+        logger.handlers, logger.propagate = [held], False
+    try:
+        yield
+    finally:
+        for logger, (handlers, propagate) in zip(loggers, saved):
+            logger.handlers, logger.propagate = handlers, propagate
+    for record in held.records if release else []:  # reached only when the block succeeded
+        logging.getLogger(record.name).handle(record)
 
 
 class SERLightningCLI(LightningCLI):
@@ -62,7 +116,7 @@ class SERLightningCLI(LightningCLI):
         or the configuration brings one, and loggers that claim their version folder atomically."""
         config = {**self.config_init.get("trainer", {}), **kwargs}
         given = config.get("callbacks") or []
-        given = [*(given if isinstance(given, list) else [given]), RandomStates()]
+        given = [*(given if isinstance(given, list) else [given]), RandomStates(), DivergenceCheck()]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
             given.append(ThrottledProgressBar())
         kwargs["callbacks"] = given
@@ -104,13 +158,51 @@ def allocate_version(root: Path) -> int:
         return version
 
 
-def build_cli(args: Sequence[str]) -> SERLightningCLI:
-    """Parse ``args`` (``configs/demo.yaml`` when no ``--config`` is given) and instantiate trainer, model, data."""
+def build_cli(args: Sequence[str], *, prepare_data: bool = False) -> SERLightningCLI:
+    """Parse ``args`` (``configs/demo.yaml`` when no ``--config`` is given) and instantiate trainer, model, data.
+
+    The configuration is checked here: a bad value raises ``UsageError`` (or the ``ValueError`` of the
+    check that names it) before anything is printed or written; a fit that would never train and log
+    folders that cannot be written are refused.
+    ``prepare_data``: also scan the corpus and load its features (``SERDataModule.setup``), so that a
+    corpus that cannot be split as configured fails here too.
+    """
     cache_cuda_check()  # Lightning is imported by now: its device-check setting is in place to revise
-    return SERLightningCLI(
-        SERModule, SERDataModule, args=with_default_config(list(args)), run=False, seed_everything_default=0,
-        auto_configure_optimizers=False, save_config_kwargs={"overwrite": True},
-    )
+    quiet_lightning()
+    args = with_default_config(list(args))
+    try:
+        with lines_held_until_accepted():
+            cli = SERLightningCLI(
+                SERModule, SERDataModule, args=args, run=False, seed_everything_default=0,
+                auto_configure_optimizers=False, save_config_kwargs={"overwrite": True},
+                parser_kwargs={"exit_on_error": False},
+            )
+            check_trains(cli.trainer)
+            check_log_folders(cli.trainer)
+            baseline_names(cli)
+            if prepare_data:
+                cli.datamodule.prepare_data()
+                cli.datamodule.setup("fit")
+    except (ArgumentError, MisconfigurationException) as error:
+        raise UsageError(one_line(str(error))) from error
+    return cli
+
+
+def check_log_folders(trainer: Trainer) -> None:
+    """The folders the trainer's loggers (and checkpoints) write to can be written."""
+    check_writable(trainer.default_root_dir, "trainer.default_root_dir")
+    for logger in trainer.loggers:
+        if getattr(logger, "save_dir", None):
+            check_writable(logger.save_dir, f"trainer.logger ({type(logger).__name__} save_dir)")
+
+
+def check_trains(trainer: Trainer) -> None:
+    """A fit that would never take an optimizer step is refused before it starts."""
+    limits = {"trainer.max_epochs": trainer.max_epochs, "trainer.max_steps": trainer.max_steps,
+              "trainer.limit_train_batches": trainer.limit_train_batches}
+    for option, value in limits.items():
+        if value == 0:
+            raise UsageError(f"{option}=0: nothing would be trained; give at least 1 (or -1 for no limit where allowed)")
 
 
 def baseline_names(cli: SERLightningCLI) -> list[str]:
@@ -120,7 +212,7 @@ def baseline_names(cli: SERLightningCLI) -> list[str]:
     for option in ("baselines", "baseline_extra"):
         unknown = [name for name in cli.config[option] if name not in BASELINES]
         if unknown:
-            raise ValueError(f"--{option}: unknown {unknown}; choose from {list(BASELINES)}")
+            raise UsageError(f"--{option}: unknown {unknown}; choose from {list(BASELINES)}")
     return list(dict.fromkeys([*cli.config.baselines, *cli.config.baseline_extra]))
 
 
@@ -141,7 +233,7 @@ def summary_lines(outcome: FitOutcome, baselines: Sequence[BaselineResult]) -> l
 
 def fit_main(argv: list[str]) -> None:
     """Train one fold, then evaluate the checkpoint its validation speakers chose on its test speakers."""
-    cli = build_cli(argv)
+    cli = build_cli(argv, prepare_data=True)
     trainer, module, datamodule = cli.trainer, cli.model, cli.datamodule
     if trainer.fast_dev_run:
         trainer.fit(module, datamodule=datamodule)
@@ -159,24 +251,27 @@ def fit_main(argv: list[str]) -> None:
 
 
 def _checkpoint_command(argv: list[str], name: str, extra: Callable | None = None):
-    """Split --ckpt_path / --trust_checkpoint (and the command's own options) from the configuration options."""
-    parser = argparse.ArgumentParser(prog=f"python -m ser_lightning {name}", add_help=False)
+    """Split --ckpt_path / --trust_checkpoint (and the command's own options) from the configuration options.
+
+    The checkpoint is read, and an ``--output`` file checked writable, before the data is loaded.
+    """
+    parser = CommandParser(prog=f"python -m ser_lightning {name}", add_help=False)
     parser.add_argument("--ckpt_path", type=Path, required=True, help="checkpoint written by fit or cv")
     parser.add_argument("--trust_checkpoint", action="store_true",
                         help="load a checkpoint that needs more than the safe loader allows (only files you trust)")
     if extra is not None:
         extra(parser)
-    args, rest = parser.parse_known_args(argv)
-    if "-h" in rest or "--help" in rest:
+    if "-h" in argv or "--help" in argv:
         parser.print_help()
-    cli = build_cli(rest)
-    try:
-        module = load_module(args.ckpt_path, trusted=args.trust_checkpoint)
-    except CheckpointError as error:
-        raise SystemExit(f"error: {error}") from None
+        build_cli(["--help"])  # prints the configuration options and exits
+    args, rest = parser.parse_known_args(argv)
+    module = load_module(args.ckpt_path, trusted=args.trust_checkpoint)
+    if getattr(args, "output", None) is not None:
+        check_writable_file(args.output, "--output")
+    cli = build_cli(rest, prepare_data=True)
     trained, configured = module.hparams.normalization, cli.config.data.normalization
     if trained != configured:
-        raise SystemExit(f"error: checkpoint {args.ckpt_path} was trained with normalization '{trained}' but "
+        raise UsageError(f"checkpoint {args.ckpt_path} was trained with normalization '{trained}' but "
                          f"data.normalization is '{configured}': pass the configuration it was trained with")
     return args, cli, module
 
@@ -207,8 +302,7 @@ def predict_split_main(argv: list[str]) -> None:
     datamodule = cli.datamodule
     batches = cli.trainer.predict(module, datamodule=datamodule)
     names = module.class_names
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with args.output.open("w", newline="") as handle:
+    with atomic_open(args.output, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "speaker", "label", "emotion", *(f"p_{name}" for name in names)])
         for batch in batches:

@@ -18,6 +18,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from ser_lightning.checkpoints import safe_loading
 from ser_lightning.data.batches import Batch
 from ser_lightning.evaluation.calibration import fit_temperature, softmax
+from ser_lightning.errors import DataError
 from ser_lightning.evaluation.metrics import METRICS, SplitScores, split_scores
 from ser_lightning.evaluation.report import atomic_write_bytes
 from ser_lightning.models.layers import ModelOutput
@@ -104,12 +105,16 @@ def fit_and_test(trainer: Trainer, module: LightningModule, datamodule: Any, *, 
 
     Nothing about the test split feeds back: the checkpoint is chosen by the validation speakers'
     UA during fitting, before the test loop runs. Without a checkpoint callback the final weights
-    are evaluated.
+    are evaluated. A fit that took no optimizer step is a ``DataError``: an untrained model's metrics are
+    not results.
     """
     start = time.monotonic()
     with safe_loading():
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
                     weights_only=True)
+    if trainer.global_step == 0:
+        raise DataError(f"the run never trained (no optimizer step in {trainer.current_epoch} epoch(s)): check "
+                        "trainer.max_epochs, trainer.max_steps, trainer.limit_train_batches and the training split")
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     best_score = None if best is None or checkpoint.best_model_score is None else float(checkpoint.best_model_score)

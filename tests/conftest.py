@@ -66,6 +66,16 @@ def tiny_args(corpus: Path, root: Path, *extra: str, cache: Path | None = None) 
             f"--trainer.default_root_dir={root}", *extra]
 
 
+def failing_command(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """Run ``python -m ser_lightning ARGV`` in this process, expecting it to fail: (exit status, its stderr)."""
+    from ser_lightning.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
 def train_tiny_checkpoint(corpus: Path, root: Path, *extra: str) -> Path:
     """One epoch of `python -m ser_lightning fit` on a tiny corpus; returns the last checkpoint."""
     from ser_lightning.cli import main

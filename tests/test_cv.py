@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FINAL_WEIGHTS, tiny_args
+from conftest import FINAL_WEIGHTS, failing_command, tiny_args
 
 from ser_lightning.cli import main
 from ser_lightning.evaluation.report import TIE_TOLERANCE, _paired, _wins, summarize
@@ -155,11 +155,11 @@ def test_cv_report_merges_partial_runs_into_the_full_report(tmp_path):
     assert not alone["complete"] and alone["folds_missing"] == [1]
 
 
-def test_cv_report_refuses_different_configurations(tmp_path):
+def test_cv_report_refuses_different_configurations(tmp_path, capsys):
     write_results(tmp_path / "a", [fake_result(0, 0.8, 0.7)])
     write_results(tmp_path / "b", [fake_result(1, 0.8, 0.7, config_key="other")])
-    with pytest.raises(SystemExit, match="different configurations"):
-        main(["cv-report", str(tmp_path / "a"), str(tmp_path / "b")])
+    status, err = failing_command(["cv-report", str(tmp_path / "a"), str(tmp_path / "b")], capsys)
+    assert status == 2 and "different configurations" in err and err.count("\n") == 1
 
 
 def test_repeats_separate_the_spread_over_seeds_from_the_spread_over_folds():

@@ -136,9 +136,13 @@ def test_corrupt_and_stale_cache_entries_are_rebuilt(tiny_corpus, tmp_path, capl
     payload = torch.load(entries[3], weights_only=True)
     payload["features"] = payload["features"][:10]
     torch.save(payload, entries[3])
+    payload = torch.load(entries[4], weights_only=True)
+    payload["features"][0, 0] += 1.0  # finite, well-shaped, wrong: only the checksum tells
+    torch.save(payload, entries[4])
     with caplog.at_level(logging.WARNING):
         second = make_dm(corpus, tmp_path / "cache")
-    assert sum("rebuilding cache entry" in r.message for r in caplog.records) == 4
+    rebuilt = [r.message for r in caplog.records if "rebuilding cache entry" in r.message]
+    assert len(rebuilt) == 5 and sum("checksum does not match" in message for message in rebuilt) == 2  # 2: the NaN too
     assert all(torch.equal(a, b) for a, b in zip(first.features, second.features))
 
     # a changed source file gets new features (its old entry is not used)

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
+from conftest import failing_command
 
 from ser_lightning import EmotionRecognizer
 from ser_lightning.cli import main
@@ -226,9 +228,8 @@ def test_mismatched_or_broken_checkpoint_is_rejected(seed1d_checkpoint, speech, 
 
     wave, rate = speech
     sf.write(tmp_path / "a.wav", wave, rate)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["predict", "--ckpt_path", str(mismatched), str(tmp_path / "a.wav")])
-    assert "num_features" in str(exit_info.value.code) and "mismatched.ckpt" in str(exit_info.value.code)
+    status, err = failing_command(["predict", "--ckpt_path", str(mismatched), str(tmp_path / "a.wav")], capsys)
+    assert status == 1 and "num_features" in err and "mismatched.ckpt" in err
 
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(seed1d_checkpoint.read_bytes()[:1000])
@@ -327,5 +328,6 @@ def test_seed_ensemble_predicts_its_members_mean_probabilities_and_rejects_mixed
         row = next(row for row in rows if row["path"] == str(path) and row["window"] == "all")
         expected = [(singles[0][name] + singles[1][name]) / 2 for name in CLASSES]
         assert [float(row[f"p_{name}"]) for name in CLASSES] == pytest.approx(expected, abs=1e-4)
-    with pytest.raises(SystemExit, match=r"(?s)zhang2d.*arch|arch.*zhang2d|features"):
-        main(["predict", "--ckpt_path", str(seed1d_checkpoint), "--ckpt_path", str(zhang2d_checkpoint), str(files[0])])
+    status, err = failing_command(["predict", "--ckpt_path", str(seed1d_checkpoint), "--ckpt_path",
+                                   str(zhang2d_checkpoint), str(files[0])], capsys)
+    assert status == 1 and re.search(r"zhang2d.*arch|arch.*zhang2d|features", err)

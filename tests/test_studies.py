@@ -10,6 +10,7 @@ import yaml
 from conftest import tiny_args
 
 from ser_lightning.cli import main
+from ser_lightning.errors import UsageError
 from ser_lightning.evaluation.tune import load_space
 
 SHIPPED_SPACES = sorted((Path(__file__).resolve().parents[1] / "configs" / "spaces").glob("*.yaml"))
@@ -66,7 +67,7 @@ def test_space_files_are_validated(tmp_path):
                           ("model.lr: {type: float, low: 0, high: 1, log: true}", "log-scaled"),
                           ("model.width: {type: categorical, choices: []}", "choices")]:
         (tmp_path / "space.yaml").write_text(text)
-        with pytest.raises(SystemExit, match=problem):
+        with pytest.raises(UsageError, match=problem):
             load_space(tmp_path / "space.yaml")
 
 

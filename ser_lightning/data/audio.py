@@ -13,12 +13,26 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+from ser_lightning.errors import DataError, os_reason
+
 MAX_NONFINITE_FRACTION = 0.01
 """Files with more non-finite samples than this fraction are rejected; fewer are zeroed."""
 
 
-class AudioError(ValueError):
+class AudioError(DataError, ValueError):
     """An audio file cannot be decoded into usable samples; the message names the file."""
+
+
+def _unusable(source: Any, name: str, error: Exception, what: str) -> AudioError:
+    """The AudioError for a file libsndfile refused: the system's reason when a named file cannot even be
+    opened (libsndfile then says only "System error."), else libsndfile's."""
+    if isinstance(source, (str, Path)):
+        try:
+            with open(source, "rb"):
+                pass
+        except OSError as os_error:
+            return AudioError(f"{name}: cannot be read ({os_reason(os_error)})")
+    return AudioError(f"{name}: {what} ({error})")
 
 
 def _sanitize(block: np.ndarray, path: Path) -> np.ndarray:
@@ -109,7 +123,7 @@ def load_audio(
         check_complete(target, name)
         data, rate = sf.read(target, dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, OSError) as err:
-        raise AudioError(f"{name}: cannot decode audio ({err})") from err
+        raise _unusable(target, name, err, "cannot decode audio") from err
     if data.shape[0] == 0:
         raise AudioError(f"{name}: the file contains no samples")
     wave = _resample(torch.from_numpy(_sanitize(data, name)), rate, sample_rate)
@@ -128,7 +142,7 @@ def read_blocks(path: AudioSource, block_seconds: float) -> tuple[int, Iterator[
         check_complete(target, name)
         handle = sf.SoundFile(target)
     except (sf.SoundFileError, RuntimeError, OSError) as err:
-        raise AudioError(f"{name}: cannot decode audio ({err})") from err
+        raise _unusable(target, name, err, "cannot decode audio") from err
 
     def blocks() -> Iterator[torch.Tensor]:
         with handle:
@@ -163,4 +177,4 @@ def audio_duration(path: AudioSource) -> float:
     try:
         return float(sf.info(target).duration)
     except (sf.SoundFileError, RuntimeError, OSError) as err:
-        raise AudioError(f"{name}: cannot read the audio header ({err})") from err
+        raise _unusable(target, name, err, "cannot read the audio header") from err

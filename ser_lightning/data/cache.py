@@ -1,4 +1,4 @@
-"""On-disk cache of per-file features, keyed by (file, size, mtime, feature configuration)."""
+"""On-disk cache of per-file features, keyed by (file, size, mtime, feature configuration), checksummed."""
 from __future__ import annotations
 
 import hashlib
@@ -10,15 +10,27 @@ from pathlib import Path
 
 import torch
 
+from ser_lightning.errors import causes, os_error_text
+from ser_lightning.outputs import OutputError
+
 log = logging.getLogger(__name__)
+
+
+def checksum(features: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes."""
+    digest = hashlib.sha256(f"{features.dtype}{tuple(features.shape)}".encode())
+    digest.update(features.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class FeatureCache:
     """Stores one tensor per (source file, feature configuration) under ``cache_dir``.
 
-    Writes are atomic (temporary file + ``os.replace``). An entry that cannot be read, does not
-    match its source (path, size, mtime), has the wrong shape or holds non-finite values is
-    recomputed and overwritten, with a warning; it is never used.
+    Writes are atomic (temporary file + ``os.replace``). Each entry stores the SHA-256 of its
+    tensor's bytes. An entry that cannot be read, does not match its source (path, size, mtime) or
+    its checksum, has the wrong shape or holds non-finite values is recomputed and overwritten, with
+    a warning; it is never used. A write that fails for lack of space or permission is a
+    ``DataError`` naming the cache folder ("no space left on device: ...").
     """
 
     def __init__(self, cache_dir: str | Path, config_key: str) -> None:
@@ -53,6 +65,11 @@ class FeatureCache:
                 problem = "it does not hold a (features, frames) tensor"
             elif num_features is not None and features.shape[0] != num_features:
                 problem = f"it has {features.shape[0]} features instead of {num_features}"
+            elif "sha256" not in data:  # written before entries carried checksums: replaced without a warning
+                log.debug("replacing cache entry %s (no checksum)", entry)
+                return None
+            elif data["sha256"] != checksum(features):
+                problem = "its checksum does not match its contents"
             elif not torch.isfinite(features).all():
                 problem = "it holds non-finite values"
         except Exception as err:  # any unreadable entry (truncated, garbage, wrong format) is rebuilt
@@ -63,14 +80,21 @@ class FeatureCache:
         return features
 
     def _save(self, entry: Path, source: dict, features: torch.Tensor) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".pt")
+        features = features.contiguous()
+        record = {**source, "config": self.config_key, "sha256": checksum(features), "features": features}
+        tmp = None
         try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".pt")
             with os.fdopen(fd, "wb") as handle:
-                torch.save({**source, "config": self.config_key, "features": features.contiguous()}, handle)
+                torch.save(record, handle)
             os.replace(tmp, entry)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+        except BaseException as error:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            cause = next((e for e in causes(error) if isinstance(e, OSError)), None)
+            if cause is not None:  # torch reports a failed write as "enforce fail at inline_container.cc"
+                raise OutputError(f"feature cache (data.cache_dir): {os_error_text(cause, self.dir)}") from error
             raise
 
     def lookup(self, path: str | Path, num_features: int | None = None) -> torch.Tensor | None:

@@ -37,6 +37,9 @@ def _check_root(root: str | None, corpus: str, option: str) -> None:
     """A manifest root must be an existing file, any other root an existing folder."""
     if root is None:
         return
+    if not str(root).strip():
+        raise ValueError(f"{option}: empty; give the corpus {'file' if corpus_info(corpus).root_is_file else 'folder'}"
+                         f"{' (or null for the built-in synthetic corpus)' if option == 'data.root' else ''}")
     path = Path(root).expanduser()
     if corpus_info(corpus).root_is_file:
         if not path.is_file():

@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 
 import soundfile
 
+from ser_lightning.errors import DataError
+
 EMOTIONS: tuple[str, ...] = ("neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised")
 DEFAULT_EMOTIONS: tuple[str, ...] = ("neutral", "happy", "sad", "angry")
 # Every container libsndfile decodes (WAV, FLAC, OGG/Vorbis/Opus, MP3, AIFF, CAF, ...); headerless raw is left out.
@@ -24,7 +26,7 @@ AUDIO_SUFFIXES = frozenset(
 )
 
 
-class CorpusError(ValueError):
+class CorpusError(DataError, ValueError):
     """A corpus folder or file name does not follow the expected layout."""
 
 

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ser_lightning.errors import DataError
 from ser_lightning.padding import pad_last
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ MAX_BATCH_SAMPLES = 64 * SAMPLE_RATE
 """Audio per forward pass when utterances are batched (bounds the front end's activation memory)."""
 
 
-class SSLWeightsError(ValueError):
+class SSLWeightsError(DataError, ValueError):
     """The weights of a self-supervised model are neither local nor downloadable, or do not fit it."""
 
 

@@ -17,13 +17,16 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+
+from ser_lightning.errors import CommandParser, DataError, UsageError
 
 from .corpora import CORPORA, corpus_info
 from .records import EMOTIONS
@@ -285,44 +288,92 @@ def default_synthetic_root(
     return base / "synthetic" / name
 
 
+def _temporary_prefix(target: Path) -> str:
+    """Name prefix of the temporary folders this machine's processes write ``target`` in (then the process id)."""
+    return f".{target.name}.tmp-{socket.gethostname()}-"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_abandoned_temporaries(target: Path) -> list[Path]:
+    """Remove the temporary folders of ``target`` whose process (on this machine) no longer runs, e.g. one
+    killed while writing; returns them. Temporary folders of running processes are left alone."""
+    prefix, removed = _temporary_prefix(target), []
+    for folder in target.parent.glob(f".{target.name}.tmp-*"):
+        pid = folder.name[len(prefix):].split("-")[0] if folder.name.startswith(prefix) else ""
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def write_complete(target: Path, write: Callable[[Path], object], replace_incomplete: bool = False) -> bool:
+    """Run ``write(folder)`` on a temporary folder beside ``target`` and rename it to ``target`` when complete.
+
+    An interrupted or failed write (an exception, Ctrl-C) removes its temporary folder; one killed
+    outright is removed by the next call for the same target. Returns False when ``target`` already
+    existed (e.g. a concurrent writer finished first) and was left as it was.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_temporaries(target)
+    tmp = target.parent / f"{_temporary_prefix(target)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        write(tmp)
+        if replace_incomplete and target.exists() and not (target / COMPLETE_MARKER).exists():
+            shutil.rmtree(target)  # an incomplete folder from an older, interrupted layout
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not target.exists():
+                raise
+            return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
 def ensure_synthetic_corpus(
     cache_dir: str | Path | None = None, *, actors: int = 24, sample_rate: int = 16000, random_seed: int = 0
 ) -> Path:
     """Generate the synthetic corpus (all eight emotions) once and reuse it afterwards.
 
-    It is written to a temporary folder that is renamed into place when complete, so an interrupted
-    run never leaves a half-written corpus behind.
+    It is written to a temporary folder that is renamed into place when complete (``write_complete``),
+    so an interrupted run never leaves a half-written corpus or a temporary folder behind.
     """
     root = default_synthetic_root(cache_dir, actors=actors, sample_rate=sample_rate, random_seed=random_seed)
     if (root / COMPLETE_MARKER).exists():
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
     log.info("generating the synthetic corpus (%d actors, %d Hz, random seed %d) in %s", actors, sample_rate,
              random_seed, root)
-    try:
-        synthesize_corpus(tmp, actors=actors, sample_rate=sample_rate, random_seed=random_seed)
-        (tmp / COMPLETE_MARKER).write_text(f"generator version {GENERATOR_VERSION}\n")
-        if root.exists() and not (root / COMPLETE_MARKER).exists():
-            shutil.rmtree(root)  # an incomplete folder from an older, interrupted layout
-        try:
-            os.replace(tmp, root)
-        except OSError:
-            if not (root / COMPLETE_MARKER).exists():  # not a concurrent writer that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def write(folder: Path) -> None:
+        synthesize_corpus(folder, actors=actors, sample_rate=sample_rate, random_seed=random_seed)
+        (folder / COMPLETE_MARKER).write_text(f"generator version {GENERATOR_VERSION}\n")
+
+    write_complete(root, write, replace_incomplete=True)
+    if not (root / COMPLETE_MARKER).exists():
+        raise DataError(f"{root}: a synthetic corpus folder without {COMPLETE_MARKER}; remove it to generate it again")
     return root
 
 
 def synth_main(argv: list[str]) -> None:
-    """Write a synthetic corpus in the layout of RAVDESS (default) or another corpus."""
-    import argparse
+    """Write a synthetic corpus in the layout of RAVDESS (default) or another corpus.
 
+    The corpus is written to a temporary folder and renamed to OUT_DIR when complete: an interrupted
+    run leaves neither a partial corpus nor its temporary folder.
+    """
     from .records import resolve_emotions
 
-    parser = argparse.ArgumentParser(prog="python -m ser_lightning synth", description=synth_main.__doc__)
-    parser.add_argument("out_dir", type=Path)
+    parser = CommandParser(prog="python -m ser_lightning synth", description=synth_main.__doc__)
+    parser.add_argument("out_dir", type=Path, help="the corpus folder to create (new or empty)")
     parser.add_argument("--layout", choices=LAYOUTS, default="ravdess", help="the corpus whose file layout to write")
     parser.add_argument("--actors", type=int,
                         help="number of speakers (default: 24 for ravdess, the corpus's own default otherwise)")
@@ -330,10 +381,15 @@ def synth_main(argv: list[str]) -> None:
     parser.add_argument("--sample_rate", type=int, default=16000)
     parser.add_argument("--random_seed", type=int, default=0, help="another value gives other voices and files")
     args = parser.parse_args(argv)
-    try:
-        emotions = resolve_emotions(args.emotions, option="--emotions")
-        paths = synthesize_corpus(args.out_dir, actors=args.actors, emotions=emotions, sample_rate=args.sample_rate,
-                                  random_seed=args.random_seed, layout=args.layout)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
-    print(f"wrote {len(paths)} files to {args.out_dir}")
+    emotions = resolve_emotions(args.emotions, option="--emotions")
+    if args.out_dir.exists() and (not args.out_dir.is_dir() or any(args.out_dir.iterdir())):
+        raise UsageError(f"synth: {args.out_dir} exists and is not an empty folder; give a new folder")
+    written: list[Path] = []
+
+    def write(folder: Path) -> None:
+        written.extend(synthesize_corpus(folder, actors=args.actors, emotions=emotions, sample_rate=args.sample_rate,
+                                         random_seed=args.random_seed, layout=args.layout))
+
+    if not write_complete(args.out_dir, write):
+        raise UsageError(f"synth: {args.out_dir} was created by another process meanwhile; nothing written")
+    print(f"wrote {len(written)} files to {args.out_dir}")

@@ -13,7 +13,6 @@ options that differ, or goes to a new folder beside it with ``--new_out``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -25,7 +24,9 @@ import yaml
 from ser_lightning.evaluation.identity import (
     STUDY_FILE, StudyMismatch, StudyRecord, code_version, config_key, describe, study_config,
 )
-from ser_lightning.evaluation.report import atomic_write_text, write_report
+from ser_lightning.errors import CommandParser, UsageError
+from ser_lightning.evaluation.report import write_report
+from ser_lightning.outputs import atomic_write_text, check_writable
 
 RUN_NAME = "run"
 
@@ -186,10 +187,13 @@ def resume_epoch(last: Path) -> int | None:
 def parse_folds(spec: str | None, num_folds: int) -> list[int]:
     if spec is None:
         return list(range(num_folds))
-    folds = sorted({int(part) for part in spec.split(",") if part.strip()})
+    try:
+        folds = sorted({int(part) for part in spec.split(",") if part.strip()})
+    except ValueError:
+        raise UsageError(f"--only {spec}: expected comma-separated fold indices, e.g. 0,2") from None
     bad = [f for f in folds if not 0 <= f < num_folds]
-    if bad:
-        raise SystemExit(f"cv: --only {spec}: fold(s) {bad} outside 0..{num_folds - 1}")
+    if bad or not folds:
+        raise UsageError(f"--only {spec}: fold(s) {bad} outside 0..{num_folds - 1}" if bad else f"--only {spec!r}: no fold")
     return folds
 
 
@@ -214,11 +218,11 @@ def study_settings(lightning_args: list[str], num_folds: int | None = None) -> S
 
     cli = build_cli([*lightning_args, *([f"--data.num_folds={num_folds}"] if num_folds else [])])
     if cli.config.data.test_root is not None:
-        raise SystemExit("cv: data.test_root is set (cross-corpus evaluation has one train/test split, not folds); "
+        raise UsageError("data.test_root is set (cross-corpus evaluation has one train/test split, not folds); "
                          "use `fit` for it")
     if cli.trainer.world_size > 1:
-        raise SystemExit("cv: one process per run; use --executor processes or ray to run runs in parallel "
-                         "(trainer.devices / num_nodes > 1 is for `fit`)")
+        raise UsageError("trainer.devices / num_nodes > 1 is for `fit`: cv runs one process per run; use "
+                         "--executor processes or ray to run runs in parallel")
     return StudySettings(tuple(lightning_args), int(cli.config.data.num_folds), int(cli.config.seed_everything),
                          dumped_config(cli))
 
@@ -270,7 +274,7 @@ def cv_main(argv: list[str]) -> None:
     """Speaker-independent k-fold cross-validation with the linear baseline on the same folds."""
     from ser_lightning.evaluation.executors import EXECUTORS, run_study
 
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m ser_lightning cv", description=cv_main.__doc__,
         epilog="Any configuration option can follow (--config FILE|NAME, --data.root DIR, --trainer.max_epochs N).",
     )
@@ -294,7 +298,14 @@ def cv_main(argv: list[str]) -> None:
     args, lightning_args = parser.parse_known_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
-    settings = study_settings(lightning_args, args.folds)
+    if args.folds is not None and args.folds < 2:
+        parser.error(f"--folds must be >= 2, got {args.folds}")
+    check_writable(args.out, "--out")
+    from ser_lightning.lightning_cli import lines_held_until_accepted
+
+    with lines_held_until_accepted(release=False):  # a rejected study prints only its error
+        settings = study_settings(lightning_args, args.folds)
+        parse_folds(args.only, settings.num_folds)
     out = open_study(args.out, StudyRecord("cv", study_config(settings.config)), new_out=args.new_out)
     runs = plan_runs(settings, out, args.only, args.repeats)
     run_study(runs, args)
@@ -305,14 +316,15 @@ def cv_main(argv: list[str]) -> None:
 
 def cv_report_main(argv: list[str]) -> None:
     """Merge fold results (e.g. from --only runs on several machines) into one report."""
-    parser = argparse.ArgumentParser(prog="python -m ser_lightning cv-report", description=cv_report_main.__doc__)
+    parser = CommandParser(prog="python -m ser_lightning cv-report", description=cv_report_main.__doc__)
     parser.add_argument("dirs", type=Path, nargs="+", help="folders holding fold_K/result.json")
     parser.add_argument("--out", type=Path, help="where to write the report (default: the first folder)")
     args = parser.parse_args(argv)
-    try:
-        report = write_report(args.dirs, args.out or args.dirs[0])
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    missing = [str(folder) for folder in args.dirs if not folder.is_dir()]
+    if missing:
+        raise UsageError(f"cv-report: no such folder(s): {', '.join(missing)}")
+    check_writable(args.out or args.dirs[0], "--out")
+    report = write_report(args.dirs, args.out or args.dirs[0])
     print(report["markdown"])
 
 

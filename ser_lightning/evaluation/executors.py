@@ -21,6 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 
+from ser_lightning.errors import DataError, UsageError
 from ser_lightning.evaluation.cv import RunSpec, load_result, run_fold
 from ser_lightning.runtime import configure_worker
 
@@ -179,8 +180,8 @@ def run_ray(runs: Sequence[RunSpec], options: argparse.Namespace) -> None:
 
 def _raise_if_failed(progress: Progress) -> None:
     if progress.failed:
-        raise SystemExit(f"[study] {progress.failed} run(s) failed; rerun the same command to retry them "
-                         "(finished runs are kept)")
+        raise DataError(f"[study] {progress.failed} run(s) failed; rerun the same command to retry them "
+                        "(finished runs are kept)")
 
 
 EXECUTORS: dict[str, Callable[[Sequence[RunSpec], argparse.Namespace], None]] = {
@@ -191,5 +192,5 @@ EXECUTORS: dict[str, Callable[[Sequence[RunSpec], argparse.Namespace], None]] = 
 def run_study(runs: Sequence[RunSpec], options: argparse.Namespace) -> None:
     """Run every unfinished run of the study with the chosen executor."""
     if options.workers < 1 or options.threads_per_worker < 1:
-        raise SystemExit("cv: --workers and --threads_per_worker must be >= 1")
+        raise UsageError("cv: --workers and --threads_per_worker must be >= 1")
     EXECUTORS[options.executor](runs, options)

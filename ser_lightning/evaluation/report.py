@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import statistics
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -20,23 +18,8 @@ import numpy as np
 from ser_lightning.evaluation.baseline import BASELINES
 from ser_lightning.evaluation.identity import StudyMismatch, describe, run_differences
 from ser_lightning.evaluation.metrics import METRICS, split_scores
+from ser_lightning.outputs import atomic_write_bytes, atomic_write_text
 
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def collect_results(dirs: list[Path]) -> list[dict]:
@@ -334,7 +317,7 @@ def _heads_lines(summary: dict) -> list[str]:
                   f"{100 * paired['mean']:+.1f} +- {100 * paired['std']:.1f} UA points; it helps in "
                   f"{paired['wins']} of {paired['folds']} folds."]
         if "network_weights" in summary:
-            lines += [f"The network's share of the logits, chosen per run on the validation speakers: "
+            lines += ["The network's share of the logits, chosen per run on the validation speakers: "
                       + ", ".join(f"{w:g}" for w in summary["network_weights"]) + "."]
     return lines
 

@@ -33,9 +33,11 @@ from typing import Any
 import yaml
 from lightning.pytorch import Callback
 
+from ser_lightning.errors import CommandParser, DataError, UsageError, one_line, os_reason
 from ser_lightning.evaluation.cv import RunSpec, load_result, run_fold
 from ser_lightning.evaluation.identity import StudyRecord, study_config
-from ser_lightning.evaluation.report import atomic_write_text, write_report
+from ser_lightning.evaluation.report import write_report
+from ser_lightning.outputs import atomic_write_text, check_writable
 
 PARAM_TYPES = ("float", "int", "categorical")
 STUDY_PREFIX = "outer_fold_"
@@ -61,27 +63,29 @@ class Param:
 
 
 def load_space(path: Path) -> list[Param]:
-    """The search space of a YAML file; SystemExit naming the entry that is wrong."""
+    """The search space of a YAML file; UsageError naming the entry that is wrong."""
     try:
         entries = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise SystemExit(f"tune: --space {path}: cannot read it ({error})") from None
+    except OSError as error:
+        raise UsageError(f"tune: --space {path}: cannot read it ({os_reason(error)})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise UsageError(f"tune: --space {path}: not a YAML file ({one_line(str(error))})") from None
     if not isinstance(entries, dict) or not entries:
-        raise SystemExit(f"tune: --space {path}: expected a mapping of option -> {{type, low, high}} or {{type, choices}}")
+        raise UsageError(f"tune: --space {path}: expected a mapping of option -> {{type, low, high}} or {{type, choices}}")
     space = []
     for name, spec in entries.items():
         where = f"tune: --space {path}: {name}"
         if not isinstance(spec, dict) or spec.get("type") not in PARAM_TYPES:
-            raise SystemExit(f"{where}: 'type' must be one of {list(PARAM_TYPES)}")
+            raise UsageError(f"{where}: 'type' must be one of {list(PARAM_TYPES)}")
         if spec["type"] == "categorical":
             if not spec.get("choices"):
-                raise SystemExit(f"{where}: a categorical entry needs a non-empty 'choices' list")
+                raise UsageError(f"{where}: a categorical entry needs a non-empty 'choices' list")
             space.append(Param(name, "categorical", choices=tuple(spec["choices"])))
             continue
         if "low" not in spec or "high" not in spec or not float(spec["low"]) < float(spec["high"]):
-            raise SystemExit(f"{where}: needs numbers 'low' < 'high'")
+            raise UsageError(f"{where}: needs numbers 'low' < 'high'")
         if spec.get("log") and float(spec["low"]) <= 0:
-            raise SystemExit(f"{where}: a log-scaled range needs 'low' > 0")
+            raise UsageError(f"{where}: a log-scaled range needs 'low' > 0")
         space.append(Param(name, spec["type"], float(spec["low"]), float(spec["high"]), bool(spec.get("log", False))))
     return space
 
@@ -149,15 +153,22 @@ def run_trial(spec: TrialSpec) -> dict:
 
 def _study(out: Path, fold: int, seed: int) -> tuple[Any, str, str]:
     import optuna
+    from sqlalchemy.exc import SQLAlchemyError
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     folder = out / f"{STUDY_PREFIX}{fold}"
     folder.mkdir(parents=True, exist_ok=True)
-    storage, name = f"sqlite:///{folder / 'study.db'}", f"{STUDY_PREFIX}{fold}"
-    study = optuna.create_study(
-        storage=storage, study_name=name, direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=seed + fold), pruner=optuna.pruners.MedianPruner(n_warmup_steps=5),
-    )
+    database = folder / "study.db"
+    storage, name = f"sqlite:///{database}", f"{STUDY_PREFIX}{fold}"
+    try:
+        study = optuna.create_study(
+            storage=storage, study_name=name, direction="maximize", load_if_exists=True,
+            sampler=optuna.samplers.TPESampler(seed=seed + fold), pruner=optuna.pruners.MedianPruner(n_warmup_steps=5),
+        )
+    except SQLAlchemyError as error:
+        reason = getattr(error, "orig", None) or error
+        raise DataError(f"{database}: cannot be opened as an Optuna study database ({reason}); move it away to "
+                        "start this outer fold's search again") from error
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)  # cut off when the search was stopped
     return study, storage, name
@@ -229,9 +240,9 @@ def search_fold(args: argparse.Namespace, lightning_args: list[str], space: list
 
 def tune_main(argv: list[str]) -> None:
     """Nested search: per outer fold, trials scored on inner validation speakers; the best one tested once."""
-    from ser_lightning.evaluation.cv import open_study, plan_runs, study_settings
+    from ser_lightning.evaluation.cv import open_study, parse_folds, plan_runs, study_settings
 
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m ser_lightning tune", description=tune_main.__doc__,
         epilog="Any configuration option can follow (--config FILE|NAME, --data.root DIR, --trainer.max_epochs N).",
     )
@@ -251,8 +262,15 @@ def tune_main(argv: list[str]) -> None:
     args, lightning_args = parser.parse_known_args(argv)
     if args.trials < 1 or args.workers < 1 or args.threads_per_worker < 1:
         parser.error("--trials, --workers and --threads_per_worker must be >= 1")
+    if args.folds is not None and args.folds < 2:
+        parser.error(f"--folds must be >= 2, got {args.folds}")
+    check_writable(args.out, "--out")
     space = load_space(args.space)
-    settings = study_settings(lightning_args, args.folds)
+    from ser_lightning.lightning_cli import lines_held_until_accepted
+
+    with lines_held_until_accepted(release=False):  # a rejected study prints only its error
+        settings = study_settings(lightning_args, args.folds)
+        parse_folds(args.only, settings.num_folds)
     tuned = tuple(param.name for param in space)
     record = StudyRecord("tune", study_config(settings.config, tuned), space={p.name: asdict(p) for p in space})
     args.out = open_study(args.out, record, new_out=args.new_out)

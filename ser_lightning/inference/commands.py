@@ -47,7 +47,9 @@ from pathlib import Path
 from typing import Any
 
 from ser_lightning.data.records import Skipped, unused_summary, walk_folder
-from ser_lightning.inference.recognizer import CheckpointError, EmotionRecognizer, Prediction
+from ser_lightning.errors import CommandParser
+from ser_lightning.inference.recognizer import EmotionRecognizer, Prediction
+from ser_lightning.outputs import atomic_open, check_writable, check_writable_file
 
 
 @dataclass
@@ -238,11 +240,12 @@ def json_records(results: Sequence[FileResult]) -> list[dict]:
 
 
 def write_results(results: Sequence[FileResult], output: Path, class_names: Sequence[str]) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
+    """Write the results as CSV or JSON (by the suffix), atomically: a failure leaves the old file or none."""
     if output.suffix.lower() == ".json":
-        output.write_text(json.dumps(json_records(results), indent=2) + "\n")
+        with atomic_open(output, "w") as handle:
+            handle.write(json.dumps(json_records(results), indent=2) + "\n")
         return
-    with output.open("w", newline="") as handle:
+    with atomic_open(output, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=csv_columns(class_names), restval="")
         writer.writeheader()
         writer.writerows(csv_rows(results, class_names))
@@ -279,7 +282,7 @@ def _add_checkpoint_options(parser: argparse.ArgumentParser, *, ensemble: bool =
 
 def predict_main(argv: list[str]) -> None:
     """Predict the emotion of audio files with a trained checkpoint."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m ser_lightning predict", description=predict_main.__doc__,
         epilog="Lightning's own predict over the datamodule's test split: `python -m ser_lightning predict-split`.",
     )
@@ -295,15 +298,16 @@ def predict_main(argv: list[str]) -> None:
                         help="for models with speaker normalisation: the files of one folder are one speaker "
                              "(default), or every file is its own")
     args = parser.parse_args(argv)
-    if args.output is not None and args.output.suffix.lower() not in (".csv", ".json"):
-        parser.error(f"--output: expected a .csv or .json file name, got {args.output}")
-    try:
-        recognizer = EmotionRecognizer.from_checkpoint(
-            args.ckpt_path, device=args.device, window_seconds=args.window_seconds,
-            hop_seconds=args.hop_seconds, batch_size=args.batch_size, trusted=args.trust_checkpoint,
-        )
-    except (CheckpointError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
+    if args.output is not None:
+        if args.output.suffix.lower() not in (".csv", ".json"):
+            parser.error(f"--output: expected a .csv or .json file name, got {args.output}")
+        check_writable_file(args.output, "--output")
+    if args.plot_dir is not None:
+        check_writable(args.plot_dir, "--plot_dir")
+    recognizer = EmotionRecognizer.from_checkpoint(
+        args.ckpt_path, device=args.device, window_seconds=args.window_seconds,
+        hop_seconds=args.hop_seconds, batch_size=args.batch_size, trusted=args.trust_checkpoint,
+    )
     ignored: list[str] = []
     unused: list[Skipped] = []
     results = predict_paths(recognizer, expand_paths(args.paths, ignored, unused), args.plot_dir, args.speaker_groups)
@@ -334,17 +338,13 @@ def export_main(argv: list[str]) -> None:
     """Export a trained checkpoint's model to ONNX and check it against PyTorch with onnxruntime."""
     from ser_lightning.inference.export import export_onnx
 
-    parser = argparse.ArgumentParser(prog="python -m ser_lightning export", description=export_main.__doc__)
+    parser = CommandParser(prog="python -m ser_lightning export", description=export_main.__doc__)
     _add_checkpoint_options(parser)
     parser.add_argument("--format", choices=("onnx",), default="onnx", help="export format (only onnx)")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="maximum allowed |onnxruntime - PyTorch| difference (default 1e-4)")
     parser.add_argument("output", type=Path, metavar="OUT.onnx")
     args = parser.parse_args(argv)
-    try:
-        recognizer = EmotionRecognizer.from_checkpoint(args.ckpt_path, device=args.device,
-                                                       trusted=args.trust_checkpoint)
-        report = export_onnx(recognizer.module, args.output, feature=recognizer.feature, tolerance=args.tolerance)
-    except (CheckpointError, ValueError, RuntimeError) as error:
-        raise SystemExit(f"error: {error}") from None
-    print(report)
+    check_writable_file(args.output, "OUT.onnx")
+    recognizer = EmotionRecognizer.from_checkpoint(args.ckpt_path, device=args.device, trusted=args.trust_checkpoint)
+    print(export_onnx(recognizer.module, args.output, feature=recognizer.feature, tolerance=args.tolerance))

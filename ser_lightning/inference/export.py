@@ -32,7 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ser_lightning.errors import DataError
 from ser_lightning.models.attention import AttentionPool
+from ser_lightning.outputs import atomic_path
 
 INPUT_NAMES = ["features", "lengths"]
 OUTPUT_NAMES = ["probabilities", "alpha"]
@@ -178,14 +180,24 @@ def _metadata(module: nn.Module, feature: Any) -> dict[str, str]:
 def export_onnx(module: nn.Module, path: str | Path, *, feature: Any = None, tolerance: float = 1e-4) -> ExportReport:
     """Export a SERModule to ONNX at ``path`` and compare onnxruntime's outputs with PyTorch's.
 
-    ``feature``: the FeatureConfig to record in the ONNX metadata. Raises RuntimeError when the
-    largest absolute difference exceeds ``tolerance``.
+    ``feature``: the FeatureConfig to record in the ONNX metadata. The file is written and checked
+    under a temporary name and renamed to ``path`` only when it passes: a failure leaves the old file
+    (or none). Raises ``ExportMismatchError`` when the largest absolute difference exceeds ``tolerance``.
     """
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        report = _export_and_check(module, tmp, feature, tolerance)
+    return dataclasses.replace(report, path=path)
+
+
+class ExportMismatchError(DataError, RuntimeError):
+    """onnxruntime's outputs differ from PyTorch's by more than the tolerance."""
+
+
+def _export_and_check(module: nn.Module, path: Path, feature: Any, tolerance: float) -> ExportReport:
     import onnx
     import onnxruntime
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = exportable(module)
     export_min = _export_min_frames(wrapper.module)
     num_features = wrapper.module.hparams.num_features
@@ -228,5 +240,5 @@ def export_onnx(module: nn.Module, path: str | Path, *, feature: Any = None, tol
             ))
     report = ExportReport(path, cases, tolerance)
     if not report.max_diff <= tolerance:
-        raise RuntimeError(f"{report}\nonnxruntime differs from PyTorch by more than {tolerance:.0e}")
+        raise ExportMismatchError(f"{report}\nonnxruntime differs from PyTorch by more than {tolerance:.0e}")
     return report

@@ -231,12 +231,14 @@ class EmotionRecognizer:
 
     @torch.no_grad()
     def _classify(self, waves: Sequence[Tensor], speaker_stats: Tensor | None = None,
-                  min_confidence: float | None = None) -> list[StreamEvent]:
-        """Each whole waveform classified (through ``classify``, which batches); one event per waveform."""
+                  min_confidence: float | None = None, names: Sequence[str] = ()) -> list[StreamEvent]:
+        """Each whole waveform classified (through ``classify``, which batches); one event per waveform.
+        AudioError naming the waveform (``names``) when the model's output for it is not finite."""
         stats = self._stats_for(speaker_stats, 1, "prediction")
         jobs = [WindowJob(StreamEvent(k, 0.0, w.numel() / self.sample_rate, True), self.extractor(w.to(self.device)).cpu(),
                           None if stats is None else stats[0].cpu(), attention=True, keep_features=True,
-                          min_confidence=self.min_confidence if min_confidence is None else min_confidence)
+                          min_confidence=self.min_confidence if min_confidence is None else min_confidence,
+                          name=names[k] if k < len(names) else f"waveform {k}")
                 for k, w in enumerate(waves)]
         return self.classify(jobs)
 
@@ -244,13 +246,6 @@ class EmotionRecognizer:
         """The predicted class and {class: probability} of a (K,) probability vector."""
         probs = {name: float(p) for name, p in zip(self.class_names, probabilities)}
         return self.class_names[int(probabilities.argmax())], probs
-
-    @staticmethod
-    def check_finite(probabilities: Tensor, what: str) -> None:
-        """Refuse non-finite model outputs (e.g. from extreme input values) with a clear error."""
-        if not bool(torch.isfinite(probabilities).all()):
-            raise ValueError(f"{what}: the model's output is not finite (NaN or infinite probabilities); "
-                             "the input is far outside the range of audio samples the model was trained on")
 
     def _single(self, path: str | None, num_samples: int, event: StreamEvent) -> Prediction:
         duration = num_samples / self.sample_rate
@@ -325,7 +320,7 @@ class EmotionRecognizer:
                 return prediction
         wave = load_audio(path, self.sample_rate, trim_silence=self.feature.trim_silence)
         _check_not_silent(wave, name)
-        return self._single(name, wave.numel(), self._classify([wave], speaker_stats, min_confidence)[0])
+        return self._single(name, wave.numel(), self._classify([wave], speaker_stats, min_confidence, [name])[0])
 
     def predict_batch(self, waveforms: Sequence[Tensor | np.ndarray], sample_rate: int,
                       speaker_stats: Tensor | None = None) -> list[Prediction]:
@@ -337,7 +332,8 @@ class EmotionRecognizer:
         """
         waves = [self._prepare(w, sample_rate, k) for k, w in enumerate(waveforms)]
         short = [k for k, w in enumerate(waves) if w.numel() <= self.window_samples]
-        segments = dict(zip(short, self._classify([waves[k] for k in short], speaker_stats)))
+        segments = dict(zip(short, self._classify([waves[k] for k in short], speaker_stats,
+                                                  [f"waveform {k}" for k in short])))
         results: list[Prediction] = []
         for k, wave in enumerate(waves):
             if k in segments:

@@ -43,6 +43,7 @@ import torchaudio.functional as AF
 from torch import Tensor
 from torchaudio.functional.functional import _get_sinc_resample_kernel
 
+from ser_lightning.data.audio import AudioError
 from ser_lightning.functionals import prosodic_rows
 from ser_lightning.data.speakers import functional_stats
 from ser_lightning.normalization import STD_FLOOR
@@ -101,6 +102,7 @@ class WindowJob:
     attention: bool = False
     keep_features: bool = False
     min_confidence: float | None = None
+    name: str = ""  # how errors name it
 
 
 class IncrementalResampler:
@@ -433,7 +435,8 @@ class EmotionStream:
         return self._job(event, features, stats)
 
     def _job(self, event: StreamEvent, features: Tensor, stats: Tensor | None) -> WindowJob:
-        return WindowJob(event, features, stats, self.attention, self.keep_features, self.min_confidence)
+        return WindowJob(event, features, stats, self.attention, self.keep_features, self.min_confidence,
+                         f"stream window at {event.start_s:.2f} s")
 
     def _features(self, start: int, samples: Tensor) -> Tensor:
         """The window's features from the cached frames plus its recomputed edge frames (see the module docstring)."""
@@ -523,7 +526,11 @@ def classify_jobs(recognizer: EmotionRecognizer, jobs: Sequence[WindowJob]) -> l
         with torch.no_grad():
             output = recognizer.module(batch, lengths, stats)
         probabilities = output.logits.float().softmax(dim=1).cpu()
-        recognizer.check_finite(probabilities, "stream window")
+        finite = torch.isfinite(probabilities).all(dim=1)
+        if not bool(finite.all()):
+            k = int((~finite).nonzero()[0])
+            raise AudioError(f"{group[k].name or 'window'}: the model's output is not finite (NaN or infinite), so no "
+                             "emotion can be given; the input lies far outside [-1, 1], the range of audio samples")
         for k, job in enumerate(group):
             event = job.event
             label, event.probabilities = recognizer.named(probabilities[k])
