@@ -702,31 +702,41 @@ ATTENTION_METRICS = {
 }
 
 
-def summarise_bench_attention(ctx: Context, results: list[CommandResult]) -> Outcome:
+def summarise_variants(ctx: Context, results: list[CommandResult], step: str,
+                       read: Callable[[str, dict[str, Any]], tuple[dict[str, Any], list[Number], str]]) -> Outcome:
+    """A benchmark step's commands, one per variant (dtype, precision), each writing out/<command>.json:
+    `read(variant, payload)` gives its data, numbers and a phrase; a command that failed gives its error."""
     data, numbers, parts = {}, [], []
-    keys = (*ATTENTION_METRICS, "compile_forward_backward_s", "max_abs_diff_vs_eager")
     for result in results:
-        dtype = result.name.removeprefix("bench_attention_")
+        variant = result.name.removeprefix(f"{step}_")
         payload = read_json(ctx.out / f"{result.name}.json") if result.status == "passed" else None
         if payload is None:
-            data[dtype] = {"status": result.status, "error": tail(result.output)}
-            parts.append(f"{dtype} {result.status}: {tail(result.output, 1)}")
+            data[variant] = {"status": result.status, "error": tail(result.output)}
+            parts.append(f"{variant} {result.status}: {tail(result.output, 1)}")
             continue
-        run = payload["runs"][0]
-        device = run["environment"]["device_name"]
-        shapes = {r["shape"]: {label: {key: e.get(key) for key in keys} for label, e in r["contenders"].items()}
-                  for r in run["results"]}
-        data[dtype] = {"status": "passed", "device": device, "peak_bandwidth_gbs": run["peak_bandwidth_gbs"],
-                       "shapes": shapes, "goals": run["goals"]}
-        for shape, contenders in shapes.items():
-            for label, e in contenders.items():
-                for key, (metric, unit, scale) in ATTENTION_METRICS.items():
-                    if e.get(key) is not None:
-                        numbers.append(Number("bench_attention", device, f"{dtype} {shape} {label} {metric}",
-                                              scale * e[key], unit))
-        met = sum(g["passed"] is True for g in run["goals"])
-        parts.append(f"{dtype}: {len(shapes)} shapes, goals met {met} of {len(run['goals'])}")
+        data[variant], found, part = read(variant, payload)
+        numbers += found
+        parts.append(part)
     return Outcome(status_of(results), "; ".join(parts), data, numbers)
+
+
+def read_bench_attention(dtype: str, payload: dict[str, Any]) -> tuple[dict[str, Any], list[Number], str]:
+    run = payload["runs"][0]
+    device = run["environment"]["device_name"]
+    keys = (*ATTENTION_METRICS, "compile_forward_backward_s", "max_abs_diff_vs_eager")
+    shapes = {r["shape"]: {label: {key: e.get(key) for key in keys} for label, e in r["contenders"].items()}
+              for r in run["results"]}
+    numbers = [Number("bench_attention", device, f"{dtype} {shape} {label} {metric}", scale * e[key], unit)
+               for shape, contenders in shapes.items() for label, e in contenders.items()
+               for key, (metric, unit, scale) in ATTENTION_METRICS.items() if e.get(key) is not None]
+    met = sum(g["passed"] is True for g in run["goals"])
+    data = {"status": "passed", "device": device, "peak_bandwidth_gbs": run["peak_bandwidth_gbs"], "shapes": shapes,
+            "goals": run["goals"]}
+    return data, numbers, f"{dtype}: {len(shapes)} shapes, goals met {met} of {len(run['goals'])}"
+
+
+def summarise_bench_attention(ctx: Context, results: list[CommandResult]) -> Outcome:
+    return summarise_variants(ctx, results, "bench_attention", read_bench_attention)
 
 
 # --------------------------------------------------------------------------------------------
@@ -741,31 +751,26 @@ def bench_train_commands(ctx: Context) -> list[Command]:
             for precision in ("32", "bf16-mixed")]
 
 
+def read_bench_train(precision: str, payload: dict[str, Any]) -> tuple[dict[str, Any], list[Number], str]:
+    device = payload["environment"]["device_name"]
+    models, numbers = {}, []
+    for r in payload["results"]:
+        models[r["arch"]] = {"throughput_ratio": r["throughput_ratio"]}
+        for backend, e in r["backends"].items():
+            models[r["arch"]][f"{backend}_step_ms"] = 1e3 * e["step_s"]
+            numbers.append(Number("bench_train", device, f"precision {precision} {r['arch']} {backend} step time",
+                                  1e3 * e["step_s"], "ms"))
+        if r["throughput_ratio"] is not None:
+            numbers.append(Number("bench_train", device, f"precision {precision} {r['arch']} fused / reference "
+                                                         "throughput", r["throughput_ratio"], "x"))
+    phrase = f"precision {precision}: " + ", ".join(
+        f"{arch} fused {m['throughput_ratio']:.2f}x reference" if m["throughput_ratio"] else f"{arch} reference"
+        for arch, m in models.items())
+    return {"status": "passed", "device": device, "models": models}, numbers, phrase
+
+
 def summarise_bench_train(ctx: Context, results: list[CommandResult]) -> Outcome:
-    data, numbers, parts = {}, [], []
-    for result in results:
-        precision = result.name.removeprefix("bench_train_")
-        payload = read_json(ctx.out / f"{result.name}.json") if result.status == "passed" else None
-        if payload is None:
-            data[precision] = {"status": result.status, "error": tail(result.output)}
-            parts.append(f"precision {precision} {result.status}: {tail(result.output, 1)}")
-            continue
-        device = payload["environment"]["device_name"]
-        models = {}
-        for r in payload["results"]:
-            models[r["arch"]] = {"throughput_ratio": r["throughput_ratio"]}
-            for backend, e in r["backends"].items():
-                models[r["arch"]][f"{backend}_step_ms"] = 1e3 * e["step_s"]
-                numbers.append(Number("bench_train", device, f"precision {precision} {r['arch']} {backend} "
-                                      "step time", 1e3 * e["step_s"], "ms"))
-            if r["throughput_ratio"] is not None:
-                numbers.append(Number("bench_train", device, f"precision {precision} {r['arch']} fused / reference "
-                                                             "throughput", r["throughput_ratio"], "x"))
-        data[precision] = {"status": "passed", "device": device, "models": models}
-        parts.append(f"precision {precision}: " + ", ".join(
-            f"{arch} fused {m['throughput_ratio']:.2f}x reference" if m["throughput_ratio"] else f"{arch} reference"
-            for arch, m in models.items()))
-    return Outcome(status_of(results), "; ".join(parts), data, numbers)
+    return summarise_variants(ctx, results, "bench_train", read_bench_train)
 
 
 # --------------------------------------------------------------------------------------------
