@@ -175,19 +175,22 @@ API_ERROR = """========= Program hit cudaErrorInvalidValue (error 1) due to "inv
 @pytest.mark.parametrize("outputs,status,verdict", [
     ([BANNER + "WORKLOAD OK\n========= ERROR SUMMARY: 0 errors\n"], "passed", "no kernel errors"),
     ([BANNER + API_ERROR + "WORKLOAD OK\n========= ERROR SUMMARY: 1 error\n"], "passed",
-     "no kernel errors (1 CUDA API error report(s), see log)"),
+     "no kernel errors (1 CUDA API error report(s), see the log)"),
     ([BANNER + PROJECT_ERROR + "WORKLOAD OK\n========= ERROR SUMMARY: 1 error\n"], "failed",
-     "1 kernel error report(s): 1 in the project's kernels, 0 in others"),
+     "1 kernel error report(s) shown: 1 in the project's kernels, 0 in others"),
     ([BANNER + LIBRARY_ERROR + "WORKLOAD OK\n========= ERROR SUMMARY: 1 error\n"], "failed",
-     "1 kernel error report(s): 0 in the project's kernels, 1 in others"),
+     "1 kernel error report(s) shown: 0 in the project's kernels, 1 in others"),
+    ([BANNER + "WORKLOAD OK\n========= ERROR SUMMARY: 2 errors\n"], "failed",
+     "2 error(s) counted, 0 shown as CUDA API reports: see the log"),
     ([BANNER + "Traceback (most recent call last):\nRuntimeError: CUDA error\n========= ERROR SUMMARY: 0 errors\n"],
      "failed", "the workload did not complete: "),
-], ids=["clean", "api-only", "project-kernel", "library-kernel", "workload-failed"])
+], ids=["clean", "api-only", "project-kernel", "library-kernel", "unattributed", "workload-failed"])
 def test_sanitizer_verdict_counts_kernel_errors_by_kernel(tmp_path, outputs, status, verdict):
     results = [gc.CommandResult("sanitizer_memcheck", "compute-sanitizer ...", "logs/x.log", 50.0, 9.0,
                                 0 if "ERROR SUMMARY: 0" in text else 99, 0, text) for text in outputs]
     outcome = gc.summarise_sanitizer(context(tmp_path, environment=GPU_ENVIRONMENT), results)
-    assert outcome.status == status and outcome.data["memcheck"]["verdict"].startswith(verdict), outcome
+    assert outcome.status == status == outcome.data["memcheck"]["status"], outcome
+    assert outcome.data["memcheck"]["verdict"].startswith(verdict), outcome
     assert outcome.detail.startswith(f"memcheck: {verdict}")
 
 
