@@ -304,7 +304,7 @@ __global__ void __launch_bounds__(kThreads) backward_dot_kernel(
   const int width = dot_group_width(C), per_warp = 32 / width;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int slot = lane / width, member = lane % width;
-  // kTileL is a multiple of per_warp (static_assert below), so every lane's i is < kTileL while base
+  // kTileL is a multiple of per_warp (static_assert above), so every lane's i is < kTileL while base
   // is: the loop and the shuffles in it are uniform across the warp; each i < kTileL has one group.
   for (int base = warp * per_warp; base < kTileL; base += kWarps * per_warp) {
     const int i = base + slot;
