@@ -130,7 +130,7 @@ def test_steps_past_their_limit_or_leaving_processes_are_ended_and_the_budget_ho
     elapsed = time.monotonic() - started
     steps = {s.name: s for s in report.steps}
     assert steps["slow"].status == "timed out" and steps["slow"].commands[0]["returncode"] is None
-    assert steps["slow"].seconds <= 1.5 + 0.3
+    assert steps["slow"].seconds <= 1.5 + 0.5  # SIGKILL at the limit, then a few polls
     assert steps["orphan"].status == "passed"
     assert steps["orphan"].detail.endswith("; ended 1 process(es) it left running")
     assert steps["next"].status == "passed" and "next ran" in (tmp_path / "logs" / "next.log").read_text()
