@@ -11,8 +11,11 @@ On CPU the fused kernels run the instruction-set path in use (reported at the to
 SER_LIGHTNING_CPU_CAPABILITY environment variable picks it); `--cpu-paths all` times every path this
 CPU supports side by side, as contenders fused-avx512, fused-avx2, fused-default.
 
-    python benchmarks/bench_attention.py [--device cpu|cuda|all] [--quick] [--no-compile] [--cpu-paths all]
-                                         [--json out.json]
+    python benchmarks/bench_attention.py [--device cpu|cuda|all] [--quick] [--no-compile]
+                                         [--compile-shapes SHAPE ...] [--cpu-paths all] [--json out.json]
+
+Each shape compiles afresh (a cold compile of forward and backward, seconds each on CUDA);
+`--compile-shapes` limits the torch.compile contender to some shapes (the others report "-" against it).
 """
 
 from __future__ import annotations
@@ -346,14 +349,18 @@ def run_device(device: torch.device, args: argparse.Namespace) -> dict[str, Any]
     for label, reason in skipped.items():
         print(f"{label}: unavailable ({reason})")
     names = args.shapes or (QUICK_SHAPES if args.quick else list(SHAPES))
+    if "compiled" in found and args.compile_shapes is not None:
+        print(f"compiled: at {', '.join(args.compile_shapes)} only (--compile-shapes)")
     results = []
     for name in names:
         if name in CUDA_ONLY and device.type != "cuda":
             print(f"{name}: skipped (CUDA only)")
             continue
         print(f"... {name} {SHAPES[name]}", flush=True)
+        at_shape = {label: fn for label, fn in found.items()
+                    if label != "compiled" or args.compile_shapes is None or name in args.compile_shapes}
         with on_path(env["cpu_capability"] if device.type == "cpu" and paths else None):  # restored after
-            results.append(bench_shape(name, SHAPES[name], device, dtype, found, paths, args, peak_gbs))
+            results.append(bench_shape(name, SHAPES[name], device, dtype, at_shape, paths, args, peak_gbs))
     print()
     print_results(results, device)
     goals = evaluate_goals(results, device, paths)
@@ -371,6 +378,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: shapes {', '.join(QUICK_SHAPES)} and short timing runs")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile contender")
+    parser.add_argument("--compile-shapes", nargs="+", choices=list(SHAPES), metavar="SHAPE",
+                        help="run the torch.compile contender at these shapes only (default: every shape; each "
+                             "shape is a cold compile)")
     parser.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"), default="float32",
                         help="element type of every input (default float32)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for every contender (default: torch's)")

@@ -36,7 +36,10 @@ namespace ser_lightning {
 // Branch-free, so it vectorises. Written for any V with float arithmetic, comparisons and ?:
 // (float, or a GCC/Clang vector of floats in the CPU kernels). The CPU build disables FMA
 // contraction (-ffp-contract=off), so every CPU path (scalar or any vector width) rounds each
-// operation the same way and gives bit-identical results; nvcc contracts into FMAs (a few ulp apart).
+// operation the same way and gives bit-identical results; nvcc contracts Horner steps into FMAs (a
+// few ulp apart). Rounding, with or without any contraction: within 21 ulp of the exact rational at
+// the float32 x*x (derived and checked over a dense grid in tests/test_ops.py, TANH_ULPS; measured
+// 5.5 ulp without FMAs, 3.9 ulp with every step fused).
 template <typename V>
 SL_HOST_DEVICE V tanh_rational(V x) {
   const V clamp = V{} + 7.90531110763549805f, zero = V{};

@@ -8,9 +8,10 @@ GPU: `pytest -m cuda tests/test_ops.py` runs exactly those), plus cuda:1 when a 
 Tests that can fail: lam stays where the softmax is not one-hot and every parity case asserts that
 the reference's outputs and gradients are far above the tolerance, so a kernel returning zeros or
 garbage fails. Cases reach the kernels' edges: L = 1, C = 1, D != C, N = 64 (the narrow path's
-limit), C > 256 (the CUDA block), more than 256 tiles of 64 positions, a batch beyond grid.y's
-65535, ragged lengths (padding must be exactly 0 in alpha and grad_a), and small wave budgets that
-split utterances across waves (CPU wide path and CUDA).
+limit), C > 256 (the CUDA block), C = 1, 2, 3, 7, 12, 64 (every lane-group width, 1 to 32, of
+the CUDA backward dot kernel), more than 256 tiles of 64 positions, a batch beyond grid.y's 65535,
+ragged lengths (padding must be exactly 0 in alpha and grad_a), and small wave budgets that split
+utterances across waves (CPU wide path and CUDA).
 
 Tolerances. float32 results are compared with the float64 reference, relative to the largest
 magnitude of each compared tensor: |fused - ref| <= max(1e-4 * max|ref|, 2 * |ref32 - ref|) + 1e-6,
@@ -19,12 +20,14 @@ CUDA, float16 and bfloat16 are compared with the float32 reference on the same (
 2e-2 (float16) and 6e-2 (bfloat16) relative to the largest magnitude.
 """
 
+import functools
 import os
 import subprocess
 import sys
 import textwrap
 import warnings
 from contextlib import nullcontext
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +150,8 @@ PARITY_CASES = {
     "L1-C1-D1": ((1, 1, 1, 1), "ragged", 0.3),
     "L1-D>C": ((2, 1, 3, 5), None, 2.0),
     "C1": ((3, 7, 1, 4), "ragged", 2.0),
+    "C2": ((4, 90, 2, 3), "ragged", 2.0),
+    "C7": ((5, 130, 7, 9), "ragged", 2.0),
     "narrow": ((5, 33, 16, 24), "ragged", 2.0),
     "narrow-N64": ((4, 40, 64, 63), "ragged", 3.0),
     "wide-D": ((6, 50, 12, 70), "ragged", 2.0),
@@ -329,6 +334,31 @@ def test_cuda_never_synchronises(device, shape):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.parametrize("device", CUDA_DEVICES[:1], indirect=True)
+def test_cuda_float32_ignores_the_global_tf32_setting(device):
+    """The operator's float32 GEMMs (dW and da in the backward) run in IEEE float32 whatever
+    torch.set_float32_matmul_precision says (an at::NoTF32Guard in the kernel): every output and
+    gradient is bit-identical under "highest" and "high" (TF32), and the caller's setting is left as it
+    was. The reference's own matmuls do change under "high" here, so TF32 was in effect."""
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        pytest.skip("TF32 needs compute capability 8.0 or newer")
+    a, weight, bias, u, lengths = make_inputs((3, 70, 300, 20), torch.float32, device=device)  # long GEMM sums
+    previous = torch.get_float32_matmul_precision()
+    results = {}
+    try:
+        for precision in ("highest", "high"):
+            torch.set_float32_matmul_precision(precision)
+            results[precision] = [forward_backward(fn, a, weight, bias, u, 0.8, lengths)
+                                  for fn in (fused_fn, attention_pool_reference)]
+            assert torch.get_float32_matmul_precision() == precision
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    (fused_ieee, reference_ieee), (fused_tf32, reference_tf32) = results["highest"], results["high"]
+    assert not all(torch.equal(x, y) for x, y in zip(reference_ieee, reference_tf32)), "TF32 changed nothing"
+    for name, x, y in zip(NAMES, fused_ieee, fused_tf32):
+        assert torch.equal(x, y), f"{name} depends on the TF32 setting"
+
+
 @pytest.mark.parametrize("device", CUDA_DEVICES, indirect=True)
 def test_cuda_side_stream_matches_default_stream(device):
     a, weight, bias, u, lengths = make_inputs((3, 300, 40, 24), torch.float32, device=device)
@@ -345,38 +375,144 @@ def test_cuda_side_stream_matches_default_stream(device):
 # --------------------------------------------------------------------------------------------
 # The shared activation
 
-def tanh_transcription(x: np.ndarray) -> np.ndarray:
-    """tanh_rational of csrc/attention_pool.h, operation by operation in float32."""
-    f = np.float32
-    clamp = f(7.90531110763549805)
-    xc = np.where(x > clamp, clamp, np.where(x < -clamp, -clamp, x))
+TANH_CLAMP = np.float32(7.90531110763549805)
+# tanh_rational's coefficients as the float32 constants of csrc/attention_pool.h, highest power of x^2 first.
+TANH_P = tuple(np.float32(c) for c in (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11,
+                                       5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04,
+                                       4.89352455891786e-03))
+TANH_Q = tuple(np.float32(c) for c in (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03,
+                                       4.89352518554385e-03))
+
+# Rounding bound of tanh_rational in float32, in ulps of the exact value R (csrc/attention_pool.h).
+#
+# Every evaluation computes x2 = fl(xc * xc) the same way (a lone product: nothing to contract), so R is
+# xc P(x2) / Q(x2) in exact arithmetic at that x2, with the float32 coefficients (|x| < 4e-4 returns x
+# exactly). Horner's rule for a degree-n polynomial, rounding each product and each sum, gives
+# |P^ - P| <= gamma_2n sum_i |p_i| x2^i = gamma_2n kappa_P |P| (Higham, "Accuracy and Stability of
+# Numerical Algorithms", 5.1; gamma_k = k u / (1 - k u), u = 2^-24); a fused multiply-add rounds once
+# per step: gamma_n. P has degree 6 and kappa_P <= 1.024 for 0 <= x2 <= clamp^2 (mixed signs, but the
+# positive low-order terms dominate; the test below checks it on its grid); Q has degree 3 and positive
+# coefficients (kappa_Q = 1). Then xc * P^ and P^ / Q^ round once each (IEEE division: nvcc's default
+# -prec-div=true). The relative error of the result is therefore below
+#     no contraction (every CPU path, -ffp-contract=off):  12 kappa_P + 6 + 2 <= 20.3 u
+#     every Horner step an FMA:                             6 kappa_P + 3 + 2 <= 11.2 u
+# and between the two for any mix (second-order terms are below 1e-5 u). A relative error e |R| is less
+# than e / u ulp(R), since ulp(R) = 2^(E-23) > u |R| for |R| in [2^E, 2^(E+1)). nvcc may contract any
+# Horner step into an FMA and nothing else (no --use_fast_math), so the CUDA kernels stay within
+# TANH_ULPS of R whatever it chooses. R is computed in float64 here (relative error ~1e-15, far below
+# an ulp of float32).
+TANH_ULPS = 21  # any contraction, none included
+TANH_ULPS_FMA = 12  # every Horner step contracted
+TANH_KAPPA_P = 1.024
+
+
+def fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 fma(a, b, c), correctly rounded. The float32 product is exact in float64 (48 bits); the
+    float64 sum is turned into its round-to-odd value (its exact error from TwoSum), and rounding that
+    to float32 is then correct (Boldo and Melquiond, 2008: 53 >= 24 + 2 bits). A plain float64 sum
+    rounded to float32 would round twice and miss some ties."""
+    x = np.asarray(a, np.float64) * np.asarray(b, np.float64)
+    y = np.broadcast_to(np.asarray(c, np.float64), x.shape)
+    s = x + y
+    y_part = s - x
+    error = (x - (s - y_part)) + (y - y_part)  # x + y == s + error exactly
+    even = (s.view(np.int64) & 1) == 0
+    s = np.where((error != 0) & even, np.nextafter(s, np.where(error > 0, np.inf, -np.inf)), s)
+    return s.astype(np.float32)
+
+
+def tanh_transcription(x: np.ndarray, fused: bool = False) -> np.ndarray:
+    """tanh_rational of csrc/attention_pool.h, operation by operation in float32; fused=True contracts
+    every Horner step into an FMA, as nvcc may."""
+    step = fma32 if fused else (lambda a, b, c: a * b + c)
+    xc = np.clip(x, -TANH_CLAMP, TANH_CLAMP)
     x2 = xc * xc
-    p = x2 * f(-2.76076847742355e-16) + f(2.00018790482477e-13)
-    for c in (-8.60467152213735e-11, 5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04,
-              4.89352455891786e-03):
-        p = x2 * p + f(c)
+    p = step(x2, TANH_P[0], TANH_P[1])
+    for c in TANH_P[2:]:
+        p = step(x2, p, c)
     p = xc * p
-    q = x2 * f(1.19825839466702e-06) + f(1.18534705686654e-04)
-    for c in (2.26843463243900e-03, 4.89352518554385e-03):
-        q = x2 * q + f(c)
+    q = step(x2, TANH_Q[0], TANH_Q[1])
+    for c in TANH_Q[2:]:
+        q = step(x2, q, c)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(np.abs(x) < f(4e-4), x, p / q)
+        return np.where(np.abs(x) < np.float32(4e-4), x, p / q)
+
+
+def tanh_exact_rational(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(R, kappa_P): the rational at the float32 x2 in float64, and the condition number of P there."""
+    xc = np.clip(x, -TANH_CLAMP, TANH_CLAMP)
+    x2 = (xc * xc).astype(np.float64)
+    p, q = np.zeros_like(x2), np.zeros_like(x2)
+    magnitude = np.zeros_like(x2)
+    for c in TANH_P:
+        p, magnitude = p * x2 + np.float64(c), magnitude * x2 + abs(np.float64(c))
+    for c in TANH_Q:
+        q = q * x2 + np.float64(c)
+    small = np.abs(x) < np.float32(4e-4)
+    return np.where(small, x.astype(np.float64), xc * p / q), magnitude / np.abs(p)
+
+
+def ulps_from(actual: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """|actual - exact| in ulps of float32 at |exact| (np.spacing of it rounded to float32)."""
+    return np.abs(actual.astype(np.float64) - exact) / np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+
+
+@functools.cache
+def tanh_grid() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x, R, kappa_P): every 128th float32 from 4e-4 to 8 (940 000 values, evenly spread over the
+    binades), their negatives (tanh_rational is odd in every operation), and the edges (the |x| < 4e-4
+    branch, the clamp, huge and tiny values)."""
+    ladder = np.arange(np.float32(4e-4).view(np.int32), np.float32(8).view(np.int32), 128,
+                       dtype=np.int32).view(np.float32)
+    edges = np.float32([0, 4e-4, -4e-4, 3.9e-4, TANH_CLAMP, -TANH_CLAMP, -8, 10, 100, 1e30, 1e-30, -1e-38])
+    x = np.concatenate([ladder, -ladder[::7], edges])
+    return (x, *tanh_exact_rational(x))
+
+
+def test_fma_emulation_is_correctly_rounded():
+    """fma32 against exact rational arithmetic, including a tie that a float64 sum would break wrongly."""
+    # a b = 4097 * 16773121 * 2^-60 = (2^36 + 1) 2^-60 exactly, so 1 + a b = 1 + 2^-24 + 2^-60: just above
+    # the midpoint between 1 and 1 + 2^-23. The float64 sum drops 2^-60 and its float32 rounding is the
+    # tie, rounded to even (1.0); the correctly rounded float32 is 1 + 2^-23.
+    a, b, one = np.float32(4097 * 2.0**-36), np.float32(16773121 * 2.0**-24), np.float32(1)
+    assert np.float32(np.float64(a) * np.float64(b) + 1.0) == one  # what double rounding gives
+    assert fma32(np.array([a]), np.array([b]), one)[0] == np.float32(1 + 2.0**-23)
+    g = np.random.default_rng(0)
+    a, b, c = ((g.standard_normal(400) * 2.0 ** g.integers(-30, 30, 400)).astype(np.float32) for _ in range(3))
+    for x, y, z, got in zip(a, b, c, fma32(a, b, c)):
+        exact = Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z))
+        near = np.float32(float(exact))  # within one float32 of the correctly rounded value
+        candidates = [np.nextafter(near, np.float32(-np.inf)), near, np.nextafter(near, np.float32(np.inf))]
+        best = min(candidates, key=lambda v: (abs(Fraction(float(v)) - exact), int(v.view(np.int32)) & 1))
+        assert got == best, (x, y, z)
+
+
+@pytest.mark.parametrize("fused,bound", [(False, TANH_ULPS), (True, TANH_ULPS_FMA)], ids=["no-fma", "fma"])
+def test_tanh_rounding_bound_holds_with_and_without_fma(fused, bound):
+    """The derived bound (comment above TANH_ULPS) on a dense grid: its premise kappa_P <= 1.024, and
+    the float32 evaluation without FMAs (the CPU paths) and with every Horner step fused (what nvcc
+    does by default) within their bounds of the exact rational."""
+    x, exact, kappa = tanh_grid()
+    assert kappa.max() <= TANH_KAPPA_P
+    actual = tanh_transcription(x, fused)
+    assert ulps_from(actual, exact).max() <= bound
+    if fused:  # the emulation changes results, so the bound is tested on something
+        assert np.mean(actual != tanh_transcription(x)) > 0.01
 
 
 @pytest.mark.parametrize("device", CPU_PATHS + CUDA_DEVICES[:1], indirect=True)
 def test_tanh_is_the_shared_rational_function(device):
     """The CPU paths and the CUDA kernels call the same function, sl_tanh in csrc/attention_pool.h
     (the CUDA activation() and the test op _tanh call it on the device). On CPU every path equals a
-    float32 transcription of it bit for bit; nvcc contracts it into FMAs, so CUDA is a few ulp away."""
-    x = np.concatenate([np.linspace(-10, 10, 200_001, dtype=np.float32),
-                        np.float32([0, 4e-4, -4e-4, 3.9e-4, 7.90531110763549805, -8, 1e-30, -1e-38, 100])])
-    expected = tanh_transcription(x)
+    float32 transcription of it bit for bit and stays within 7 ulp (4.1e-7) of the exact tanh; nvcc
+    may contract it into FMAs, so CUDA is held to the derived rounding bound around the exact rational
+    (TANH_ULPS, any contraction)."""
+    x, exact, _ = tanh_grid()
     actual = torch.ops.ser_lightning._tanh(torch.from_numpy(x).to(device)).cpu().numpy()
+    assert ulps_from(actual, exact).max() <= TANH_ULPS
     if device == "cpu":
-        np.testing.assert_array_equal(actual.view(np.int32), expected.view(np.int32))
-    else:
-        np.testing.assert_allclose(actual, expected, rtol=4e-7, atol=1e-7)
-    np.testing.assert_allclose(actual, np.tanh(x.astype(np.float64)), rtol=0, atol=4.2e-7)
+        np.testing.assert_array_equal(actual.view(np.int32), tanh_transcription(x).view(np.int32))
+        np.testing.assert_allclose(actual, np.tanh(x.astype(np.float64)), rtol=0, atol=4.2e-7)
 
 
 # --------------------------------------------------------------------------------------------

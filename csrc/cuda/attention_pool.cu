@@ -15,6 +15,7 @@
 // projection, forms de_i and dz (into a wave buffer, zero at padding) and per-tile partials of du
 // and dbias; dW += dz^T a and da = dz W are cuBLAS GEMMs (ATen) on the wave's rows; finally
 // grad_a += alpha dc (alpha is 0 at padding, so padding rows of grad_a are exactly 0).
+// The float32 GEMMs are IEEE float32, also when the caller enables TF32 (see the backward's guard).
 //   Waves. Transient buffers (the tiles' partial contexts, dz) hold at most
 // wave_elements(kCudaWaveElements) values: a wave is a run of whole utterances, or a run of tiles of
 // one long utterance, whose softmax state and context sum then carry over to its next wave in a
@@ -107,9 +108,18 @@ struct PairRange {
 };
 
 // Shared-memory tiles of one projection step.
+//
+// Row padding (kTileStride): the loads in project_tile give the 32 lanes of a warp the pairs
+// (row r, channel k) and (r + 1, k) for k = 0..15, stored at k * stride + r. Banks are 4-byte words
+// mod 32, so with stride = 64 + 1 lane (r + 1, k) shares a bank with lane (r, k + 1): 2-way
+// conflicts on every store. With stride = 64 + 2 the banks are r + 2k and r + 1 + 2k, all 32
+// distinct. The reads (s.a[k][ty + 16 p], s.w[k][tx + 16 q]) are broadcasts or 16 consecutive
+// words for any stride. Only the layout changes: every index stays below 64.
+constexpr int kTileStride = kTileL + 2;
+static_assert(kTileL == kTileD, "ProjectionTiles pads both tiles with one stride");
 struct ProjectionTiles {
-  float a[kTileK][kTileL + 1];  // a[k][i]: channel k0 + k of position i0 + i
-  float w[kTileK][kTileD + 1];  // w[k][j]: W[d0 + j][k0 + k]
+  float a[kTileK][kTileStride];  // a[k][i]: channel k0 + k of position i0 + i
+  float w[kTileK][kTileStride];  // w[k][j]: W[d0 + j][k0 + k]
 };
 
 // acc[p][q] = z of position i0 + ty + 16 p and output d0 + tx + 16 q (0 outside the tile), where
@@ -261,8 +271,27 @@ __global__ void __launch_bounds__(kThreads) forward_merge_kernel(
   }
 }
 
-// Backward, per (tile, utterance) pair: s_i = dc . a_i + dalpha_i (warp per position) and the tile's
-// part of S = sum_i alpha_i s_i.
+// Lanes per position in backward_dot_kernel: the smallest power of two >= C, at most a warp. A warp
+// per position would leave 32 - C lanes idle for narrow features (C = 8 uses a quarter of the warp).
+__host__ __device__ inline int dot_group_width(int64_t C) {
+  int width = 1;
+  while (width < 32 && width < C) width <<= 1;
+  return width;
+}
+
+// Sum within aligned groups of `width` lanes (a power of two <= 32): xor offsets below width never
+// leave the group. Every lane of the warp must call it.
+__device__ __forceinline__ float group_sum(float v, int width) {
+  for (int offset = width / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+static_assert(kTileL % 32 == 0, "backward_dot_kernel: a tile holds whole warps' worth of positions");
+
+// Backward, per (tile, utterance) pair: s_i = dc . a_i + dalpha_i (a group of dot_group_width(C)
+// lanes per position, 32 / width positions per warp) and the tile's part of S = sum_i alpha_i s_i.
+// With width = 32 this is the former warp per position, step for step. A narrower group gives the
+// same sums: the former reduction added only zeros (lanes >= C) before its last log2(width) steps.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) backward_dot_kernel(
     const scalar_t* __restrict__ grad_context, const scalar_t* __restrict__ grad_alpha,
@@ -272,18 +301,29 @@ __global__ void __launch_bounds__(kThreads) backward_dot_kernel(
   const int64_t part = blockIdx.x;
   const int64_t b = range.utterance(part), i0 = range.tile(part) * kTileL;
   const int64_t n = checked_length(lengths, b, L);
+  const int width = dot_group_width(C), per_warp = 32 / width;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int i = warp; i < kTileL; i += kWarps) {
+  const int slot = lane / width, member = lane % width;
+  // kTileL is a multiple of per_warp (static_assert above), so every lane's i is < kTileL while base
+  // is: the loop and the shuffles in it are uniform across the warp; each i < kTileL has one group.
+  for (int base = warp * per_warp; base < kTileL; base += kWarps * per_warp) {
+    const int i = base + slot;
     const int64_t pos = i0 + i;
+    const bool valid = pos < n;
     float s = 0.f;
-    if (pos < n) {
+    if (valid) {
       const scalar_t* a_i = a + (b * L + pos) * C;
-      for (int64_t c = lane; c < C; c += 32)
+      for (int64_t c = member; c < C; c += width)
         s += static_cast<float>(grad_context[b * C + c]) * static_cast<float>(a_i[c]);
-      s = warp_sum(s) + static_cast<float>(grad_alpha[b * L + pos]);
-      if (lane == 0) s_out[b * L + pos] = s;
     }
-    if (lane == 0) weighted[i] = pos < n ? static_cast<float>(alpha[b * L + pos]) * s : 0.f;
+    s = group_sum(s, width);  // outside the branch: positions of one warp may differ in validity
+    if (member == 0) {
+      if (valid) {
+        s += static_cast<float>(grad_alpha[b * L + pos]);
+        s_out[b * L + pos] = s;
+      }
+      weighted[i] = valid ? static_cast<float>(alpha[b * L + pos]) * s : 0.f;
+    }
   }
   __syncthreads();
   if (threadIdx.x < 32) {
@@ -294,8 +334,15 @@ __global__ void __launch_bounds__(kThreads) backward_dot_kernel(
 
 // Backward, per (tile, utterance) pair of a wave: recompute the tile's projection; write dz (rows of
 // the wave buffer from row0, zero at padding) and the tile's parts of du and dbias.
+//
+// __launch_bounds__(kThreads, 3): with the maximum block size alone, ptxas (CUDA 13.0, sm_90) aims at 64
+// registers (4 blocks per SM) and spills 12 bytes (a 16-byte stack frame: 3 values reloaded in the
+// d0 loop, kept across the calls of the IEEE division's slow path in the activation; the assertion
+// call in checked_length adds to the pressure, without it 4 bytes spill). Asking for 3 blocks per SM
+// allows up to 85 registers: ptxas then uses 80, with no stack frame and no spill. 3 blocks of 256
+// threads (24 warps) is the occupancy the float32 forward tile kernel already has (68 registers).
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) backward_tile_kernel(
+__global__ void __launch_bounds__(kThreads, 3) backward_tile_kernel(
     const scalar_t* __restrict__ a, const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
     const scalar_t* __restrict__ u, const scalar_t* __restrict__ alpha, float lam, const int64_t* __restrict__ lengths,
     int64_t L, int64_t C, int64_t D, PairRange range, int64_t row0, const float* __restrict__ s_in,
@@ -303,8 +350,12 @@ __global__ void __launch_bounds__(kThreads) backward_tile_kernel(
     float* __restrict__ part_db) {
   __shared__ ProjectionTiles tiles;
   __shared__ float de[kTileL];
-  __shared__ float red_u[16][kTileD];
-  __shared__ float red_b[16][kTileD];
+  // Rows padded to kTileD + 16 words: a warp writes red[ty][tx + 16 q] for two consecutive ty and
+  // tx = 0..15. With rows of 64 words both halves hit the same 16 banks (2-way conflicts); a row
+  // stride of 80 words (16 mod 32) moves the second half to the other 16 banks. The column sums
+  // read red[r][threadIdx.x], consecutive words: conflict-free either way.
+  __shared__ float red_u[16][kTileD + 16];
+  __shared__ float red_b[16][kTileD + 16];
   const int64_t part = blockIdx.x;
   const int64_t b = range.utterance(part), i0 = range.tile(part) * kTileL;
   const int64_t n = checked_length(lengths, b, L);
@@ -456,6 +507,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_pool_backward_cuda(
   const bool is_float = a.scalar_type() == at::kFloat;
   const auto f32 = a.options().dtype(at::kFloat);
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  // The float32 GEMMs below (dW, da) run in IEEE float32 whatever the global TF32 setting
+  // (torch.backends.cuda.matmul.fp32_precision, torch.set_float32_matmul_precision): the forward's
+  // projection is an IEEE float32 GEMM of its own, and the documented float32 accuracy (1e-4 of the
+  // float64 reference) needs both. TF32 rounds the GEMM inputs to 10 mantissa bits, about 1e-3 relative
+  // error at these sizes. The guard is thread-local and restores the previous state when it ends.
+  const at::NoTF32Guard no_tf32;
 
   // s_i and S for every utterance (S needs all of its positions before any de_i).
   Tensor s = at::empty({B, L}, f32), part_s = at::empty({B, T}, f32);
