@@ -27,7 +27,7 @@ CSV columns, one ``window=all`` row per file plus one row per window of a long r
   the mean of the window probabilities when the recording was split into windows).
 
 JSON: a list with one object per file: ``path``, ``status``, ``error``, ``note``, ``duration_s``,
-``emotion``, ``probabilities`` ({class: p}), ``windows`` (a list of {``start_s``, ``end_s``,
+``emotion``, ``probabilities`` ({class: p}), ``windows`` (a list of {``start_s``, ``end_s``, ``speech``,
 ``emotion``, ``probabilities``}) and ``plot`` (the PNG written, or null).
 
 `python -m ser_lightning export --ckpt_path CKPT --format onnx OUT.onnx`: see ``ser_lightning.inference.export``.
@@ -232,8 +232,8 @@ def json_records(results: Sequence[FileResult]) -> list[dict]:
             "duration_s": p.duration if p else None,
             "emotion": p.label if p else None,
             "probabilities": p.probabilities if p else None,
-            "windows": [{"start_s": w.start, "end_s": w.end, "emotion": w.label, "probabilities": w.probabilities}
-                        for w in p.windows] if p else [],
+            "windows": [{"start_s": w.start, "end_s": w.end, "speech": w.speech, "emotion": w.label,
+                         "probabilities": w.probabilities} for w in p.windows] if p else [],
             "plot": result.plot,
         })
     return records
