@@ -139,7 +139,7 @@ def test_all_good_files_exit_0_with_documented_json(seed1d_checkpoint, speech, t
     assert records["a.wav"]["windows"] == []
     windows = records["long.wav"]["windows"]
     assert len(windows) >= 3
-    assert set(windows[0]) == {"start_s", "end_s", "emotion", "probabilities"}
+    assert set(windows[0]) == {"start_s", "end_s", "speech", "emotion", "probabilities"}
     assert windows[-1]["end_s"] == pytest.approx(records["long.wav"]["duration_s"], abs=1e-3)
 
 

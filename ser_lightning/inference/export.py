@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ser_lightning.functionals import speaker_stats_width
 from ser_lightning.errors import DataError
 from ser_lightning.models.attention import AttentionPool
 from ser_lightning.outputs import atomic_path
@@ -77,6 +78,11 @@ class ExportWrapper(nn.Module):
 def _speaker_input(module: nn.Module) -> bool:
     """Whether the exported model takes each utterance's speaker statistics as a third input."""
     return module.hparams["normalization"] == "speaker"
+
+
+def _speaker_width(module: nn.Module) -> int:
+    """W of the (B, 2, W) speaker statistics: the feature rows, then the prosodic functionals with the pitch rows."""
+    return speaker_stats_width(module.hparams["num_features"], bool(module.hparams.get("pitch_rows", False)))
 
 
 def exportable(module: nn.Module) -> ExportWrapper:
@@ -153,9 +159,12 @@ def _parity_inputs(module: nn.Module, export_min: int) -> list[tuple[Tensor, Ten
         features = module.feature_mean[None, :, None].cpu() + module.feature_std[None, :, None].cpu() * noise
         mask = torch.arange(frames)[None, :] < torch.tensor(lengths)[:, None]
         case = (features * mask[:, None, :], torch.tensor(lengths, dtype=torch.int64))
-        if _speaker_input(module):  # speakers near the training statistics
+        if _speaker_input(module):  # speakers near the training statistics; functionals around a unit z-score
             mean = module.feature_mean.cpu() + 0.1 * torch.randn(batch, module.hparams.num_features, generator=generator)
             std = module.feature_std.cpu() * (1 + 0.1 * torch.rand(batch, module.hparams.num_features, generator=generator))
+            extra = _speaker_width(module) - module.hparams.num_features
+            mean = torch.cat([mean, torch.randn(batch, extra, generator=generator)], dim=1)
+            std = torch.cat([std, 1 + torch.rand(batch, extra, generator=generator)], dim=1)
             case += (torch.stack([mean, std], dim=1),)
         inputs.append(case)
     return inputs
@@ -169,7 +178,8 @@ def _metadata(module: nn.Module, feature: Any) -> dict[str, str]:
         "num_features": str(hparams["num_features"]),
         "min_input_frames": str(module.model.min_input_frames),
         "inputs": "features (B, F, N) float32 raw features zero-padded in time; lengths (B,) int64 valid frames"
-        + ("; speaker_stats (B, 2, F) float32 mean and std of each utterance's speaker" if _speaker_input(module) else ""),
+        + (f"; speaker_stats (B, 2, {_speaker_width(module)}) float32 mean and std of each utterance's speaker "
+           "(its feature rows, then its prosodic functionals)" if _speaker_input(module) else ""),
         "outputs": "probabilities (B, K); alpha (B, L) attention weights",
     }
     if feature is not None:
@@ -209,7 +219,8 @@ def _export_and_check(module: nn.Module, path: Path, feature: Any, tolerance: fl
     dynamic = {"features": {0: batch, 2: frames}, "lengths": {0: batch}}
     input_names = list(INPUT_NAMES)
     if _speaker_input(wrapper.module):
-        example += (torch.stack([torch.zeros(2, num_features), torch.ones(2, num_features)], dim=1),)
+        width = _speaker_width(wrapper.module)
+        example += (torch.stack([torch.zeros(2, width), torch.ones(2, width)], dim=1),)
         dynamic["speaker_stats"] = {0: batch}
         input_names.append("speaker_stats")
     with warnings.catch_warnings():  # the inputs share the batch axis, which the exporter remarks on

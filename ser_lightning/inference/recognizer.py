@@ -238,7 +238,7 @@ class EmotionRecognizer:
         jobs = [WindowJob(StreamEvent(k, 0.0, w.numel() / self.sample_rate, True), self.extractor(w.to(self.device)).cpu(),
                           None if stats is None else stats[0].cpu(), attention=True, keep_features=True,
                           min_confidence=self.min_confidence if min_confidence is None else min_confidence,
-                          name=names[k] if k < len(names) else f"waveform {k}")
+                          name=names[k] if k < len(names) else f"waveform {k}", peak=float(w.abs().max()))
                 for k, w in enumerate(waves)]
         return self.classify(jobs)
 
@@ -333,7 +333,7 @@ class EmotionRecognizer:
         waves = [self._prepare(w, sample_rate, k) for k, w in enumerate(waveforms)]
         short = [k for k, w in enumerate(waves) if w.numel() <= self.window_samples]
         segments = dict(zip(short, self._classify([waves[k] for k in short], speaker_stats,
-                                                  [f"waveform {k}" for k in short])))
+                                                  names=[f"waveform {k}" for k in short])))
         results: list[Prediction] = []
         for k, wave in enumerate(waves):
             if k in segments:

@@ -103,6 +103,7 @@ class WindowJob:
     keep_features: bool = False
     min_confidence: float | None = None
     name: str = ""  # how errors name it
+    peak: float | None = None  # the largest sample magnitude, when known (for errors)
 
 
 class IncrementalResampler:
@@ -529,8 +530,9 @@ def classify_jobs(recognizer: EmotionRecognizer, jobs: Sequence[WindowJob]) -> l
         finite = torch.isfinite(probabilities).all(dim=1)
         if not bool(finite.all()):
             k = int((~finite).nonzero()[0])
+            peak = f"the samples peak at {group[k].peak:.3g}" if group[k].peak is not None else "the input lies"
             raise AudioError(f"{group[k].name or 'window'}: the model's output is not finite (NaN or infinite), so no "
-                             "emotion can be given; the input lies far outside [-1, 1], the range of audio samples")
+                             f"emotion can be given; {peak} far outside [-1, 1], the range of audio samples")
         for k, job in enumerate(group):
             event = job.event
             label, event.probabilities = recognizer.named(probabilities[k])
