@@ -23,8 +23,9 @@ CSV columns, one ``window=all`` row per file plus one row per window of a long r
 - ``duration_s``: duration of the recording in seconds;
 - ``window``: ``all`` for the utterance-level row, else the window index 0, 1, ...;
 - ``start_s`` / ``end_s``: the span the row covers (0 and the duration for ``all``);
-- ``emotion``: the predicted emotion; ``p_<class>``: the probability of each class (for ``all``
-  the mean of the window probabilities when the recording was split into windows).
+- ``emotion``: the predicted emotion (``uncertain`` when its probability is below ``--min_confidence``);
+  ``p_<class>``: the probability of each class (calibrated with the checkpoint's temperature; for ``all`` the mean
+  of the window probabilities of the windows with speech when the recording was split into windows).
 
 JSON: a list with one object per file: ``path``, ``status``, ``error``, ``note``, ``duration_s``,
 ``emotion``, ``probabilities`` ({class: p}), ``windows`` (a list of {``start_s``, ``end_s``, ``speech``,
@@ -261,7 +262,7 @@ def format_table(results: Sequence[FileResult]) -> str:
             continue
         status = ("ok" if r.ok else f"error: {r.error}") + (f" ({len(p.windows)} windows)" if p.windows else "")
         status += f"; {p.note}" if p.note else ""
-        lines.append((r.path, p.label, f"{p.probabilities[p.label]:.2f}", f"{p.duration:.2f} s", status))
+        lines.append((r.path, p.label, f"{max(p.probabilities.values()):.2f}", f"{p.duration:.2f} s", status))
     widths = [max(len(row[i]) for row in lines) for i in range(4)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4] for row in lines)
 
@@ -297,7 +298,12 @@ def predict_main(argv: list[str]) -> None:
     parser.add_argument("--speaker_groups", choices=("folder", "file"), default="folder",
                         help="for models with speaker normalisation: the files of one folder are one speaker "
                              "(default), or every file is its own")
+    parser.add_argument("--min_confidence", type=float,
+                        help="below this top probability (after the checkpoint's calibration) the emotion is "
+                             "'uncertain'; the probabilities are still written")
     args = parser.parse_args(argv)
+    if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
+        parser.error(f"--min_confidence: expected a probability in [0, 1], got {args.min_confidence}")
     if args.output is not None:
         if args.output.suffix.lower() not in (".csv", ".json"):
             parser.error(f"--output: expected a .csv or .json file name, got {args.output}")
@@ -307,6 +313,7 @@ def predict_main(argv: list[str]) -> None:
     recognizer = EmotionRecognizer.from_checkpoint(
         args.ckpt_path, device=args.device, window_seconds=args.window_seconds,
         hop_seconds=args.hop_seconds, batch_size=args.batch_size, trusted=args.trust_checkpoint,
+        min_confidence=args.min_confidence,
     )
     ignored: list[str] = []
     unused: list[Skipped] = []
