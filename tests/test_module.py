@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from ser_lightning.callbacks import FigureCallback, ThrottledProgressBar
 from ser_lightning.data.batches import collate_utterances
+from ser_lightning.models.heads import HEADS, StatisticsHead
 from ser_lightning.models.module import SERModule, class_weights_from_counts
 from ser_lightning.normalization import feature_stats
 from ser_lightning.ops import fused_available
@@ -143,6 +144,28 @@ def test_statistics_head_adds_its_logits_and_gets_its_own_loss():
     expected = sum(torch.nn.functional.cross_entropy(logits, batch["labels"])
                    for logits in (step.output.logits, attention_logits, statistics_logits))
     torch.testing.assert_close(loss, expected)
+
+
+class PlainHead(StatisticsHead):
+    """A mode added by a test: trained with the network through the combined logits only (no loss of its own)."""
+
+    name = "plain"
+
+
+def test_a_new_statistics_head_is_one_class_and_its_registration(monkeypatch):
+    with pytest.raises(ValueError, match=r"model\.statistics_head must be one of \('none', 'joint', 'logistic'\), got 'plain'"):
+        make_module(statistics_head="plain")
+    monkeypatch.setitem(HEADS, PlainHead.name, PlainHead)
+    module = make_module(statistics_head="plain", mixup_alpha=0.4)
+    batch = fake_batch()
+    step, loss = module.model_step(batch)
+    attention_logits, statistics_logits = step.head_logits
+    torch.testing.assert_close(step.output.logits, attention_logits + statistics_logits)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(step.output.logits, batch["labels"],
+                                                                       weight=module.class_weights))
+    torch.manual_seed(0)
+    module.training_step(batch, 0).backward()  # mixup: its logits join the mixed ones, and it learns from them
+    assert module.statistics_head.linear.weight.grad.abs().sum() > 0
 
 
 def test_speaker_normalisation_needs_the_speaker_statistics():
