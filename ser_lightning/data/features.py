@@ -210,6 +210,11 @@ class FrameKind(FeatureKind):
             raise ValueError(f"data.feature.n_fft: {r.n_fft} is smaller than the window ({r.win_length} samples)")
         if r.hop_length < 1:
             raise ValueError(f"data.feature.hop_ms: {cfg.hop_ms} ms is shorter than one sample")
+        cls.check_frames(r)
+
+    @classmethod
+    def check_frames(cls, r: ResolvedFeatures) -> None:
+        """Raise ValueError naming the option whose resolved value ``r`` this kind cannot compute (nothing here)."""
 
 
 class LogMel(FrameKind):
@@ -222,9 +227,7 @@ class LogMel(FrameKind):
         return resolved.n_mels
 
     @classmethod
-    def check(cls, cfg: FeatureConfig) -> None:
-        super().check(cfg)
-        r = cls.resolve(cfg)
+    def check_frames(cls, r: ResolvedFeatures) -> None:
         if r.f_max > r.sample_rate / 2:
             raise ValueError(f"data.feature.f_max: {r.f_max} Hz is above the Nyquist frequency {r.sample_rate / 2} Hz")
 
@@ -255,9 +258,7 @@ class Spectrogram(FrameKind):
         return resolved.n_bins
 
     @classmethod
-    def check(cls, cfg: FeatureConfig) -> None:
-        super().check(cfg)
-        r = cls.resolve(cfg)
+    def check_frames(cls, r: ResolvedFeatures) -> None:
         if r.n_bins > r.n_fft // 2 + 1:
             raise ValueError(f"data.feature.n_bins: {r.n_bins} exceeds the {r.n_fft // 2 + 1} bins of an {r.n_fft}-point DFT")
 
