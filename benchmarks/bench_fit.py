@@ -36,11 +36,11 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from common import environment, goal, print_environment, print_goals, set_threads, write_json
+from common import QUICK_SPLIT, environment, fit_args, goal, print_environment, print_goals, set_threads, write_json
 from ser_lightning.runtime import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK_DATA = ["--data.synthetic_actors=6", "--data.num_folds=3", "--data.num_val_speakers=1"]
+QUICK_DATA = ["--data.synthetic_actors=6", *QUICK_SPLIT]
 PREPARE = """import sys
 from ser_lightning.lightning_cli import build_cli
 data = build_cli(sys.argv[1:]).datamodule
@@ -54,8 +54,7 @@ def demo_epoch(args: argparse.Namespace, cache: Path, workdir: Path) -> dict[str
     from ser_lightning.lightning_cli import build_cli
 
     extra = QUICK_DATA if args.quick else []
-    options = [f"--trainer.max_epochs={args.epochs}", f"--trainer.default_root_dir={workdir}",
-               f"--data.cache_dir={cache}", *extra]
+    options = fit_args(workdir, cache, args.epochs, *extra)
     # the corpus and feature cache are built by another process, as every fit but a user's first finds them
     subprocess.run([sys.executable, "-c", PREPARE, *options], check=True, capture_output=True)
     cli = build_cli(options)

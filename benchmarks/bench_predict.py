@@ -27,8 +27,8 @@ from typing import Any
 import soundfile as sf
 import torch
 
-from common import (environment, format_table, goal, print_environment, print_goals, require_positive, set_threads,
-                    write_json)
+from common import (QUICK_SPLIT, environment, fit_args, format_table, goal, print_environment, print_goals,
+                    require_positive, set_threads, write_json)
 from ser_lightning.data.records import DEFAULT_EMOTIONS
 from ser_lightning.data.synth import synthesize_corpus
 from ser_lightning.inference.commands import predict_main
@@ -41,9 +41,8 @@ def train_tiny_checkpoint(corpus: Path, workdir: Path) -> Path:
     """One epoch of the demo configuration on `corpus` through the command line; returns its checkpoint."""
     from ser_lightning.lightning_cli import fit_main
 
-    fit_main([f"--data.root={corpus}", f"--data.cache_dir={workdir / 'cache'}", "--data.num_folds=3",
-              "--data.num_val_speakers=1", "--trainer.max_epochs=1", f"--trainer.default_root_dir={workdir}",
-              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--test_after_fit=false"])
+    fit_main(fit_args(workdir, workdir / "cache", 1, f"--data.root={corpus}", *QUICK_SPLIT,
+                      "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--test_after_fit=false"))
     checkpoints = sorted(workdir.rglob("epoch*.ckpt"))
     if not checkpoints:
         raise SystemExit(f"training wrote no checkpoint under {workdir}")

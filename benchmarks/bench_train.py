@@ -31,6 +31,7 @@ from common import (CPU_MEMORY_NOTE, environment, format_table, goal, interleave
                     print_environment, print_goals, require_positive, resolve_device, set_threads, write_json)
 from ser_lightning.models.seed1d import Seed1D
 from ser_lightning.ops import fused, fused_available
+from ser_lightning.padding import length_mask
 from ser_lightning.models.zhang2d import Zhang2D
 
 NUM_CLASSES = 4
@@ -45,7 +46,7 @@ def make_batches(arch: str, batch_size: int, frames: int, count: int, device: to
     for _ in range(count):
         lengths = torch.randint(int(0.8 * frames), int(1.2 * frames) + 1, (batch_size,), generator=g)
         features = torch.randn(batch_size, FEATURES[arch], int(lengths.max()), generator=g)
-        features *= (torch.arange(features.shape[-1]) < lengths[:, None, None]).float()
+        features *= length_mask(lengths, features.shape[-1]).unsqueeze(1)
         labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=g)
         batches.append({"features": features.to(device), "lengths": lengths.to(device), "labels": labels.to(device)})
     return batches

@@ -65,6 +65,17 @@ def print_environment(env: dict[str, Any]) -> None:
               "CPU, so timings are noisy (an intra-op parallel region can wait a whole scheduler time slice)")
 
 
+QUICK_SPLIT = ("--data.num_folds=3", "--data.num_val_speakers=1")
+"""The split of a smoke test's small corpus (6 speakers: too few for 5 folds of 2 validation speakers)."""
+
+
+def fit_args(root_dir: Path, cache_dir: Path, epochs: int, *extra: str) -> list[str]:
+    """Options of a benchmark's fit of the demo configuration: ``epochs``, logs under ``root_dir``, features
+    cached in ``cache_dir``, then ``extra``."""
+    return [f"--trainer.max_epochs={epochs}", f"--trainer.default_root_dir={root_dir}", f"--data.cache_dir={cache_dir}",
+            *extra]
+
+
 def set_threads(threads: int | None) -> None:
     if threads is not None:
         if threads < 1:

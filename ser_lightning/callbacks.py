@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -29,6 +28,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from ser_lightning.data.batches import Batch
 from ser_lightning.errors import DataError
 from ser_lightning.models.layers import ModelOutput
+from ser_lightning.padding import pad_last
 
 
 class FigureCallback(Callback):
@@ -110,7 +110,7 @@ class FigureCallback(Callback):
         for row in range(len(samples["labels"])):
             length, positions = int(samples["lengths"][row]), int(samples["positions"][row])
             # the model pads clips shorter than its receptive field with silence: show that padding too
-            features = F.pad(samples["features"][row, :, :length], (0, max(0, min_frames - length)))
+            (features,), _ = pad_last([samples["features"][row, :, :length]], min_size=min_frames)
             grid = samples["grid"]
             shape = (positions,) if grid is None else (grid[0], positions // grid[0])
             figure = attention_figure(

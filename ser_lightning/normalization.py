@@ -11,16 +11,23 @@ Modes (``data.normalization``, linked to ``model.normalization``):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 from torch import Tensor
 
 from ser_lightning.padding import length_mask
 
-NORMALIZATIONS = ("global", "speaker", "utterance", "none")
 Normalization = Literal["global", "speaker", "utterance", "none"]
+NORMALIZATIONS: tuple[str, ...] = get_args(Normalization)
 STD_FLOOR = 1e-5
 """Standard deviations are clamped to at least this, so constant rows do not divide by zero."""
+
+
+def check_normalization(mode: str, option: str) -> None:
+    """Raise ValueError naming ``option`` unless ``mode`` is a normalisation mode: the one check, made where the
+    configuration enters (the ``data:`` and ``model:`` sections); ``normalize`` trusts its mode."""
+    if mode not in NORMALIZATIONS:
+        raise ValueError(f"{option}: '{mode}' is not one of {list(NORMALIZATIONS)}")
 
 
 def feature_stats(features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -54,6 +61,4 @@ def normalize(
         mu = (x * mask).sum(dim=-1, keepdim=True) / count
         var = ((x - mu).pow(2) * mask).sum(dim=-1, keepdim=True) / count
         x = (x - mu) / var.sqrt().clamp_min(STD_FLOOR)
-    elif mode != "none":
-        raise ValueError(f"normalize: unknown mode {mode!r}; choose from {list(NORMALIZATIONS)}")
     return x * mask

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_CONFIG, failing_command, tiny_args
+from conftest import TINY_CONFIG, TINY_EMOTIONS, failing_command, tiny_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ser_lightning.cli import COMMANDS, main
 from ser_lightning.configs import config_dirs
+from ser_lightning.data.corpora import scan_corpus
+from ser_lightning.data.folds import SplitConfig, make_fold_plan
 from ser_lightning.runtime import cache_cuda_check, keep_freed_memory
 
 
@@ -93,7 +95,13 @@ def test_predict_split_writes_every_test_utterance(seed1d_checkpoint, tiny_corpu
     rows = output.read_text().splitlines()
     assert rows[0] == "path,speaker,label,emotion,p_neutral,p_happy,p_sad,p_angry"
     assert len(rows) == 1 + 2 * 28  # two test speakers of 28 files each
-    assert {row.split(",")[1] for row in rows[1:]} and "56 test utterances predicted" in capsys.readouterr().out
+    assert "56 test utterances predicted" in capsys.readouterr().out
+    data = yaml.safe_load(TINY_CONFIG.read_text())["data"]  # the test speakers of the configuration's fold 0
+    split = SplitConfig(num_folds=data["num_folds"], num_val_speakers=data["num_val_speakers"])
+    plan = make_fold_plan(scan_corpus("ravdess", tiny_corpus, TINY_EMOTIONS).utterances, TINY_EMOTIONS, split)
+    speakers = [row.split(",")[1] for row in rows[1:]]
+    assert set(speakers) == set(plan.test_speakers) and len(plan.test_speakers) == 2
+    assert [Path(row.split(",")[0]).parent.name for row in rows[1:]] == [f"Actor_{s}" for s in speakers]
     assert all(abs(sum(map(float, row.split(",")[4:])) - 1) < 1e-4 for row in rows[1:])
 
 

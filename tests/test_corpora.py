@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import failing_command
+from conftest import failing_command, tiny_args
 
 from ser_lightning.cli import main
 from ser_lightning.data.corpora import CORPORA, corpus_classes, scan_corpus
@@ -15,7 +15,7 @@ from ser_lightning.data.cremad import parse_cremad_name
 from ser_lightning.data.datamodule import SERDataModule
 from ser_lightning.data.emodb import parse_emodb_name
 from ser_lightning.normalization import feature_stats
-from ser_lightning.data.folds import make_fold_plan
+from ser_lightning.data.folds import SplitConfig, make_fold_plan
 from ser_lightning.data.manifest import scan_manifest
 from ser_lightning.data.records import DEFAULT_EMOTIONS, EMOTIONS, CorpusError
 from ser_lightning.data.savee import parse_savee_name
@@ -203,7 +203,7 @@ def test_speaker_independent_folds_per_corpus(layouts, layout):
     num_folds = min(3, SPEAKERS[layout] - 1)
     tested = set()
     for fold in range(num_folds):
-        plan = make_fold_plan(utterances, DEFAULT_EMOTIONS, num_folds=num_folds, fold=fold, num_val_speakers=1)
+        plan = make_fold_plan(utterances, DEFAULT_EMOTIONS, SplitConfig(num_folds=num_folds, fold=fold, num_val_speakers=1))
         train, val, test = (set(getattr(plan, f"{s}_speakers")) for s in ("train", "val", "test"))
         assert train and val and test and not (train & val or train & test or val & test)
         assert sorted(plan.train + plan.val + plan.test) == list(range(len(utterances)))
@@ -261,13 +261,8 @@ def test_cross_corpus_datamodule_intersects_classes(layouts, tmp_path):
 
 
 def test_cross_corpus_fit_and_test_through_the_cli(layouts, tmp_path, capsys):
-    main([
-        "fit", f"--data.root={layouts['cremad']}", "--data.corpus=cremad", f"--data.test_root={layouts['tess']}",
-        "--data.test_corpus=tess", "--data.num_val_speakers=1", "--data.batch_size=16",
-        f"--data.cache_dir={tmp_path / 'cache'}", "--trainer.max_epochs=1", "--trainer.accelerator=cpu",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-        f"--trainer.default_root_dir={tmp_path}",
-    ])
+    main(["fit", *tiny_args(layouts["cremad"], tmp_path, "--data.corpus=cremad", f"--data.test_root={layouts['tess']}",
+                            "--data.test_corpus=tess")])
     out = capsys.readouterr().out
     assert "validation: WA" in out and "test: WA" in out
     config = (tmp_path / "lightning_logs" / "version_0" / "config.yaml").read_text()

@@ -1,11 +1,16 @@
 """Features, their configuration, the pitch rows and SpecAugment."""
 from __future__ import annotations
 
+import hashlib
+
 import pytest
+import soundfile as sf
 import torch
+from torch import nn
 
 from ser_lightning.data.features import (
-    FeatureConfig, FeatureExtractor, SpecAugment, SpecAugmentConfig,
+    FEATURE_KINDS, LOG_FLOOR, FeatureConfig, FeatureExtractor, FrameKind, ResolvedFeatures, SpecAugment,
+    SpecAugmentConfig,
 )
 
 
@@ -84,6 +89,16 @@ def test_config_key_distinguishes_parameters():
     assert FeatureConfig().key() != FeatureConfig(trim_silence=True).key()
 
 
+@pytest.mark.parametrize("options, folder", [
+    ({}, "2a807d68fb173414"), ({"name": "spectrogram"}, "04c8f3eb75f04bcc"),
+    ({"name": "loudness_contour"}, "e11b57f3474b7403"), ({"pitch": True}, "6edcfa4c9b1d38b8"),
+    ({"name": "ssl"}, "322bb40cf0f7a43d"),
+])
+def test_config_keys_of_earlier_versions_still_name_their_cache_folders(options, folder):
+    """Existing feature caches stay valid: each kind's default key hashes to the folder it has always had."""
+    assert hashlib.sha256(FeatureConfig(**options).key().encode()).hexdigest()[:16] == folder
+
+
 def test_config_key_names_the_feature_code_version(monkeypatch):
     """Features computed by an older version of the code are never reused for the same options."""
     from ser_lightning.data import features
@@ -91,6 +106,61 @@ def test_config_key_names_the_feature_code_version(monkeypatch):
     before = FeatureConfig(pitch=True).key()
     monkeypatch.setattr(features, "FEATURE_CODE_VERSION", features.FEATURE_CODE_VERSION + 1)
     assert FeatureConfig(pitch=True).key() != before
+
+
+class FrameEnergy(FrameKind):
+    """A kind added by a test: the log mean power of each frame, one row."""
+
+    name = "frame_energy"
+
+    @classmethod
+    def rows(cls, resolved: ResolvedFeatures) -> int:
+        return 1
+
+    def raw(self, wave: torch.Tensor) -> torch.Tensor:
+        half = self.cfg.n_fft // 2
+        frames = nn.functional.pad(wave, (half, half)).unfold(-1, self.cfg.n_fft, self.cfg.hop_length)
+        return torch.log(frames.pow(2).mean(-1) + LOG_FLOOR).unsqueeze(-2)
+
+
+def test_a_new_kind_is_one_class_and_its_registration(monkeypatch, tmp_path):
+    """Registered, a kind is configured, checked, extracted (with the pitch rows) and cached like the others."""
+    from ser_lightning.data.loading import load_features
+    from ser_lightning.data.records import Utterance
+
+    with pytest.raises(ValueError, match="data.feature.name: unknown feature 'frame_energy'"):
+        FeatureConfig(name="frame_energy")
+    monkeypatch.setitem(FEATURE_KINDS, FrameEnergy.name, FrameEnergy)
+    config = FeatureConfig(name="frame_energy", hop_ms=20)
+    extractor = FeatureExtractor(config)
+    assert (config.num_features, extractor.hop_length, extractor.local) == (1, 320, True)
+    with pytest.raises(ValueError, match="data.feature.n_fft: 256 is smaller than the window"):
+        FeatureConfig(name="frame_energy", n_fft=256)
+    with pytest.raises(ValueError, match="data.feature.ssl_model: applies to name: ssl only"):
+        FeatureConfig(name="frame_energy", ssl_model="WAVLM_BASE")
+
+    # a 0.1-amplitude tone: mean power 0.005 in every frame that the zero padding leaves whole
+    tone = 0.1 * torch.sin(2 * torch.pi * 440 * torch.arange(16000) / 16000)
+    features = extractor(tone)
+    assert features.shape == (1, extractor.frames(16000)) == (1, 51)
+    assert torch.allclose(features[0, 2:-2].exp(), torch.full((47,), 0.005), rtol=0.02)
+    assert torch.equal(extractor(torch.stack([tone, tone]))[1], features)
+    with_pitch = FeatureExtractor(FeatureConfig(name="frame_energy", hop_ms=20, pitch=True))
+    assert with_pitch.num_features == 3 and torch.equal(with_pitch(tone)[:1], features)
+
+    files = []
+    for k, amplitude in enumerate((0.1, 0.3)):
+        files.append(tmp_path / f"tone{k}.wav")
+        sf.write(str(files[-1]), (amplitude / 0.1 * tone).numpy(), 16000, subtype="FLOAT")
+    utterances = [Utterance(path, "neutral", "01", None, "manifest") for path in files]
+    first = load_features(utterances, config, tmp_path / "cache")
+    assert torch.equal(first.features[0], features) and first.features[1].mean() > features.mean() + 2
+    cached = list((tmp_path / "cache" / "features").iterdir())
+    assert [folder.name for folder in cached] == [hashlib.sha256(config.key().encode()).hexdigest()[:16]]
+    assert "'frame_energy'" in config.key() and config.key() != FeatureConfig(hop_ms=20).key()
+    monkeypatch.setattr(FrameEnergy, "raw", lambda *_: pytest.fail("computed again instead of read from the cache"))
+    again = load_features(utterances, config, tmp_path / "cache")
+    assert all(torch.equal(a, b) for a, b in zip(again.features, first.features))
 
 
 def test_spec_augment_masks_without_changing_shape():

@@ -5,15 +5,15 @@ from collections import Counter
 
 import pytest
 
-from ser_lightning.data.folds import format_fold_plan, make_fold_plan
+from ser_lightning.data.folds import SplitConfig, format_fold_plan, make_fold_plan
 
 CLASSES = ["neutral", "happy", "sad", "angry"]  # the classes of the utterance_factory fixture
 
 
 def plans(utterances, num_folds=5, random_seed=0, protocol="speaker_independent", num_val_speakers=2):
     return [
-        make_fold_plan(utterances, CLASSES, num_folds=num_folds, fold=k, protocol=protocol, random_seed=random_seed,
-                       num_val_speakers=num_val_speakers)
+        make_fold_plan(utterances, CLASSES, SplitConfig(protocol=protocol, num_folds=num_folds, fold=k,
+                                                        num_val_speakers=num_val_speakers, random_seed=random_seed))
         for k in range(num_folds)
     ]
 
@@ -74,14 +74,32 @@ def test_random_protocol_differs_and_mixes_speakers(utterance_factory):
     "kwargs, message",
     [({"num_folds": 30}, "data.num_folds=30 but the corpus has 24 speakers"),
      ({"num_val_speakers": 19}, "data.num_val_speakers=19"), ({"num_val_speakers": 23}, "too few for speaker-independent"),
-     ({"protocol": "random", "num_folds": 700}, "data.num_folds=700 but the corpus has 672 utterances"),
-     ({"protocol": "leave_one_out"}, "unknown protocol")],
+     ({"protocol": "random", "num_folds": 700}, "data.num_folds=700 but the corpus has 672 utterances")],
 )
 def test_plans_the_data_cannot_support_name_the_option(kwargs, message, utterance_factory):
-    """Option values alone are checked where the configuration enters (the DataModule); these depend on the data."""
-    args = {"num_folds": 5, "fold": 0, "protocol": "speaker_independent", "random_seed": 0, "num_val_speakers": 2} | kwargs
+    """Option values alone are checked where the configuration enters (SplitConfig); these depend on the data."""
+    split = SplitConfig(**kwargs)
     with pytest.raises(ValueError, match=message):
-        make_fold_plan(utterance_factory(24), CLASSES, **args)
+        make_fold_plan(utterance_factory(24), CLASSES, split)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"protocol": "leave_one_out"},
+     r"data\.protocol: 'leave_one_out' is not one of \['speaker_independent', 'random', 'emobox', 'emobox_ravdess'\]"),
+    ({"num_folds": 1}, r"data\.num_folds=1: at least 2 folds are needed"),
+    ({"protocol": "emobox", "corpus": "emobox", "num_folds": 1, "fold": 1},
+     r"data\.fold=1 is out of range for data\.num_folds=1 \(use 0\.\.0\)"),
+    ({"num_val_speakers": 0}, r"data\.num_val_speakers=0: at least 1 is needed"),
+    ({"protocol": "emobox"}, r"data\.protocol=emobox takes the folds of an EmoBox data folder: set data\.corpus=emobox"),
+    ({"protocol": "emobox_ravdess", "corpus": "cremad", "num_folds": 6}, r"data\.protocol=emobox_ravdess is EmoBox's split of the RAVDESS actors: set data\.corpus=ravdess"),
+    ({"protocol": "emobox_ravdess", "num_folds": 5}, r"data\.num_folds=5: data\.protocol=emobox_ravdess has 6 folds"),
+    ({"protocol": "random", "cross_corpus": True},
+     r"data\.protocol=random does not apply to cross-corpus runs \(data\.test_root set\)"),
+])
+def test_split_config_refuses_option_values_naming_the_option(kwargs, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        SplitConfig(**kwargs)
+    assert SplitConfig(protocol="emobox", corpus="emobox", num_folds=1).num_folds == 1  # one EmoBox fold is a split
 
 
 def test_format_fold_plan(utterance_factory):
@@ -108,5 +126,3 @@ def test_emobox_ravdess_plan_tests_exactly_the_benchmarks_actors(utterance_facto
         assert sorted(p.train + p.val + p.test) == list(range(len(utterances)))
     with pytest.raises(ValueError, match=r"lacks actor\(s\) \['21', '22', '23', '24'\]"):
         plans(utterance_factory(20), num_folds=6, protocol="emobox_ravdess")
-    with pytest.raises(ValueError, match="data.num_folds=5: data.protocol=emobox_ravdess has 6 folds"):
-        plans(utterances, num_folds=5, protocol="emobox_ravdess")

@@ -4,6 +4,7 @@ import types
 import warnings
 
 import lightning
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -12,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from ser_lightning.callbacks import FigureCallback, ThrottledProgressBar
 from ser_lightning.data.batches import collate_utterances
+from ser_lightning.models.heads import HEADS, StatisticsHead
 from ser_lightning.models.module import SERModule, class_weights_from_counts
 from ser_lightning.normalization import feature_stats
 from ser_lightning.ops import fused_available
@@ -145,6 +147,28 @@ def test_statistics_head_adds_its_logits_and_gets_its_own_loss():
     torch.testing.assert_close(loss, expected)
 
 
+class PlainHead(StatisticsHead):
+    """A mode added by a test: trained with the network through the combined logits only (no loss of its own)."""
+
+    name = "plain"
+
+
+def test_a_new_statistics_head_is_one_class_and_its_registration(monkeypatch):
+    with pytest.raises(ValueError, match=r"model\.statistics_head must be one of \('none', 'joint', 'logistic'\), got 'plain'"):
+        make_module(statistics_head="plain")
+    monkeypatch.setitem(HEADS, PlainHead.name, PlainHead)
+    module = make_module(statistics_head="plain", mixup_alpha=0.4)
+    batch = fake_batch()
+    step, loss = module.model_step(batch)
+    attention_logits, statistics_logits = step.head_logits
+    torch.testing.assert_close(step.output.logits, attention_logits + statistics_logits)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(step.output.logits, batch["labels"],
+                                                                       weight=module.class_weights))
+    torch.manual_seed(0)
+    module.training_step(batch, 0).backward()  # mixup: its logits join the mixed ones, and it learns from them
+    assert module.statistics_head.linear.weight.grad.abs().sum() > 0
+
+
 def test_speaker_normalisation_needs_the_speaker_statistics():
     module = make_module(normalization="speaker").eval()
     batch = fake_batch()
@@ -259,22 +283,37 @@ def test_figures_are_drawn_every_n_epochs_and_at_the_end_only(tmp_path):
     lightning.seed_everything(0, workers=True)
     logger = TensorBoardLogger(tmp_path, name="tb")
     logged: list[tuple[str, int]] = []
+    drawn: dict[tuple[str, int], Figure] = {}
     writer = logger.experiment
     original = writer.add_figure
 
     def add_figure(tag, figure, global_step=None, **kwargs):
-        assert isinstance(figure, Figure)
         logged.append((tag, global_step))
-        return original(tag, figure, global_step=global_step, **kwargs)
+        drawn[tag, global_step] = figure
+        return original(tag, figure, global_step=global_step, close=False)
 
     writer.add_figure = add_figure
     module = make_module(early_stopping_patience=10)
+    datamodule = TinyDataModule()
     fit_trainer = trainer(tmp_path, logger=logger, enable_checkpointing=True, max_epochs=5,
                           callbacks=[FigureCallback(every_n_epochs=2, num_attention_maps=2)])
-    fit_trainer.fit(module, datamodule=TinyDataModule())
+    fit_trainer.fit(module, datamodule=datamodule)
     steps = sorted({step for _, step in logged})
     assert steps == [10, 20, 25]  # after epochs 2 and 4 (5 steps each), and after the last; none in the sanity check
     assert [tag for tag, step in logged if step == 25] == ["val/confusion_matrix", "val/attention_0", "val/attention_1"]
+    for step, epoch in ((10, 1), (20, 3), (25, 4)):  # a confusion matrix of every validation utterance, by class
+        matrix = drawn["val/confusion_matrix", step].axes[0]
+        assert matrix.get_title() == f"validation, epoch {epoch}"
+        assert [label.get_text() for label in matrix.get_yticklabels()] == CLASS_NAMES
+        counts = [int(text.get_text().split("(")[1].rstrip(")")) for text in matrix.texts]
+        assert sum(counts) == 9 and [sum(counts[3 * k : 3 * k + 3]) for k in range(3)] == [3, 3, 3]
+    for row, item in enumerate(datamodule.splits["val"][:2]):  # the first validation utterances, as they were given
+        top, bottom = drawn[f"val/attention_{row}", 25].axes
+        assert top.get_title().startswith(f"val utterance {row} (true {CLASS_NAMES[item['label']]})")
+        image, frames = np.asarray(top.images[0].get_array()), item["features"].shape[1]
+        assert image.shape == (NUM_FEATURES, max(frames, module.model.min_input_frames))  # short clips: zero-padded
+        assert np.array_equal(image[:, :frames], item["features"].numpy()) and not image[:, frames:].any()
+        assert bottom.patches[0].get_data().values.sum() == pytest.approx(1.0, abs=1e-5)  # the attention weights
     checkpoints = sorted(p.name for p in (tmp_path / "tb" / "version_0" / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and sum(name.startswith("epoch") for name in checkpoints) == 1
 

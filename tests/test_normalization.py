@@ -7,7 +7,7 @@ import torch
 from ser_lightning.data.features import FeatureConfig, FeatureExtractor
 from ser_lightning.data.speakers import per_utterance, speaker_statistics
 from ser_lightning.functionals import num_statistics, utterance_statistics
-from ser_lightning.normalization import feature_stats, normalize
+from ser_lightning.normalization import check_normalization, feature_stats, normalize
 from ser_lightning.padding import length_mask, pad_last
 
 
@@ -56,8 +56,8 @@ def test_utterance_and_speaker_normalisation_per_row():
     z = normalize(x, lengths, "speaker", mean, std)
     for b in range(3):
         assert torch.allclose(valid(z, lengths, b), (valid(x, lengths, b) - mean[b, :, None]) / 2)
-    with pytest.raises(ValueError, match="unknown mode"):
-        normalize(x, lengths, "batch")
+    with pytest.raises(ValueError, match=r"^model\.normalization: 'batch' is not one of \['global', 'speaker', 'utterance', 'none'\]$"):
+        check_normalization("batch", "model.normalization")
 
 
 def test_speaker_statistics_use_only_that_speakers_recordings_and_no_labels():

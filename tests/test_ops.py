@@ -22,6 +22,7 @@ CUDA, float16 and bfloat16 are compared with the float32 reference on the same (
 
 import functools
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -249,6 +250,45 @@ def test_opcheck_forward_and_backward(device):
         torch.ops.ser_lightning.attention_pool_backward.default,
         (torch.randn_like(context), torch.randn_like(alpha), a, weight, bias, u, alpha, 0.8, lengths),
     )
+
+
+FORWARD = {"a": (2, 5, 4), "weight": (6, 4), "bias": (6,), "u": (6,)}
+WRONG_INPUTS = [
+    # (operator, the inputs that differ from fitting ones, the start of the error naming the argument)
+    ("forward", {"a": torch.empty(5, 4)}, "attention_pool: `a` must be (B, L, C), got shape (5, 4)"),
+    ("forward", {"weight": torch.empty(6, 3)}, "attention_pool: `weight` must be (D, C=4), got shape (6, 3)"),
+    ("forward", {"u": torch.empty(5)}, "attention_pool: `u` must be (D=6,), got shape (5,)"),
+    ("forward", {"bias": torch.empty(6, dtype=torch.float64)},
+     "attention_pool: `bias` has dtype torch.float64 but `a` has torch.float32"),
+    ("forward", {"lengths": torch.ones(2, dtype=torch.int32)},
+     "attention_pool: `lengths` must be int64 of shape (2,), got torch.int32 of shape (2,)"),
+    ("backward", {"grad_alpha": torch.empty(2, 4)},
+     "attention_pool_backward: `grad_alpha` must be (B, L)=(2, 5), got shape (2, 4)"),
+    ("backward", {"grad_context": torch.empty(2, 4, dtype=torch.float64)},
+     "attention_pool_backward: `grad_context` has dtype torch.float64 but `a` has torch.float32"),
+]
+
+
+@pytest.mark.parametrize("operator, wrong, message", WRONG_INPUTS, ids=[m.split(": ")[1] for _, _, m in WRONG_INPUTS])
+def test_fake_kernels_refuse_wrong_shapes_and_dtypes_at_trace_time(operator, wrong, message):
+    """Traced with fake tensors (no data, no kernel runs), a wrong input fails naming the argument, in the fake
+    kernels' words (the compiled kernels word their shapes differently); fitting inputs give the outputs' shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fitting = {name: torch.empty(shape) for name, shape in FORWARD.items()} | {
+            "lengths": torch.ones(2, dtype=torch.int64), "grad_context": torch.empty(2, 4),
+            "grad_alpha": torch.empty(2, 5), "alpha": torch.empty(2, 5)}
+        inputs = fitting | {name: mode.from_tensor(t) for name, t in wrong.items()}
+        forward = [inputs[name] for name in ("a", "weight", "bias", "u")] + [0.8, inputs["lengths"]]
+        backward = [inputs["grad_context"], inputs["grad_alpha"], *forward[:4], inputs["alpha"], *forward[4:]]
+        op, args = ((torch.ops.ser_lightning.attention_pool, forward) if operator == "forward"
+                    else (torch.ops.ser_lightning.attention_pool_backward, backward))
+        with pytest.raises(RuntimeError, match="^" + re.escape(message)):
+            op(*args)
+        fitting_forward = [fitting[name] for name in ("a", "weight", "bias", "u")] + [0.8, fitting["lengths"]]
+        context, alpha = torch.ops.ser_lightning.attention_pool(*fitting_forward)
+        assert context.shape == (2, 4) and alpha.shape == (2, 5)
 
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])

@@ -12,7 +12,7 @@ from ser_lightning.data import synth
 from ser_lightning.data.features import FeatureConfig, FeatureExtractor
 from ser_lightning.data.audio import load_audio
 from ser_lightning.data.loading import torch_threads
-from ser_lightning.data.folds import make_fold_plan
+from ser_lightning.data.folds import SplitConfig, make_fold_plan
 from ser_lightning.data.ravdess import parse_ravdess_name, scan_ravdess
 from ser_lightning.data.records import EMOTIONS
 
@@ -94,7 +94,7 @@ def _held_out_accuracies(tmp_path, emotions) -> list[float]:
     y = torch.tensor([emotions.index(u.emotion) for u in utterances])
     accuracies = []
     for fold in range(3):
-        plan = make_fold_plan(utterances, emotions, num_folds=3, fold=fold, random_seed=0, num_val_speakers=1)
+        plan = make_fold_plan(utterances, emotions, SplitConfig(num_folds=3, fold=fold, num_val_speakers=1))
         train, test = torch.tensor(plan.train + plan.val), torch.tensor(plan.test)
         mean, std = x[train].mean(dim=0), x[train].std(dim=0) + 1e-6
         z = (x - mean) / std

@@ -1,14 +1,15 @@
 """SERDataModule: the ``data:`` section of a configuration, validated here, and the loaders of one fold.
 
 Loading (scan, decode, features, cache, skipped files) is ``loading.load_features``; fold planning
-is ``folds``; batches are ``batches``. This class checks the options, runs those once in ``setup``
-and hands out loaders.
+is ``folds`` (its options are a ``folds.SplitConfig``, which checks them); the feature options are a
+``features.FeatureConfig``; batches are ``batches``. This class checks the other options, runs those
+once in ``setup`` and hands out loaders.
 """
 from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -16,14 +17,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler
 
-from ser_lightning.normalization import NORMALIZATIONS, feature_stats
+from ser_lightning.normalization import Normalization, check_normalization, feature_stats
 
 from .batches import BucketBatchSampler, UtteranceDataset, collate_utterances
 from .corpora import corpus_classes, corpus_info, scan_corpus
 from .emobox import fold_folders
 from .features import FeatureConfig, FeatureExtractor, SpecAugment, SpecAugmentConfig
 from .folds import (
-    PROTOCOLS, SPLITS, FoldPlan, check_fold_feasibility, format_fold_plan, make_cross_corpus_plan, make_fold_plan,
+    SPLITS, FoldPlan, SplitConfig, SplitProtocol, check_fold_feasibility, format_fold_plan, make_cross_corpus_plan,
+    make_fold_plan,
 )
 from .loading import load_features
 from .records import UNUSABLE_AUDIO, Skipped, Utterance, resolve_emotions, unused_summary
@@ -112,8 +114,8 @@ class SERDataModule(pl.LightningDataModule):
         test_root: str | None = None,
         emotions: str | list[str] = "default",
         feature: FeatureConfig = FeatureConfig(),
-        normalization: Literal["global", "speaker", "utterance", "none"] = "global",
-        protocol: Literal["speaker_independent", "random", "emobox", "emobox_ravdess"] = "speaker_independent",
+        normalization: Normalization = "global",
+        protocol: SplitProtocol = "speaker_independent",
         num_folds: int = 5,
         fold: int = 0,
         num_val_speakers: int = 2,
@@ -140,23 +142,12 @@ class SERDataModule(pl.LightningDataModule):
         self.test_corpus = test_corpus or corpus
         corpus_info(corpus)
         corpus_info(self.test_corpus, "data.test_corpus")
+        if test_corpus is not None and test_root is None:
+            raise ValueError(f"data.test_corpus={test_corpus} needs data.test_root")
+        check_normalization(normalization, "data.normalization")
+        self.split = SplitConfig(protocol=protocol, num_folds=num_folds, fold=fold, num_val_speakers=num_val_speakers,
+                                 random_seed=random_seed, corpus=corpus, cross_corpus=test_root is not None)
         checks = [
-            (test_corpus is None or test_root is not None, f"data.test_corpus={test_corpus} needs data.test_root"),
-            (test_root is None or protocol == "speaker_independent",
-             f"data.protocol={protocol} does not apply to cross-corpus runs (data.test_root set): validation holds out speakers"),
-            (normalization in NORMALIZATIONS, f"data.normalization: '{normalization}' is not one of {list(NORMALIZATIONS)}"),
-            (protocol in PROTOCOLS, f"data.protocol: '{protocol}' is not one of {list(PROTOCOLS)}"),
-            (protocol != "emobox" or corpus == "emobox",
-             "data.protocol=emobox takes the folds of an EmoBox data folder: set data.corpus=emobox"),
-            (protocol != "emobox_ravdess" or corpus == "ravdess",
-             f"data.protocol=emobox_ravdess is EmoBox's split of the RAVDESS actors: set data.corpus=ravdess "
-             f"(for EmoBox's own data/ravdess folder use data.corpus=emobox, data.protocol=emobox)"),
-            (protocol != "emobox_ravdess" or num_folds == 6,
-             f"data.num_folds={num_folds}: data.protocol=emobox_ravdess has 6 folds"),
-            (num_folds >= 2 or (protocol == "emobox" and num_folds == 1),
-             f"data.num_folds={num_folds}: at least 2 folds are needed"),
-            (0 <= fold < num_folds, f"data.fold={fold} is out of range for data.num_folds={num_folds} (use 0..{num_folds - 1})"),
-            (num_val_speakers >= 1, f"data.num_val_speakers={num_val_speakers}: at least 1 is needed"),
             (batch_size >= 1, f"data.batch_size={batch_size}: must be at least 1"),
             (eval_batch_size is None or eval_batch_size >= 1,
              f"data.eval_batch_size={eval_batch_size}: must be at least 1 (or null)"),
@@ -172,7 +163,7 @@ class SERDataModule(pl.LightningDataModule):
                 raise ValueError(message)
         _check_root(root, corpus, "data.root")
         _check_root(test_root, self.test_corpus, "data.test_root")
-        given = len(fold_folders(root)) if protocol == "emobox" else num_folds
+        given = len(fold_folders(root)) if self.split.protocol == "emobox" else num_folds
         if given != num_folds:
             raise ValueError(f"data.num_folds={num_folds} but the EmoBox folder '{root}' has {given} folds "
                              f"(fold_1 .. fold_{given}): set data.num_folds={given}")
@@ -260,10 +251,7 @@ class SERDataModule(pl.LightningDataModule):
             scans.append(scan_corpus(self.test_corpus, hp.test_root, self._class_names, hp.lenient,
                                      hp.allow_outside_root))
         else:  # fail before decoding when the corpus cannot be split as asked
-            check_fold_feasibility(
-                scans[0].utterances, protocol=hp.protocol, num_folds=hp.num_folds,
-                num_val_speakers=hp.num_val_speakers, title=corpus_info(hp.corpus).title,
-            )
+            check_fold_feasibility(scans[0].utterances, self.split, title=corpus_info(hp.corpus).title)
         parts = []
         for scan in scans:
             loaded = load_features(scan.utterances, self.feature, self.cache_dir, lenient=hp.lenient)
@@ -277,11 +265,11 @@ class SERDataModule(pl.LightningDataModule):
         self.fold_plan = self._plan(parts)
         for split in SPLITS:
             if not self.fold_plan.split(split):
-                raise ValueError(f"data: the {split} split of fold {hp.fold} is empty; use fewer folds or more data")
+                raise ValueError(f"data: the {split} split of fold {self.split.fold} is empty; use fewer folds or more data")
         rank_zero_info(format_fold_plan(self.fold_plan, self._class_names))
-        if self.fold_plan.shared_speakers and hp.protocol != "random":
+        if self.fold_plan.shared_speakers and self.split.protocol != "random":
             rank_zero_warn(
-                f"data: fold {hp.fold} ({hp.protocol}) puts speaker(s) {self.fold_plan.shared_speakers} in both training "
+                f"data: fold {self.split.fold} ({self.split.protocol}) puts speaker(s) {self.fold_plan.shared_speakers} in both training "
                 "and test: its numbers are speaker-dependent, not comparable with speaker-independent folds"
             )
         self._feature_stats = feature_stats([self.features[i] for i in self.fold_plan.train])
@@ -301,15 +289,9 @@ class SERDataModule(pl.LightningDataModule):
 
     def _plan(self, parts: list[list[Utterance]]) -> FoldPlan:
         """The fold plan of [training corpus] or [training corpus, test corpus]."""
-        hp = self.hparams
         if len(parts) == 2:
-            return make_cross_corpus_plan(
-                parts[0], parts[1], self._class_names, random_seed=hp.random_seed, num_val_speakers=hp.num_val_speakers
-            )
-        return make_fold_plan(
-            parts[0], self._class_names, num_folds=hp.num_folds, fold=hp.fold, protocol=hp.protocol,
-            random_seed=hp.random_seed, num_val_speakers=hp.num_val_speakers,
-        )
+            return make_cross_corpus_plan(parts[0], parts[1], self._class_names, self.split)
+        return make_fold_plan(parts[0], self._class_names, self.split)
 
     # -- results of setup -------------------------------------------------------------------
     def _require_setup(self, what: str) -> FoldPlan:

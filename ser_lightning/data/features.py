@@ -1,18 +1,9 @@
 """Acoustic features (torchaudio transforms) and SpecAugment.
 
-Four features, chosen by ``FeatureConfig.name`` (the ``data.feature`` YAML section):
-
-- ``logmel``: log-mel spectrogram, defaults 16 kHz, 25 ms window, 10 ms hop, 64 mel bands.
-- ``spectrogram``: log-magnitude STFT with a Hamming window as in Zhang et al. 2018; defaults
-  40 ms window, 10 ms hop, 50 ms DFT (800 points at 16 kHz), lowest 200 bins (0-4 kHz at 16 kHz).
-- ``loudness_contour``: the input of the "Emotion in Motion" course project: 44.1 kHz audio from
-  0.5 s to 3.5 s (zero-padded when shorter, never dropped), librosa-style slaney mel power
-  spectrogram (2048-point FFT, hop 512, centred frames with reflect padding as in librosa 0.8, 128
-  bands up to 8 kHz) in dB (ref 1, amin 1e-10, top_db 80), averaged over the mel bands: a 1 x 259
-  loudness contour. It requires sample_rate 44100 (the default for this feature).
-- ``ssl``: hidden states of a self-supervised speech model (wav2vec 2.0, HuBERT, WavLM: ``ssl_model``,
-  one layer or the mean of several: ``ssl_layer``), 16 kHz, one frame per 20 ms, F = the model's
-  width (``ser_lightning.data.ssl``).
+One class per kind of feature (``FeatureKind``), chosen by ``FeatureConfig.name`` (the ``data.feature``
+YAML section) through ``FEATURE_KINDS``: ``logmel``, ``spectrogram``, ``loudness_contour`` and ``ssl``
+(see each class for its defaults). Each kind fills in its defaults (``resolve``), checks the options
+(``check``) and says how many rows it gives (``rows``), so that adding a kind is one class and its entry.
 
 ``pitch: true`` appends two rows to ``logmel`` or ``spectrogram``: a continuous log-f0 contour and
 the voicing strength per frame (``ser_lightning.data.pitch``).
@@ -22,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 import torch
 import torchaudio.transforms as T
@@ -32,9 +23,9 @@ from .pitch import PITCH_REACH, PITCH_ROWS, continuous_pitch, pitch_frames
 from .ssl import SAMPLE_RATE as SSL_SAMPLE_RATE
 from .ssl import SSLExtractor, SSLSpec, resolve_ssl
 
-FEATURE_NAMES = ("logmel", "spectrogram", "loudness_contour", "ssl")
 SSL_OPTIONS = ("ssl_model", "ssl_layer", "ssl_weights", "ssl_arch")
 FRAME_OPTIONS = ("win_ms", "hop_ms", "n_mels", "n_fft", "f_max")
+POSITIVE_OPTIONS = ("sample_rate", "win_ms", "hop_ms", "n_mels", "n_fft", "n_bins", "f_max")
 FEATURE_CODE_VERSION = 2
 """Part of every cache key: raise it whenever a change makes the same options compute different features,
 so that no cache entry of the old code is ever mixed with new ones."""
@@ -45,7 +36,7 @@ CONTOUR_OFFSET_S, CONTOUR_WINDOW_S = 0.5, 3.0
 
 @dataclass(frozen=True)
 class ResolvedFeatures:
-    """A FeatureConfig with every default filled in (see ``FeatureConfig.resolved``)."""
+    """A FeatureConfig with every default filled in by its kind (``FeatureKind.resolve``); its fields make the cache key."""
 
     name: str
     sample_rate: int
@@ -61,21 +52,16 @@ class ResolvedFeatures:
 
     @property
     def num_features(self) -> int:
-        if self.ssl is not None:
-            return self.ssl.width
-        rows = {"logmel": self.n_mels, "spectrogram": self.n_bins, "loudness_contour": 1}[self.name]
-        return rows + (PITCH_ROWS if self.pitch else 0)
+        return FEATURE_KINDS[self.name].rows(self) + (PITCH_ROWS if self.pitch else 0)
 
 
 @dataclass
 class FeatureConfig:
-    """Feature choice and parameters; None means the feature's default (see the module docstring).
+    """Feature choice and parameters; None means the kind's default (see the ``FeatureKind`` classes).
 
-    sample_rate: audio is resampled to this rate (logmel/spectrogram 16000, loudness_contour 44100).
-    win_ms / hop_ms: analysis window and hop in milliseconds (fixed 2048/512 samples for loudness_contour).
-    n_mels: mel bands (logmel 64; loudness_contour 128). n_fft: DFT size (logmel: next power of two of
-    the window; spectrogram: 50 ms = 800 points at 16 kHz; loudness_contour 2048). n_bins: lowest STFT
-    bins kept (spectrogram). f_max: highest mel frequency (logmel: Nyquist; loudness_contour 8000).
+    name: the kind, a key of ``FEATURE_KINDS``.
+    sample_rate: audio is resampled to this rate. win_ms / hop_ms: analysis window and hop in milliseconds.
+    n_mels: mel bands. n_fft: DFT size. n_bins: lowest STFT bins kept (spectrogram). f_max: highest mel frequency.
     trim_silence: cut leading/trailing silence before the feature (off by default).
     pitch: append a log-f0 contour and the voicing strength as two more rows (logmel, spectrogram).
     ssl_model / ssl_layer / ssl_weights / ssl_arch (name ssl only): a torchaudio bundle name (default
@@ -84,7 +70,7 @@ class FeatureConfig:
     architecture of a custom model (see ``ser_lightning.data.ssl``).
     """
 
-    name: Literal["logmel", "spectrogram", "loudness_contour", "ssl"] = "logmel"
+    name: str = "logmel"
     sample_rate: int | None = None
     win_ms: float | None = None
     hop_ms: float | None = None
@@ -100,74 +86,21 @@ class FeatureConfig:
     ssl_arch: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.name not in FEATURE_NAMES:
-            raise ValueError(f"data.feature.name: unknown feature '{self.name}'; choose from {list(FEATURE_NAMES)}")
-        for option in ("sample_rate", "win_ms", "hop_ms", "n_mels", "n_fft", "n_bins", "f_max"):
+        if self.name not in FEATURE_KINDS:
+            raise ValueError(f"data.feature.name: unknown feature '{self.name}'; choose from {list(FEATURE_KINDS)}")
+        for option in POSITIVE_OPTIONS:
             value = getattr(self, option)
             if value is not None and not value > 0:
                 raise ValueError(f"data.feature.{option}: must be positive, got {value}")
-        if self.name == "ssl":
-            self._check_ssl()
-            return
-        for option in SSL_OPTIONS:
-            if getattr(self, option) is not None:
-                raise ValueError(f"data.feature.{option}: applies to name: ssl only (name is {self.name})")
-        r = self.resolved()
-        if r.name == "loudness_contour":
-            if r.sample_rate != 44100:
-                raise ValueError(
-                    f"data.feature.sample_rate: loudness_contour reproduces the course project at 44100 Hz, "
-                    f"got {r.sample_rate}"
-                )
-            if r.pitch:
-                raise ValueError("data.feature.pitch: the pitch rows go with logmel or spectrogram, not loudness_contour")
-            return
-        if r.win_length > r.n_fft:
-            raise ValueError(f"data.feature.n_fft: {r.n_fft} is smaller than the window ({r.win_length} samples)")
-        if r.hop_length < 1:
-            raise ValueError(f"data.feature.hop_ms: {self.hop_ms} ms is shorter than one sample")
-        if r.name == "spectrogram" and r.n_bins > r.n_fft // 2 + 1:
-            raise ValueError(f"data.feature.n_bins: {r.n_bins} exceeds the {r.n_fft // 2 + 1} bins of an {r.n_fft}-point DFT")
-        if r.name == "logmel" and r.f_max > r.sample_rate / 2:
-            raise ValueError(f"data.feature.f_max: {r.f_max} Hz is above the Nyquist frequency {r.sample_rate / 2} Hz")
+        self.kind.check(self)
 
-    def _check_ssl(self) -> None:
-        for option in FRAME_OPTIONS:
-            if getattr(self, option) is not None:
-                raise ValueError(f"data.feature.{option}: the ssl model sets the frames (one per 20 ms for every "
-                                 "torchaudio bundle); leave it unset")
-        if self.sample_rate not in (None, SSL_SAMPLE_RATE):
-            raise ValueError(f"data.feature.sample_rate: the ssl models take {SSL_SAMPLE_RATE} Hz, got {self.sample_rate}")
-        if self.pitch:
-            raise ValueError("data.feature.pitch: the pitch rows go with logmel or spectrogram, not ssl")
-        self.resolved()  # validates the ssl options
+    @property
+    def kind(self) -> type[FeatureKind]:
+        return FEATURE_KINDS[self.name]
 
     def resolved(self) -> ResolvedFeatures:
-        """The parameters actually used, every None replaced by the feature's default."""
-        if self.name == "ssl":
-            spec = resolve_ssl(self.ssl_model, self.ssl_layer, self.ssl_weights, self.ssl_arch)
-            return ResolvedFeatures(
-                self.name, SSL_SAMPLE_RATE, spec.receptive_field, spec.hop_length, 0, 0, 0, SSL_SAMPLE_RATE / 2,
-                self.trim_silence, False, spec,
-            )
-        if self.name == "loudness_contour":
-            return ResolvedFeatures(
-                self.name, self.sample_rate or 44100, 2048, 512, 2048, self.n_mels or 128, self.n_bins,
-                float(self.f_max or 8000.0), self.trim_silence, self.pitch,
-            )
-        sr = self.sample_rate or 16000
-        win_ms = self.win_ms or (25.0 if self.name == "logmel" else 40.0)
-        win, hop = round(sr * win_ms / 1000), round(sr * (self.hop_ms or 10.0) / 1000)
-        if self.n_fft:
-            n_fft = self.n_fft
-        elif self.name == "spectrogram":
-            n_fft = max(win, round(sr * 0.050))
-        else:
-            n_fft = 2 ** math.ceil(math.log2(max(win, 2)))
-        return ResolvedFeatures(
-            self.name, sr, win, hop, n_fft, self.n_mels or 64, self.n_bins, float(self.f_max or sr / 2),
-            self.trim_silence, self.pitch,
-        )
+        """The parameters actually used, every None replaced by the kind's default."""
+        return self.kind.resolve(self)
 
     @property
     def num_features(self) -> int:
@@ -183,16 +116,45 @@ class FeatureConfig:
 
 
 class FeatureKind(nn.Module):
-    """One kind of feature (``data.feature.name``): configuration in ``__init__``, waveform -> (F, N) in ``forward``.
+    """One kind of feature (``data.feature.name``): options in the class methods, waveform -> (F, N) in ``forward``.
+
+    ``resolve`` fills in the kind's defaults, ``check`` refuses what it cannot take (naming the
+    ``data.feature.<option>``), ``rows`` gives its number of rows F. Options only this kind reads are
+    its ``own_options``; ``takes_pitch`` says whether ``pitch: true`` may append the pitch rows.
 
     A *local* kind computes every frame from the samples within ``reach`` of its centre (frame t is
     centred on sample t * hop, zero padding outside the waveform), so a long stream can compute its
     frames once, as the audio arrives (``ser_lightning.inference.stream``). ``raw`` gives those per-frame
     values; ``finish`` turns the raw frames of one stretch of audio into its features (identity here).
+    A *neural* kind extracts groups of waveforms at once (``extract_many``), on every CPU thread.
     """
 
-    name: str = ""
-    local = True
+    name: ClassVar[str] = ""
+    local: ClassVar[bool] = True
+    neural: ClassVar[bool] = False
+    takes_pitch: ClassVar[bool] = False
+    own_options: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def resolve(cls, cfg: FeatureConfig) -> ResolvedFeatures:
+        """The parameters used: every None of ``cfg`` replaced by this kind's default."""
+        raise NotImplementedError
+
+    @classmethod
+    def rows(cls, resolved: ResolvedFeatures) -> int:
+        """Rows F of this kind's features (without the pitch rows)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check(cls, cfg: FeatureConfig) -> None:
+        """Raise ValueError naming the option this kind cannot take (after the positive-value checks)."""
+        for other in FEATURE_KINDS.values():
+            for option in () if other is cls else other.own_options:
+                if getattr(cfg, option) is not None:
+                    raise ValueError(f"data.feature.{option}: applies to name: {other.name} only (name is {cfg.name})")
+        if cfg.pitch and not cls.takes_pitch:
+            pitched = " or ".join(name for name, kind in FEATURE_KINDS.items() if kind.takes_pitch)
+            raise ValueError(f"data.feature.pitch: the pitch rows go with {pitched}, not {cls.name}")
 
     def __init__(self, cfg: ResolvedFeatures) -> None:
         super().__init__()
@@ -216,11 +178,58 @@ class FeatureKind(nn.Module):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         return self.finish(self.raw(wave))
 
+    def load(self) -> None:
+        """Load what the kind needs before its first waveform (nothing here)."""
 
-class LogMel(FeatureKind):
-    """Log-mel spectrogram (power, centred frames, zero padding)."""
+
+class FrameKind(FeatureKind):
+    """A short-time spectrum every hop: default 16 kHz, 10 ms hop, 64 mel bands, Nyquist f_max; pitch rows allowed."""
+
+    takes_pitch = True
+    default_win_ms: ClassVar[float] = 25.0
+
+    @classmethod
+    def default_n_fft(cls, sample_rate: int, win_length: int) -> int:
+        return 2 ** math.ceil(math.log2(max(win_length, 2)))
+
+    @classmethod
+    def resolve(cls, cfg: FeatureConfig) -> ResolvedFeatures:
+        sr = cfg.sample_rate or 16000
+        win_ms = cfg.win_ms or cls.default_win_ms
+        win, hop = round(sr * win_ms / 1000), round(sr * (cfg.hop_ms or 10.0) / 1000)
+        return ResolvedFeatures(
+            cfg.name, sr, win, hop, cfg.n_fft or cls.default_n_fft(sr, win), cfg.n_mels or 64, cfg.n_bins,
+            float(cfg.f_max or sr / 2), cfg.trim_silence, cfg.pitch,
+        )
+
+    @classmethod
+    def check(cls, cfg: FeatureConfig) -> None:
+        super().check(cfg)
+        r = cls.resolve(cfg)
+        if r.win_length > r.n_fft:
+            raise ValueError(f"data.feature.n_fft: {r.n_fft} is smaller than the window ({r.win_length} samples)")
+        if r.hop_length < 1:
+            raise ValueError(f"data.feature.hop_ms: {cfg.hop_ms} ms is shorter than one sample")
+        cls.check_frames(r)
+
+    @classmethod
+    def check_frames(cls, r: ResolvedFeatures) -> None:
+        """Raise ValueError naming the option whose resolved value ``r`` this kind cannot compute (nothing here)."""
+
+
+class LogMel(FrameKind):
+    """Log-mel spectrogram (power, centred frames, zero padding): 25 ms window, DFT the next power of two."""
 
     name = "logmel"
+
+    @classmethod
+    def rows(cls, resolved: ResolvedFeatures) -> int:
+        return resolved.n_mels
+
+    @classmethod
+    def check_frames(cls, r: ResolvedFeatures) -> None:
+        if r.f_max > r.sample_rate / 2:
+            raise ValueError(f"data.feature.f_max: {r.f_max} Hz is above the Nyquist frequency {r.sample_rate / 2} Hz")
 
     def __init__(self, cfg: ResolvedFeatures) -> None:
         super().__init__(cfg)
@@ -233,10 +242,25 @@ class LogMel(FeatureKind):
         return torch.log(self.transform(wave) + LOG_FLOOR)
 
 
-class Spectrogram(FeatureKind):
-    """Log-magnitude STFT with a Hamming window, the lowest ``n_bins`` bins (Zhang et al. 2018)."""
+class Spectrogram(FrameKind):
+    """Log-magnitude STFT with a Hamming window, the lowest ``n_bins`` bins (Zhang et al. 2018): 40 ms window,
+    50 ms DFT (800 points at 16 kHz), lowest 200 bins (0-4 kHz at 16 kHz)."""
 
     name = "spectrogram"
+    default_win_ms = 40.0
+
+    @classmethod
+    def default_n_fft(cls, sample_rate: int, win_length: int) -> int:
+        return max(win_length, round(sample_rate * 0.050))
+
+    @classmethod
+    def rows(cls, resolved: ResolvedFeatures) -> int:
+        return resolved.n_bins
+
+    @classmethod
+    def check_frames(cls, r: ResolvedFeatures) -> None:
+        if r.n_bins > r.n_fft // 2 + 1:
+            raise ValueError(f"data.feature.n_bins: {r.n_bins} exceeds the {r.n_fft // 2 + 1} bins of an {r.n_fft}-point DFT")
 
     def __init__(self, cfg: ResolvedFeatures) -> None:
         super().__init__(cfg)
@@ -250,10 +274,37 @@ class Spectrogram(FeatureKind):
 
 
 class LoudnessContour(FeatureKind):
-    """The course project's 1 x 259 loudness contour of the 3 s after a 0.5 s offset (not local: a fixed window)."""
+    """The input of the "Emotion in Motion" course project (not local: a fixed window).
+
+    44.1 kHz audio (the only rate it takes) from 0.5 s to 3.5 s (zero-padded when shorter, never dropped),
+    librosa-style slaney mel power spectrogram (2048-point FFT, hop 512, whatever win_ms/hop_ms/n_fft say;
+    centred frames with reflect padding as in librosa 0.8; ``n_mels`` 128 bands up to ``f_max`` 8 kHz) in dB
+    (ref 1, amin 1e-10, top_db 80), averaged over the mel bands: a 1 x 259 loudness contour.
+    """
 
     name = "loudness_contour"
     local = False
+    rate: ClassVar[int] = 44100
+
+    @classmethod
+    def resolve(cls, cfg: FeatureConfig) -> ResolvedFeatures:
+        return ResolvedFeatures(
+            cfg.name, cfg.sample_rate or cls.rate, 2048, 512, 2048, cfg.n_mels or 128, cfg.n_bins,
+            float(cfg.f_max or 8000.0), cfg.trim_silence, cfg.pitch,
+        )
+
+    @classmethod
+    def rows(cls, resolved: ResolvedFeatures) -> int:
+        return 1
+
+    @classmethod
+    def check(cls, cfg: FeatureConfig) -> None:
+        super().check(cfg)
+        if cfg.sample_rate not in (None, cls.rate):
+            raise ValueError(
+                f"data.feature.sample_rate: loudness_contour reproduces the course project at {cls.rate} Hz, "
+                f"got {cfg.sample_rate}"
+            )
 
     def __init__(self, cfg: ResolvedFeatures) -> None:
         super().__init__(cfg)
@@ -279,10 +330,37 @@ class LoudnessContour(FeatureKind):
 
 
 class SelfSupervised(FeatureKind):
-    """Hidden states of a self-supervised speech model (``data.ssl``; not local: a transformer sees the whole clip)."""
+    """Hidden states of a self-supervised speech model (``ser_lightning.data.ssl``; ``ssl_model``, one layer or the
+    mean of several: ``ssl_layer``): 16 kHz, one frame per 20 ms, F = the model's width. Not local: a transformer
+    sees the whole clip."""
 
     name = "ssl"
     local = False
+    neural = True
+    own_options = SSL_OPTIONS
+
+    @classmethod
+    def resolve(cls, cfg: FeatureConfig) -> ResolvedFeatures:
+        spec = resolve_ssl(cfg.ssl_model, cfg.ssl_layer, cfg.ssl_weights, cfg.ssl_arch)
+        return ResolvedFeatures(
+            cfg.name, SSL_SAMPLE_RATE, spec.receptive_field, spec.hop_length, 0, 0, 0, SSL_SAMPLE_RATE / 2,
+            cfg.trim_silence, False, spec,
+        )
+
+    @classmethod
+    def rows(cls, resolved: ResolvedFeatures) -> int:
+        return resolved.ssl.width
+
+    @classmethod
+    def check(cls, cfg: FeatureConfig) -> None:
+        super().check(cfg)
+        for option in FRAME_OPTIONS:
+            if getattr(cfg, option) is not None:
+                raise ValueError(f"data.feature.{option}: the ssl model sets the frames (one per 20 ms for every "
+                                 "torchaudio bundle); leave it unset")
+        if cfg.sample_rate not in (None, SSL_SAMPLE_RATE):
+            raise ValueError(f"data.feature.sample_rate: the ssl models take {SSL_SAMPLE_RATE} Hz, got {cfg.sample_rate}")
+        cls.resolve(cfg)  # validates the ssl options
 
     def __init__(self, cfg: ResolvedFeatures) -> None:
         super().__init__(cfg)
@@ -294,10 +372,16 @@ class SelfSupervised(FeatureKind):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         return self.transform(wave)
 
+    def load(self) -> None:
+        self.transform.load()
+
+    def extract_many(self, waves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return self.transform.extract_many(waves)
+
 
 FEATURE_KINDS: dict[str, type[FeatureKind]] = {kind.name: kind for kind in (LogMel, Spectrogram, LoudnessContour,
                                                                             SelfSupervised)}
-"""``data.feature.name`` -> its class. A new kind is one class here and its entry (and its ``FeatureConfig`` defaults)."""
+"""``data.feature.name`` -> its class: a new kind is one ``FeatureKind`` subclass and its entry here."""
 
 
 class FeatureExtractor(nn.Module):
@@ -306,8 +390,9 @@ class FeatureExtractor(nn.Module):
 
     def __init__(self, cfg: FeatureConfig | None = None) -> None:
         super().__init__()
-        self.cfg = (cfg or FeatureConfig()).resolved()
-        self.kind = FEATURE_KINDS[self.cfg.name](self.cfg)
+        cfg = cfg or FeatureConfig()
+        self.cfg = cfg.resolved()
+        self.kind = cfg.kind(self.cfg)
         self.sample_rate: int = self.cfg.sample_rate
         self.hop_length = self.cfg.hop_length
 
@@ -356,15 +441,20 @@ class FeatureExtractor(nn.Module):
             return self.finish(self.raw(wave))
         return torch.stack([self.finish(self.raw(w)) for w in wave])
 
+    @property
+    def neural(self) -> bool:
+        """Whether the kind is a neural front end (``FeatureKind.neural``: batched, on every thread)."""
+        return self.kind.neural
+
     def load(self) -> None:
         """Load what the extractor needs before its first waveform (the ssl model); nothing for the others."""
-        if self.cfg.name == "ssl":
-            self.kind.transform.load()
+        self.kind.load()
 
     def extract_many(self, waves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Features of each waveform (T_i,): batched where the front end allows it (ssl), else one by one."""
-        if self.cfg.name == "ssl":
-            return self.kind.transform.extract_many(waves)
+        """Features of each waveform (T_i,): batched by a neural kind (in groups that do not change them), else
+        one by one."""
+        if self.kind.neural:
+            return self.kind.extract_many(waves)
         return [self(wave) for wave in waves]
 
 

@@ -14,16 +14,57 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
-
+from typing import Literal, get_args
 from .emobox import benchmark_folds, benchmark_split
 from .ravdess import EMOBOX_TEST_ACTORS
 from .records import Utterance
 
-PROTOCOLS = ("speaker_independent", "random", "emobox", "emobox_ravdess")
+SplitProtocol = Literal["speaker_independent", "random", "emobox", "emobox_ravdess"]
+PROTOCOLS: tuple[str, ...] = get_args(SplitProtocol)
 SPLITS = ("train", "val", "test")
 EMOBOX_VAL_FRACTION = 0.2
 """Validation share of a benchmark fold's training utterances when it cannot hold out speakers (EmoBox's own 80/20)."""
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How one run splits its utterances: the DataModule's ``data.protocol``, ``num_folds``, ``fold``,
+    ``num_val_speakers`` and ``random_seed``, checked here once; the planners below trust it.
+
+    ``corpus`` is the training corpus (the EmoBox protocols need theirs); ``cross_corpus``: a second corpus
+    tests (``data.test_root``), so the whole training corpus trains and validates.
+    """
+
+    protocol: SplitProtocol = "speaker_independent"
+    num_folds: int = 5
+    fold: int = 0
+    num_val_speakers: int = 2
+    random_seed: int = 0
+    corpus: str = "ravdess"
+    cross_corpus: bool = False
+
+    def __post_init__(self) -> None:
+        protocol, num_folds, fold = self.protocol, self.num_folds, self.fold
+        emobox_ravdess_folds = len(EMOBOX_TEST_ACTORS)
+        checks = [
+            (not self.cross_corpus or protocol == "speaker_independent",
+             f"data.protocol={protocol} does not apply to cross-corpus runs (data.test_root set): validation holds out speakers"),
+            (protocol in PROTOCOLS, f"data.protocol: '{protocol}' is not one of {list(PROTOCOLS)}"),
+            (protocol != "emobox" or self.corpus == "emobox",
+             "data.protocol=emobox takes the folds of an EmoBox data folder: set data.corpus=emobox"),
+            (protocol != "emobox_ravdess" or self.corpus == "ravdess",
+             "data.protocol=emobox_ravdess is EmoBox's split of the RAVDESS actors: set data.corpus=ravdess "
+             "(for EmoBox's own data/ravdess folder use data.corpus=emobox, data.protocol=emobox)"),
+            (protocol != "emobox_ravdess" or num_folds == emobox_ravdess_folds,
+             f"data.num_folds={num_folds}: data.protocol=emobox_ravdess has {emobox_ravdess_folds} folds"),
+            (num_folds >= 2 or (protocol == "emobox" and num_folds == 1),
+             f"data.num_folds={num_folds}: at least 2 folds are needed"),
+            (0 <= fold < num_folds, f"data.fold={fold} is out of range for data.num_folds={num_folds} (use 0..{num_folds - 1})"),
+            (self.num_val_speakers >= 1, f"data.num_val_speakers={self.num_val_speakers}: at least 1 is needed"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
 
 @dataclass
@@ -119,25 +160,18 @@ def _pick_validation_speakers(
     return sorted(picked)
 
 
-def check_fold_feasibility(
-    utterances: Sequence[Utterance], *, protocol: str, num_folds: int, num_val_speakers: int, title: str = "the corpus"
-) -> None:
+def check_fold_feasibility(utterances: Sequence[Utterance], split: SplitConfig, title: str = "the corpus") -> None:
     """Raise ValueError naming the option when the corpus cannot be split as asked (before any decoding)."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose from {list(PROTOCOLS)}")
+    protocol, num_folds, num_val_speakers = split.protocol, split.num_folds, split.num_val_speakers
     speakers = {u.speaker for u in utterances}
     if protocol == "emobox":
         given = benchmark_folds(utterances)
-        if not given:
-            raise ValueError("data.protocol=emobox takes the folds of an EmoBox data folder: set data.corpus=emobox")
         if num_folds != given:
             raise ValueError(f"data.num_folds={num_folds} but {title} has {given} EmoBox folds (fold_1 .. fold_{given})")
         return
     if protocol == "emobox_ravdess":
         wanted = {f"{actor:02d}" for fold in EMOBOX_TEST_ACTORS for actor in fold}
         missing = sorted(wanted - speakers)
-        if num_folds != len(EMOBOX_TEST_ACTORS):
-            raise ValueError(f"data.num_folds={num_folds}: data.protocol=emobox_ravdess has {len(EMOBOX_TEST_ACTORS)} folds")
         if missing:
             raise ValueError(f"data.protocol=emobox_ravdess: {title} lacks actor(s) {missing}; EmoBox's RAVDESS folds "
                              "test all 24 actors (use the whole Audio_Speech_Actors_01-24 folder)")
@@ -159,17 +193,8 @@ def check_fold_feasibility(
         raise ValueError(f"data.num_folds={num_folds} but {title} has {len(utterances)} utterances")
 
 
-def make_fold_plan(
-    utterances: Sequence[Utterance],
-    class_names: Sequence[str],
-    *,
-    num_folds: int = 5,
-    fold: int = 0,
-    protocol: Literal["speaker_independent", "random"] = "speaker_independent",
-    random_seed: int = 0,
-    num_val_speakers: int = 2,
-) -> FoldPlan:
-    """Build the train/val/test split of fold ``fold`` of ``num_folds``; deterministic for a random seed.
+def make_fold_plan(utterances: Sequence[Utterance], class_names: Sequence[str], split: SplitConfig) -> FoldPlan:
+    """Build the train/val/test split of fold ``split.fold`` of ``split.num_folds``; deterministic for a random seed.
 
     speaker_independent: the speakers are dealt into ``num_folds`` balanced groups; group ``fold``
     is the test set and ``num_val_speakers`` of the remaining speakers (balanced by sex) validate.
@@ -178,7 +203,9 @@ def make_fold_plan(
     emobox_ravdess: EmoBox's RAVDESS fold ``fold`` (0-based: fold_1 is 0) tests its four actors;
     ``num_val_speakers`` of the other twenty validate. emobox: see ``_benchmark_splits``.
     """
-    check_fold_feasibility(utterances, protocol=protocol, num_folds=num_folds, num_val_speakers=num_val_speakers)
+    check_fold_feasibility(utterances, split)
+    protocol, num_folds, fold = split.protocol, split.num_folds, split.fold
+    num_val_speakers, random_seed = split.num_val_speakers, split.random_seed
     speakers = sorted({u.speaker for u in utterances})
 
     if protocol == "speaker_independent":
@@ -256,20 +283,16 @@ def _benchmark_splits(
 
 
 def make_cross_corpus_plan(
-    train_corpus: Sequence[Utterance],
-    test_corpus: Sequence[Utterance],
-    class_names: Sequence[str],
-    *,
-    random_seed: int = 0,
-    num_val_speakers: int = 2,
+    train_corpus: Sequence[Utterance], test_corpus: Sequence[Utterance], class_names: Sequence[str], split: SplitConfig
 ) -> FoldPlan:
     """Train and validate on one corpus, test on another (indices into ``train_corpus + test_corpus``).
 
-    ``num_val_speakers`` speakers of the training corpus (balanced by sex, seeded) validate; all
+    ``split.num_val_speakers`` speakers of the training corpus (balanced by sex, seeded) validate; all
     others train; every utterance of the test corpus tests.
     """
+    num_val_speakers, random_seed = split.num_val_speakers, split.random_seed
     speakers = sorted({u.speaker for u in train_corpus})
-    if not 1 <= num_val_speakers < len(speakers):
+    if num_val_speakers >= len(speakers):
         raise ValueError(
             f"data.num_val_speakers={num_val_speakers}: the training corpus has {len(speakers)} speakers; "
             f"use 1 to {len(speakers) - 1} so that some remain for training"

@@ -68,7 +68,7 @@ def load_features(
     if missing:
         log.info("features: computing %d of %d files (%s)", len(missing), len(utterances), feature.name)
     # per-file spectrograms are fastest on one thread; a neural front end uses them all
-    threads = torch.get_num_threads() if feature.name == "ssl" else 1
+    threads = torch.get_num_threads() if extractor.neural else 1
     with torch.no_grad(), torch_threads(threads):
         for group in _decoded_groups(missing, utterances, extractor, feature.trim_silence, failures):
             for (index, _), values in zip(group, extractor.extract_many([wave for _, wave in group])):

@@ -36,6 +36,7 @@ from ser_lightning.functionals import speaker_stats_width
 from ser_lightning.errors import DataError
 from ser_lightning.models.attention import AttentionPool
 from ser_lightning.outputs import atomic_path
+from ser_lightning.padding import length_mask
 
 INPUT_NAMES = ["features", "lengths"]
 OUTPUT_NAMES = ["probabilities", "alpha"]
@@ -153,12 +154,11 @@ def _parity_inputs(module: nn.Module, export_min: int) -> list[tuple[Tensor, Ten
         (2, [export_min + 613, 3 * export_min]),
     ]
     inputs = []
-    for batch, lengths in cases:
-        frames = max(lengths)
+    for batch, sizes in cases:
+        lengths, frames = torch.tensor(sizes, dtype=torch.int64), max(sizes)
         noise = torch.randn(batch, module.hparams.num_features, frames, generator=generator)
         features = module.feature_mean[None, :, None].cpu() + module.feature_std[None, :, None].cpu() * noise
-        mask = torch.arange(frames)[None, :] < torch.tensor(lengths)[:, None]
-        case = (features * mask[:, None, :], torch.tensor(lengths, dtype=torch.int64))
+        case = (features * length_mask(lengths, frames)[:, None, :], lengths)
         if _speaker_input(module):  # speakers near the training statistics; functionals around a unit z-score
             mean = module.feature_mean.cpu() + 0.1 * torch.randn(batch, module.hparams.num_features, generator=generator)
             std = module.feature_std.cpu() * (1 + 0.1 * torch.rand(batch, module.hparams.num_features, generator=generator))

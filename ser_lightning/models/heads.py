@@ -21,7 +21,8 @@ How it is trained (``model.statistics_head``), one class each:
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -37,9 +38,13 @@ def set_width(name: str, num_features: int) -> int:
 
 
 class StatisticsHead(nn.Module):
-    """Standardised statistics -> logits. Subclasses say how it is trained (``trainable``, ``prepare``)."""
+    """Standardised statistics -> logits. Subclasses say how it is trained: ``trainable`` (its weights learn with
+    the network), ``deep_supervision`` (its logits also get their own loss, from unmixed batches under mixup;
+    otherwise they join the mixed ones) and ``prepare`` (before training)."""
 
-    trainable = True
+    name: ClassVar[str] = ""
+    trainable: ClassVar[bool] = True
+    deep_supervision: ClassVar[bool] = False
 
     def __init__(self, num_features: int, num_classes: int, sets: Sequence[str]) -> None:
         super().__init__()
@@ -86,10 +91,14 @@ class StatisticsHead(nn.Module):
 class JointHead(StatisticsHead):
     """Trained with the network (deep supervision: the head's own loss is added to the combined one)."""
 
+    name = "joint"
+    deep_supervision = True
+
 
 class LogisticHead(StatisticsHead):
     """A logistic regression fitted before training (C by the validation speakers' UA) and then frozen."""
 
+    name = "logistic"
     trainable = False
 
     @torch.no_grad()
@@ -110,5 +119,6 @@ class LogisticHead(StatisticsHead):
         self.register_buffer("offsets", offsets, persistent=False)
 
 
-HEADS: dict[str, Callable[..., StatisticsHead]] = {"joint": JointHead, "logistic": LogisticHead}
-"""``model.statistics_head`` -> its class (``none``: no head)."""
+HEADS: dict[str, type[StatisticsHead]] = {head.name: head for head in (JointHead, LogisticHead)}
+"""``model.statistics_head`` -> its class (``none``: no head): a new mode is one ``StatisticsHead`` subclass and its
+entry here."""

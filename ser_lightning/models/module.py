@@ -21,7 +21,7 @@ from ser_lightning.data.batches import Batch
 from ser_lightning.models.attention import BACKENDS
 from ser_lightning.models.layers import ModelOutput
 from ser_lightning.models.heads import HEADS, STATISTICS_SETS, StatisticsHead
-from ser_lightning.normalization import NORMALIZATIONS, normalize
+from ser_lightning.normalization import Normalization, check_normalization, normalize
 from ser_lightning.models.seed1d import Seed1D
 from ser_lightning.models.zhang2d import Zhang2D
 
@@ -29,7 +29,6 @@ ARCHS = ("seed1d", "zhang2d")
 DEFAULT_LAM = {"seed1d": 0.8, "zhang2d": 0.3}
 DEFAULT_DROPOUT = {"seed1d": 0.0, "zhang2d": 0.5}
 LR_SCHEDULES = ("constant", "cosine")
-STATISTICS_HEADS = ("none", *HEADS)
 MONITOR = "val/UA"
 CHECKPOINT_FILENAME = "epoch{epoch:03d}-valUA{val/UA:.4f}"
 
@@ -73,11 +72,9 @@ def check_options(options: Mapping[str, Any]) -> None:
          f"model.pretrained_alexnet needs model.arch zhang2d and model.width 1.0, got {o['arch']} at {o['width']}"),
         (o["dropout"] is None or 0 <= o["dropout"] < 1, f"model.dropout must be in [0, 1) or null, got {o['dropout']}"),
         (o["backend"] in BACKENDS, f"model.backend must be one of {BACKENDS}, got {o['backend']!r}"),
-        (o["normalization"] in NORMALIZATIONS,
-         f"model.normalization must be one of {NORMALIZATIONS}, got {o['normalization']!r}"),
         (o["mixup_alpha"] >= 0, f"model.mixup_alpha must be >= 0, got {o['mixup_alpha']}"),
-        (o["statistics_head"] in STATISTICS_HEADS,
-         f"model.statistics_head must be one of {STATISTICS_HEADS}, got {o['statistics_head']!r}"),
+        (o["statistics_head"] == "none" or o["statistics_head"] in HEADS,
+         f"model.statistics_head must be one of {('none', *HEADS)}, got {o['statistics_head']!r}"),
         (len(o["statistics"]) >= 1 and all(name in STATISTICS_SETS for name in o["statistics"]),
          f"model.statistics must list one or more of {STATISTICS_SETS}, got {o['statistics']!r}"),
         ("prosodic" not in o["statistics"] or o["statistics_head"] == "none" or o["pitch_rows"],
@@ -91,6 +88,7 @@ def check_options(options: Mapping[str, Any]) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    check_normalization(o["normalization"], "model.normalization")
 
 
 class StepOutput(NamedTuple):
@@ -138,8 +136,8 @@ class SERModule(LightningModule):
         backend: attention implementation: "auto", "fused" or "reference".
         normalization: "global", "speaker", "utterance" or "none" (see ``ser_lightning.normalization``); linked from data.
         statistics_head: a linear head on utterance statistics, standardised with training-split statistics,
-            whose logits are added to the attention head's (``ser_lightning.models.heads``). ``none``: no such
-            head. ``joint``: trained with the network, each head also getting its own loss (deep supervision).
+            whose logits are added to the attention head's: a key of ``ser_lightning.models.heads.HEADS``, or
+            ``none`` for no such head. ``joint``: trained with the network, each head also getting its own loss (deep supervision).
             ``logistic``: fitted before training as a class-balanced logistic regression on the training split
             (scikit-learn; C chosen by the validation speakers' UA, as the baselines do), then frozen: the
             attention head learns what the statistics leave.
@@ -170,8 +168,8 @@ class SERModule(LightningModule):
         lrn: bool = True,
         pretrained_alexnet: str | None = None,
         backend: Literal["auto", "fused", "reference"] = "auto",
-        normalization: Literal["global", "speaker", "utterance", "none"] = "global",
-        statistics_head: Literal["none", "joint", "logistic"] = "none",
+        normalization: Normalization = "global",
+        statistics_head: str = "none",
         statistics: list[Literal["pooled", "prosodic"]] | None = None,
         pitch_rows: bool = False,
         class_weighted_loss: bool = True,
@@ -315,18 +313,19 @@ class SERModule(LightningModule):
         return F.cross_entropy(logits, labels, weight=weight)
 
     def model_step(self, batch: Batch) -> tuple[StepOutput, Tensor]:
-        """Forward pass and loss on an unmixed batch: the combined logits', plus each head's own with ``joint``."""
+        """Forward pass and loss on an unmixed batch: the combined logits', plus each head's own when the statistics
+        head is deep-supervised (``joint``)."""
         step = self.heads(batch["features"], batch["lengths"], batch.get("speaker_stats"), batch.get("index"))
         loss = self._loss(step.output.logits, batch["labels"])
-        if self.hparams.statistics_head == "joint":
+        if self.statistics_head is not None and self.statistics_head.deep_supervision:
             loss = loss + sum(self._loss(logits, batch["labels"]) for logits in step.head_logits)
         return step, loss
 
     def _mixup_step(self, batch: Batch) -> tuple[StepOutput, Tensor]:
         """Loss with mixup: the attention head sees the batch mixed with a shuffled copy of itself (after
-        normalisation) and learns both labels by their weights. A ``joint`` statistics head, a linear model
-        that mixing would only blur, learns from the clean batch; a frozen ``logistic`` one adds the same
-        mix of its two utterances' logits to the attention head's."""
+        normalisation) and learns both labels by their weights. A deep-supervised statistics head (``joint``), a
+        linear model that mixing would only blur, learns from the clean batch; any other (the frozen ``logistic``)
+        adds the same mix of its two utterances' logits to the attention head's."""
         features, lengths, labels, speaker_stats = batch["features"], batch["lengths"], batch["labels"], batch.get("speaker_stats")
         x = self.normalize(features, lengths, speaker_stats)
         alpha = torch.tensor(float(self.hparams.mixup_alpha))
@@ -337,11 +336,10 @@ class SERModule(LightningModule):
         def mixed_loss(logits: Tensor) -> Tensor:
             return weight * self._loss(logits, labels) + (1 - weight) * self._loss(logits, labels[order])
 
-        mode = self.hparams.statistics_head
-        if mode == "none":
+        if self.statistics_head is None:
             return StepOutput(output, (output.logits,)), mixed_loss(output.logits)
         statistics_logits = self.statistics_head(features, x, lengths, speaker_stats, batch.get("index"))
-        if mode == "joint":
+        if self.statistics_head.deep_supervision:
             loss = mixed_loss(output.logits) + self._loss(statistics_logits, labels)
             return StepOutput(output, (output.logits, statistics_logits)), loss
         combined = output.logits + weight * statistics_logits + (1 - weight) * statistics_logits[order]

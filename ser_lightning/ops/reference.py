@@ -37,6 +37,35 @@ def check_length_values(lengths: Tensor, positions: int) -> None:
     torch._assert_async(valid, f"attention_pool: `lengths` must lie in 1..L={positions}")
 
 
+def attention_input_problem(a: Tensor, weight: Tensor, bias: Tensor, u: Tensor, lengths: Tensor | None) -> str | None:
+    """The first rule on the inputs' shapes, dtypes and devices that they break, as a message naming the argument;
+    None when they fit. ``check_attention_inputs`` raises it (ValueError), the fake kernels give it to
+    ``torch._check`` at trace time. Nothing here reads tensor values."""
+    if a.dim() != 3:
+        return f"attention_pool: `a` must be (B, L, C), got shape {tuple(a.shape)}"
+    batch, positions, channels = a.shape
+    if batch < 1 or positions < 1 or channels < 1:
+        return f"attention_pool: `a` must have B, L, C >= 1, got shape {tuple(a.shape)}"
+    if weight.dim() != 2 or weight.shape[1] != channels:
+        return f"attention_pool: `weight` must be (D, C={channels}), got shape {tuple(weight.shape)}"
+    dim = weight.shape[0]
+    for name, t in (("bias", bias), ("u", u)):
+        if t.shape != (dim,):
+            return f"attention_pool: `{name}` must be (D={dim},), got shape {tuple(t.shape)}"
+    for name, t in (("weight", weight), ("bias", bias), ("u", u)):
+        if t.device != a.device:
+            return f"attention_pool: `{name}` is on {t.device} but `a` is on {a.device}"
+        if t.dtype != a.dtype:
+            return f"attention_pool: `{name}` has dtype {t.dtype} but `a` has {a.dtype}"
+    if lengths is not None:
+        if lengths.shape != (batch,) or lengths.dtype != torch.int64:
+            return (f"attention_pool: `lengths` must be int64 of shape ({batch},), "
+                    f"got {lengths.dtype} of shape {tuple(lengths.shape)}")
+        if lengths.device != a.device:
+            return f"attention_pool: `lengths` is on {lengths.device} but `a` is on {a.device}"
+    return None
+
+
 def check_attention_inputs(
     a: Tensor, weight: Tensor, bias: Tensor, u: Tensor, lam: float, lengths: Tensor | None, values: bool = True
 ) -> None:
@@ -46,33 +75,11 @@ def check_attention_inputs(
     here reads a CUDA tensor back to the host.
     """
     check_lam(lam)
-    if a.dim() != 3:
-        raise ValueError(f"attention_pool: `a` must be (B, L, C), got shape {tuple(a.shape)}")
-    batch, positions, channels = a.shape
-    if batch < 1 or positions < 1 or channels < 1:
-        raise ValueError(f"attention_pool: `a` must have B, L, C >= 1, got shape {tuple(a.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != channels:
-        raise ValueError(f"attention_pool: `weight` must be (D, C={channels}), got shape {tuple(weight.shape)}")
-    dim = weight.shape[0]
-    if bias.shape != (dim,):
-        raise ValueError(f"attention_pool: `bias` must be (D={dim},), got shape {tuple(bias.shape)}")
-    if u.shape != (dim,):
-        raise ValueError(f"attention_pool: `u` must be (D={dim},), got shape {tuple(u.shape)}")
-    for name, t in (("weight", weight), ("bias", bias), ("u", u)):
-        if t.device != a.device:
-            raise ValueError(f"attention_pool: `{name}` is on {t.device} but `a` is on {a.device}")
-        if t.dtype != a.dtype:
-            raise ValueError(f"attention_pool: `{name}` has dtype {t.dtype} but `a` has {a.dtype}")
-    if lengths is not None:
-        if lengths.shape != (batch,) or lengths.dtype != torch.int64:
-            raise ValueError(
-                f"attention_pool: `lengths` must be int64 of shape ({batch},), "
-                f"got {lengths.dtype} of shape {tuple(lengths.shape)}"
-            )
-        if lengths.device != a.device:
-            raise ValueError(f"attention_pool: `lengths` is on {lengths.device} but `a` is on {a.device}")
-        if values:
-            check_length_values(lengths, positions)
+    problem = attention_input_problem(a, weight, bias, u, lengths)
+    if problem is not None:
+        raise ValueError(problem)
+    if lengths is not None and values:
+        check_length_values(lengths, a.shape[1])
 
 
 def attention_pool_reference(
