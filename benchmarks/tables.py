@@ -219,7 +219,50 @@ def serve_tables(kind: str) -> str:
     return table(["model", "", "clients", "requests/s", "p95 ms"], rows) + f"\nMachine: {machine}.\n"
 
 
+# ----------------------------------------------------------------- the operator, training, prediction
+def _machine(env: dict) -> str:
+    return (f"{env['device_name']} ({env['device']}), {env['threads']} thread(s), torch {env['torch']}, "
+            f"fused CPU path {env.get('cpu_capability') or '-'}; `{env['command'].replace(str(ROOT) + '/', '')}`")
+
+
+def attention_table() -> str:
+    data = load("bench_attention")
+    blocks = []
+    for run in data["runs"]:
+        contenders = [c for c in run["results"][0]["contenders"] if c != "eager"]
+        headers = ["shape (B, L, C, D)", "eager f+b ms"] + [f"{c} x eager" for c in contenders] + ["fused memory x eager"]
+        rows = []
+        for r in run["results"]:
+            eager = r["contenders"]["eager"]
+            fused = r["contenders"].get("fused")
+            rows.append([f"{r['shape']} ({r['B']}, {r['L']}, {r['C']}, {r['D']})", f"{1000 * eager['forward_backward_s']:.3f}",
+                         *[f"{r['contenders'][c]['forward_backward_x_eager']:.2f}" if c in r["contenders"] else "-"
+                           for c in contenders],
+                         f"{fused['memory_x_eager']:.2f}" if fused and fused.get("memory_x_eager") is not None else "-"])
+        blocks.append(table(headers, rows) + f"\n{_machine(run['environment'])}, {run['environment'].get('dtype', '')}.\n")
+    return "\n".join(blocks)
+
+
+def train_table() -> str:
+    data = load("bench_train")
+    rows = [[r["arch"], r["precision"], f"{r['batch_size']} x {r['features']} x ~{r['frames_mean']:.0f}",
+             f"{r['backends']['reference']['utterances_per_s']:.0f}", f"{r['backends']['fused']['utterances_per_s']:.0f}",
+             f"{r['throughput_ratio']:.2f}"] for r in data["results"]]
+    return (table(["model", "precision", "batch", "reference utt/s", "fused utt/s", "fused x reference"], rows)
+            + f"\n{_machine(data['environment'])}.\n")
+
+
+def predict_table() -> str:
+    data = load("bench_predict")
+    rows = [[name, f"{m['rtf']:.0f}x", f"{m['files_per_s']:.1f}"] for name, m in data["modes"].items()]
+    return (table(["mode", "real-time factor", "files/s"], rows)
+            + f"\n{data['files']} files, {data['audio_s']:.0f} s of audio; {_machine(data['environment'])}.\n")
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "attention": attention_table,
+    "train": train_table,
+    "predict": predict_table,
     "results-overview": lambda: results_overview(["builtin4", "builtin8", "dev4", "dev8"]),
     "results-builtin4": lambda: per_fold("builtin4"),
     "results-builtin8": lambda: per_fold("builtin8"),

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,8 +122,25 @@ def test_bench_predict_quick(tmp_path):
     assert "real-time factor" in stdout
 
 
+def test_bench_serve_times_a_hop_both_ways(seed1d_checkpoint, tiny_corpus, monkeypatch):
+    """The serving benchmark's in-process part (its server parts are what `serve`'s own tests cover)."""
+    import soundfile as sf
+
+    from ser_lightning import EmotionRecognizer
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench_serve = runpy.run_path(str(ROOT / "benchmarks" / "bench_serve.py"))
+    audio = np.concatenate([sf.read(f, dtype="float32")[0] for f in sorted(tiny_corpus.rglob("*.wav"))[:3]])
+    recognizer = EmotionRecognizer.from_checkpoint(seed1d_checkpoint.parent / "last.ckpt")
+    hop = bench_serve["hop_times"](recognizer, audio)
+    assert set(hop) == {"incremental_ms", "recompute_ms"}
+    hops = 1 + (len(audio) - 32000) // 8000 - 2  # the first two hops after the first window are not timed
+    for times in hop.values():
+        assert times["count"] == hops and 0 < times["p50"] <= times["p95"] <= times["p99"] <= times["max"]
+
+
 @pytest.mark.parametrize("name, option", [("bench_attention.py", "--no-compile"), ("bench_train.py", "--precision"),
-                                          ("bench_predict.py", "--ckpt")])
+                                          ("bench_predict.py", "--ckpt"), ("bench_serve.py", "--ckpt_path")])
 def test_help_documents_options(name, option, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     monkeypatch.setattr(sys, "argv", [name, "--help"])
