@@ -39,7 +39,7 @@ GOAL_RTF = 100.0
 
 def train_tiny_checkpoint(corpus: Path, workdir: Path) -> Path:
     """One epoch of the demo configuration on `corpus` through the command line; returns its checkpoint."""
-    from ser_lightning.lightning_cli import fit_main
+    from ser_lightning.lightning_commands import fit_main
 
     fit_main([f"--data.root={corpus}", f"--data.cache_dir={workdir / 'cache'}", "--data.num_folds=3",
               "--data.num_val_speakers=1", "--trainer.max_epochs=1", f"--trainer.default_root_dir={workdir}",
