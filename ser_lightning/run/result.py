@@ -2,9 +2,9 @@
 
 The file is the record's fields as JSON keys, ``format_version`` first (``RESULT_FORMAT``). Files written
 before results had a version carry none: they are read as format 0, in which the fields added over time
-(``OPTIONAL``: the calibration, the network weight, the seconds of the whole run, ...) may be missing and
-take their defaults. A file of a newer format, or one that lacks a required field, is a ``DataError``
-naming the file.
+(those with defaults: the calibration, the network weight, the seconds of the whole run, ...) may be
+missing. A file of a newer format, or one that lacks a required field, is a ``DataError`` naming the file.
+Readers use the record's attributes; this module is the only reader of the file.
 """
 from __future__ import annotations
 
