@@ -42,7 +42,7 @@ from ser_lightning.runtime import keep_freed_memory
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_DATA = ["--data.synthetic_actors=6", *QUICK_SPLIT]
 PREPARE = """import sys
-from ser_lightning.lightning_cli import build_cli
+from ser_lightning.parser import build_cli
 data = build_cli(sys.argv[1:]).datamodule
 data.prepare_data()
 data.setup("fit")
@@ -51,7 +51,7 @@ data.setup("fit")
 
 def demo_epoch(args: argparse.Namespace, cache: Path, workdir: Path) -> dict[str, Any]:
     """Epoch wall time of the demo fit and the pure training work of the same batches."""
-    from ser_lightning.lightning_cli import build_cli
+    from ser_lightning.parser import build_cli
 
     extra = QUICK_DATA if args.quick else []
     options = fit_args(workdir, cache, args.epochs, *extra)

@@ -39,7 +39,7 @@ GOAL_RTF = 100.0
 
 def train_tiny_checkpoint(corpus: Path, workdir: Path) -> Path:
     """One epoch of the demo configuration on `corpus` through the command line; returns its checkpoint."""
-    from ser_lightning.lightning_cli import fit_main
+    from ser_lightning.lightning_commands import fit_main
 
     fit_main(fit_args(workdir, workdir / "cache", 1, f"--data.root={corpus}", *QUICK_SPLIT,
                       "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--test_after_fit=false"))

@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from ser_lightning.data.batches import Batch
+from ser_lightning.batch import Batch
 from ser_lightning.errors import DataError
 from ser_lightning.models.layers import ModelOutput
 from ser_lightning.padding import pad_last

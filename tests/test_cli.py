@@ -195,7 +195,7 @@ def test_cuda_checks_come_from_torchs_cache_only_without_cuda_devices(setting, d
 def test_the_trainer_gets_the_throttled_progress_bar_unless_configured_otherwise(tmp_path, options, expected):
     from lightning.pytorch.callbacks import ProgressBar
 
-    from ser_lightning.lightning_cli import build_cli
+    from ser_lightning.parser import build_cli
 
     trainer = build_cli([f"--trainer.default_root_dir={tmp_path}", "--data.cache_dir=unused", *options]).trainer
     bars = [type(callback).__name__ for callback in trainer.callbacks if isinstance(callback, ProgressBar)]

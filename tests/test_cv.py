@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,9 @@ import torch
 from conftest import FINAL_WEIGHTS, failing_command, tiny_args
 
 from ser_lightning.cli import main
-from ser_lightning.evaluation.report import TIE_TOLERANCE, _paired, _wins, summarize
+from ser_lightning.errors import DataError
+from ser_lightning.run.result import RESULT_FORMAT, RunResult
+from ser_lightning.studies.report import TIE_TOLERANCE, _paired, _wins, summarize
 
 CLASSES = ["neutral", "happy", "sad", "angry"]
 
@@ -133,6 +137,10 @@ def fake_result(fold: int, ua: float, baseline_ua: float, repeat: int = 0, confi
     }
 
 
+def records(results: list[dict]) -> list[RunResult]:
+    return [RunResult.from_json(json.dumps(result), f"result {k}") for k, result in enumerate(results)]
+
+
 def write_results(folder: Path, results: list[dict]) -> Path:
     for result in results:
         name = f"fold_{result['fold']}" + (f"_repeat_{result['repeat']}" if result["repeat"] else "")
@@ -148,7 +156,7 @@ def test_cv_report_merges_partial_runs_into_the_full_report(tmp_path):
     main(["cv-report", str(tmp_path / "a"), str(tmp_path / "b"), f"--out={tmp_path / 'merged'}"])
     merged = json.loads((tmp_path / "merged" / "cv_report.json").read_text())
     assert merged["complete"] and [f["fold"] for f in merged["folds"]] == [0, 1, 2]
-    assert merged == json.loads(json.dumps(summarize(results)))
+    assert merged == json.loads(json.dumps(summarize(records(results))))
     assert merged["baselines"]["pooled"]["UA_difference"]["wins"] == 2
     main(["cv-report", str(tmp_path / "a")])
     alone = json.loads((tmp_path / "a" / "cv_report.json").read_text())
@@ -166,8 +174,47 @@ def test_repeats_separate_the_spread_over_seeds_from_the_spread_over_folds():
     # fold means 0.7, 0.8, 0.9 (spread over folds); within each fold the two seeds differ by 0.1 (spread over seeds)
     results = [fake_result(fold, mean + delta, 0.5, repeat)
                for fold, mean in enumerate((0.7, 0.8, 0.9)) for repeat, delta in enumerate((-0.05, 0.05))]
-    summary = summarize(results)
+    summary = summarize(records(results))
     assert summary["repeats"] == 2 and summary["mean"]["UA"] == pytest.approx(0.8)
     assert summary["std"]["UA"] == pytest.approx(0.1)
     assert summary["std_over_seeds"]["UA"] == pytest.approx((0.1**2 / 2) ** 0.5)
     assert [f["metrics"]["UA"] for f in summary["folds"]] == pytest.approx([0.7, 0.8, 0.9])
+
+
+# ----------------------------------------------------------------------------- result files
+def test_a_run_writes_its_result_record_as_it_reads_it_back(full_run):
+    path = full_run / "fold_0" / "result.json"
+    written = json.loads(path.read_text())
+    assert list(written) == [field.name for field in fields(RunResult)]  # every field, in order, format first
+    assert written["format_version"] == RESULT_FORMAT
+    result = RunResult.read(path)
+    assert result.to_json() == path.read_text()
+    assert result.baselines["pooled"].confusion_matrix == written["baselines"]["pooled"]["confusion_matrix"]
+    assert result.seconds == written["run_seconds"] > written["wall_seconds"]
+
+
+def test_results_written_before_the_format_had_a_version_load_with_defaults():
+    old = fake_result(1, 0.8, 0.7)  # no format_version, and none of the keys added since (calibration, run_seconds, ...)
+    result = RunResult.from_json(json.dumps(old), "old.json")
+    assert result.format_version == 0 and result.fold == 1 and result.metrics["UA"] == 0.8
+    assert result.calibration is None and result.shared_speakers == [] and result.head_metrics == {}
+    assert result.seconds == old["wall_seconds"]  # the whole run's seconds were not counted then
+    assert result.baselines["pooled"].val_metrics is None and result.baselines["pooled"].C == 0.1
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"format_version": RESULT_FORMAT + 1}, f"a run result of format {RESULT_FORMAT + 1}, newer than this version"),
+    ({"format_version": "one"}, "not a run result (format_version 'one')"),
+    ({"metrics": None, "fold": None}, "not a complete run result (the file lacks fold, metrics)"),
+    ({"baselines": {"pooled": {"C": 1.0}}}, "not a complete run result (baseline pooled lacks selection, metrics"),
+])
+def test_a_result_of_a_newer_format_or_missing_keys_is_refused_in_one_line_naming_the_file(change, problem, tmp_path,
+                                                                                            capsys):
+    result = {key: value for key, value in {**fake_result(0, 0.8, 0.7), **change}.items() if value is not None}
+    path = tmp_path / "fold_0" / "result.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(result))
+    with pytest.raises(DataError, match=re.escape(problem)):
+        RunResult.read(path)
+    status, err = failing_command(["cv-report", str(tmp_path)], capsys)
+    assert status == 1 and err.startswith(f"error: {path}: ") and problem in err and err.count("\n") == 1

@@ -15,7 +15,7 @@ from conftest import TINY_EMOTIONS, failing_command, tiny_args
 
 from ser_lightning import cli
 from ser_lightning.errors import DataError, UsageError, describe
-from ser_lightning.lightning_cli import LIGHTNING_LOGGERS
+from ser_lightning.parser import LIGHTNING_LOGGERS
 from ser_lightning.outputs import OutputError
 
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -300,8 +300,8 @@ def test_the_feature_cache_on_a_full_disk_says_no_space_left_naming_the_folder(t
 
 # ----------------------------------------------------------------------------- numbers that make no sense
 def test_a_run_that_never_trained_is_an_error_not_a_result(tiny_corpus, feature_cache, tmp_path):
-    from ser_lightning.lightning_cli import build_cli
-    from ser_lightning.training import fit_and_test
+    from ser_lightning.parser import build_cli
+    from ser_lightning.run.training import fit_and_test
 
     built = build_cli(tiny_args(tiny_corpus, tmp_path, cache=feature_cache))
     built.trainer.fit_loop.max_epochs = 0  # as if the configuration check had been bypassed

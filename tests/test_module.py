@@ -18,7 +18,7 @@ from ser_lightning.models.module import SERModule, class_weights_from_counts
 from ser_lightning.normalization import feature_stats
 from ser_lightning.ops import fused_available
 from ser_lightning.plotting import attention_figure, confusion_matrix_figure
-from ser_lightning.training import fit_and_test
+from ser_lightning.run.training import fit_and_test
 
 NUM_FEATURES = 4
 CLASS_NAMES = ["neutral", "happy", "sad"]

@@ -11,7 +11,8 @@ from conftest import tiny_args
 
 from ser_lightning.cli import main
 from ser_lightning.errors import UsageError
-from ser_lightning.evaluation.tune import load_space
+from ser_lightning.studies.executors import ExecutorOptions, open_executor
+from ser_lightning.studies.tune import load_space
 
 SHIPPED_SPACES = sorted((Path(__file__).resolve().parents[1] / "configs" / "spaces").glob("*.yaml"))
 
@@ -49,6 +50,27 @@ def test_parallel_executors_give_the_local_results(executor, local_study, tiny_c
     assert printed.count("complete, skipped") == 0 and capsys.readouterr().out.count("complete, skipped") == 2
 
 
+def report_and_ask(trial, value: float) -> tuple[int, bool]:
+    """What a trial's worker does with the trial it was sent: report a validation UA, ask the pruner."""
+    trial.report(value, step=0)
+    return trial.number, trial.should_prune()
+
+
+def test_a_trial_sent_to_a_worker_process_reports_to_its_study(tmp_path):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    trials = [study.ask() for _ in range(2)]
+    with open_executor(ExecutorOptions("processes", workers=1)) as executor:
+        for value, trial in zip((0.25, 0.5), trials):
+            executor.submit(trial, report_and_ask, trial, value)
+        ended = [executor.next_finished() for _ in trials]
+    assert {e.key.number: (e.result, e.error) for e in ended} == {0: ((0, False), None), 1: ((1, False), None)}
+    reported = optuna.load_study(study_name="s", storage=storage).trials
+    assert [t.intermediate_values for t in reported] == [{0: 0.25}, {0: 0.5}]
+
+
 @pytest.mark.parametrize("space", SHIPPED_SPACES, ids=lambda path: path.stem)
 def test_shipped_spaces_set_options_of_the_configuration_they_are_named_after(space, capsys):
     params = load_space(space)
@@ -60,7 +82,7 @@ def test_shipped_spaces_set_options_of_the_configuration_they_are_named_after(sp
 
 
 def test_space_files_are_validated(tmp_path):
-    from ser_lightning.evaluation.tune import load_space
+    from ser_lightning.studies.tune import load_space
 
     for text, problem in [("model.lr: {type: float, low: 1, high: 0}", "'low' < 'high'"),
                           ("model.lr: {type: gaussian}", "'type' must be"),

@@ -11,11 +11,11 @@ import pytest
 from conftest import tiny_args
 
 from ser_lightning.cli import main
-from ser_lightning.evaluation.cv import study_settings
-from ser_lightning.evaluation.identity import (
+from ser_lightning.studies.plan import study_settings
+from ser_lightning.run.identity import (
     STUDY_FILE, StudyMismatch, StudyRecord, code_version, differences, study_config,
 )
-from ser_lightning.evaluation.tune import Param
+from ser_lightning.studies.tune import Param
 
 CHANGED = ("--model.width=2", "--trainer.max_epochs=4")
 NAMED = "model.width: 1.0 -> 2.0, trainer.max_epochs: 1 -> 4"

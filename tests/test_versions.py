@@ -12,7 +12,7 @@ from conftest import tiny_args
 
 from ser_lightning.cli import main
 from ser_lightning.data.datamodule import SERDataModule
-from ser_lightning.lightning_cli import allocate_version
+from ser_lightning.parser import allocate_version
 
 
 def test_version_numbers_claimed_at_once_are_all_different(tmp_path):

@@ -1,35 +1,16 @@
-"""Typed items and batches, the per-split dataset, and length-bucketed batch sampling."""
+"""Collating items into batches, the per-split dataset, and length-bucketed batch sampling."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import NotRequired, TypedDict
 
 import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, Dataset, Sampler
 
+from ser_lightning.batch import Batch, Item
 from ser_lightning.padding import pad_last
 
 from .features import SpecAugment
-
-
-class Item(TypedDict):
-    """One utterance of a split."""
-
-    features: Tensor  # (F, n) float32
-    label: int
-    index: int  # position in the datamodule's utterance list
-    speaker_stats: NotRequired[Tensor]  # (2, F) mean and std of its speaker (normalization: speaker)
-
-
-class Batch(TypedDict):
-    """A zero-padded batch, as every model step receives it."""
-
-    features: Tensor  # (B, F, N) float32, zero past lengths[b]
-    lengths: Tensor  # (B,) int64 valid frames
-    labels: Tensor  # (B,) int64
-    index: Tensor  # (B,) int64
-    speaker_stats: NotRequired[Tensor]  # (B, 2, F)
 
 
 def collate_utterances(items: Sequence[Item]) -> Batch:

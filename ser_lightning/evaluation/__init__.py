@@ -1,1 +1,1 @@
-"""Cross-validation driver and reports."""
+"""What scores a model: metrics, calibration, and the linear baselines fitted on the same split."""

@@ -1,7 +1,7 @@
 """SERModule: the ``model:`` section of a configuration, validated here, and the steps that train it.
 
 Figures (attention maps, confusion matrices) are drawn by ``ser_lightning.callbacks.FigureCallback``;
-fitting and testing the best checkpoint is ``ser_lightning.training.fit_and_test``.
+fitting and testing the best checkpoint is ``ser_lightning.run.training.fit_and_test``.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from ser_lightning.data.batches import Batch
+from ser_lightning.batch import Batch
 from ser_lightning.models.attention import BACKENDS
 from ser_lightning.models.layers import ModelOutput
 from ser_lightning.models.heads import HEADS, STATISTICS_SETS, StatisticsHead

@@ -24,9 +24,8 @@ Space file (YAML), one entry per option:
 """
 from __future__ import annotations
 
-import argparse
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +33,18 @@ import yaml
 from lightning.pytorch import Callback
 
 from ser_lightning.errors import CommandParser, DataError, UsageError, one_line, os_reason
-from ser_lightning.evaluation.cv import RunSpec, load_result, run_fold
-from ser_lightning.evaluation.identity import StudyRecord, study_config
-from ser_lightning.evaluation.report import write_report
 from ser_lightning.outputs import atomic_write_text, check_writable
+from ser_lightning.run.fold import RunSpec, run_fold
+from ser_lightning.run.identity import StudyRecord, study_config
+from ser_lightning.run.result import load_result
+from ser_lightning.studies.executors import ExecutorOptions, add_executor_arguments, executor_options, open_executor
+from ser_lightning.studies.plan import open_study, parse_folds, plan_runs, study_settings
+from ser_lightning.studies.report import write_report
 
 PARAM_TYPES = ("float", "int", "categorical")
 STUDY_PREFIX = "outer_fold_"
+TRIAL_OPTIONS = ("--figures.every_n_epochs=0", "--figures.num_attention_maps=0")
+"""A trial draws no figures."""
 
 
 @dataclass(frozen=True)
@@ -95,20 +99,6 @@ def overrides(params: dict[str, Any]) -> list[str]:
     return [f"--{name}={json.dumps(value)}" for name, value in sorted(params.items())]
 
 
-@dataclass(frozen=True)
-class TrialSpec:
-    """One trial: the study's configuration arguments plus sampled options, on one outer fold."""
-
-    args: tuple[str, ...]
-    out: str
-    fold: int
-    num_folds: int
-    number: int
-    params: dict = field(hash=False)
-    storage: str
-    study_name: str
-
-
 class PruningCallback(Callback):
     """Reports each epoch's validation UA to the Optuna trial and stops the fit when its pruner says so."""
 
@@ -123,35 +113,26 @@ class PruningCallback(Callback):
             trainer.should_stop, self.pruned = True, True
 
 
-def run_trial(spec: TrialSpec) -> dict:
-    """Fit one trial on the outer fold's training speakers; its score is the best validation UA (no test)."""
-    import optuna
+def run_trial(spec: RunSpec, trial: Any) -> dict:
+    """Fit one trial (an Optuna trial the study asked for) on the outer fold's training speakers; its score is the
+    best validation UA (no test). The trial, pickled to a worker, still reports to its study's pruner."""
+    from ser_lightning.parser import build_cli
 
-    from ser_lightning.lightning_cli import build_cli
-
-    folder = Path(spec.out) / f"{STUDY_PREFIX}{spec.fold}" / f"trial_{spec.number}"
-    logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-              "init_args": {"save_dir": str(folder.parent), "name": folder.name, "version": "run"}}
-    cli = build_cli([*spec.args, *overrides(spec.params), f"--data.fold={spec.fold}",
-                     f"--data.num_folds={spec.num_folds}", f"--trainer.logger={json.dumps(logger)}",
-                     "--figures.every_n_epochs=0", "--figures.num_attention_maps=0"])
-    study = optuna.load_study(study_name=spec.study_name, storage=spec.storage)
-    # the trial the driver asked for, reopened here so that this process can report to its pruner
-    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, spec.number)
-    pruning = PruningCallback(optuna.trial.Trial(study, trial_id))
+    cli = build_cli(spec.lightning_args())
+    pruning = PruningCallback(trial)
     cli.trainer.callbacks.append(pruning)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     plan = cli.datamodule.fold_plan
     score = cli.trainer.checkpoint_callback.best_model_score
-    record = {"number": spec.number, "params": spec.params, "val_UA": None if score is None else float(score),
+    record = {"number": trial.number, "params": trial.params, "val_UA": None if score is None else float(score),
               "pruned": pruning.pruned, "epochs": cli.trainer.current_epoch,
               "train_speakers": plan.train_speakers, "val_speakers": plan.val_speakers,
               "outer_test_speakers": plan.test_speakers}
-    atomic_write_text(folder / "trial.json", json.dumps(record, indent=2))
+    atomic_write_text(spec.folder / "trial.json", json.dumps(record, indent=2))
     return record
 
 
-def _study(out: Path, fold: int, seed: int) -> tuple[Any, str, str]:
+def _study(out: Path, fold: int, seed: int) -> Any:
     import optuna
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -159,11 +140,11 @@ def _study(out: Path, fold: int, seed: int) -> tuple[Any, str, str]:
     folder = out / f"{STUDY_PREFIX}{fold}"
     folder.mkdir(parents=True, exist_ok=True)
     database = folder / "study.db"
-    storage, name = f"sqlite:///{database}", f"{STUDY_PREFIX}{fold}"
     try:
         study = optuna.create_study(
-            storage=storage, study_name=name, direction="maximize", load_if_exists=True,
-            sampler=optuna.samplers.TPESampler(seed=seed + fold), pruner=optuna.pruners.MedianPruner(n_warmup_steps=5),
+            storage=f"sqlite:///{database}", study_name=f"{STUDY_PREFIX}{fold}", direction="maximize",
+            load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=seed + fold),
+            pruner=optuna.pruners.MedianPruner(n_warmup_steps=5),
         )
     except SQLAlchemyError as error:
         reason = getattr(error, "orig", None) or error
@@ -171,26 +152,23 @@ def _study(out: Path, fold: int, seed: int) -> tuple[Any, str, str]:
                         "start this outer fold's search again") from error
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)  # cut off when the search was stopped
-    return study, storage, name
+    return study
 
 
-def search_fold(args: argparse.Namespace, lightning_args: list[str], space: list[Param], fold: int,
-                num_folds: int, seed: int) -> dict:
-    """Run the missing trials of one outer fold; return the best trial."""
+def search_fold(run: RunSpec, space: list[Param], trials: int, options: ExecutorOptions) -> dict:
+    """Run the missing trials of one outer fold (``run``: the fold's final run); return the best trial.
+
+    A trial is a run of the outer fold with the sampled options, in ``OUT/outer_fold_K/trial_N``, figures off.
+    """
     import optuna
 
-    study, storage, name = _study(args.out, fold, seed)
+    fold = run.fold
+    study = _study(Path(run.out), fold, run.base_seed)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=finished))
-    print(f"[tune] outer fold {fold}: {done}/{args.trials} trials done", flush=True)
-    pending: list[tuple[Any, TrialSpec]] = []
+    print(f"[tune] outer fold {fold}: {done}/{trials} trials done", flush=True)
 
-    def ask() -> tuple[Any, TrialSpec]:
-        trial = study.ask()
-        params = {param.name: param.suggest(trial) for param in space}
-        return trial, TrialSpec(tuple(lightning_args), str(args.out), fold, num_folds, trial.number, params, storage, name)
-
-    def tell(trial: Any, record: dict | None, error: Exception | None = None) -> None:
+    def tell(trial: Any, record: dict | None, error: BaseException | None = None) -> None:
         if error is not None or record is None or record["val_UA"] is None:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             print(f"[tune] outer fold {fold} trial {trial.number}: FAILED ({error})", flush=True)
@@ -200,38 +178,16 @@ def search_fold(args: argparse.Namespace, lightning_args: list[str], space: list
         print(f"[tune] outer fold {fold} trial {trial.number}: validation UA {100 * record['val_UA']:.1f} % "
               f"{'(pruned) ' if record['pruned'] else ''}{record['params']}", flush=True)
 
-    if args.executor == "ray":
-        import ray
-
-        from ser_lightning.evaluation.executors import start_ray
-        from ser_lightning.runtime import configure_worker
-
-        start_ray(args)
-
-        def remote_trial(spec: TrialSpec, threads: int) -> dict:
-            configure_worker(threads)
-            return run_trial(spec)
-
-        task = ray.remote(num_cpus=args.threads_per_worker, max_retries=0)(remote_trial)
-        running: dict[Any, Any] = {}
-        while done + len(running) < args.trials or running:
-            while done + len(running) < args.trials and len(running) < args.workers:
-                trial, spec = ask()
-                running[task.remote(spec, args.threads_per_worker)] = trial
-            finished_refs, _ = ray.wait(list(running), num_returns=1)
-            trial = running.pop(finished_refs[0])
-            try:
-                tell(trial, ray.get(finished_refs[0]))
-            except Exception as error:  # noqa: BLE001 - the trial failed; the search goes on
-                tell(trial, None, error)
-            done += 1
-    else:
-        while done < args.trials:
-            trial, spec = ask()
-            try:
-                tell(trial, run_trial(spec))
-            except Exception as error:  # noqa: BLE001
-                tell(trial, None, error)
+    with open_executor(options) as executor:
+        while done + executor.busy < trials or executor.busy:
+            while done + executor.busy < trials and executor.busy < executor.capacity:
+                trial = study.ask()
+                params = {param.name: param.suggest(trial) for param in space}
+                spec = replace(run, args=(*run.args, *overrides(params), *TRIAL_OPTIONS),
+                               out=str(Path(run.out) / f"{STUDY_PREFIX}{fold}"), name=f"trial_{trial.number}")
+                executor.submit(trial, run_trial, spec, trial)
+            ended = executor.next_finished()
+            tell(ended.key, ended.result, ended.error)
             done += 1
     best = study.best_trial
     return {"fold": fold, "best_trial": best.number, "best_val_UA": best.value, "params": best.params,
@@ -240,8 +196,6 @@ def search_fold(args: argparse.Namespace, lightning_args: list[str], space: list
 
 def tune_main(argv: list[str]) -> None:
     """Nested search: per outer fold, trials scored on inner validation speakers; the best one tested once."""
-    from ser_lightning.evaluation.cv import open_study, parse_folds, plan_runs, study_settings
-
     parser = CommandParser(
         prog="python -m ser_lightning tune", description=tune_main.__doc__,
         epilog="Any configuration option can follow (--config FILE|NAME, --data.root DIR, --trainer.max_epochs N).",
@@ -254,46 +208,40 @@ def tune_main(argv: list[str]) -> None:
     parser.add_argument("--new_out", action="store_true",
                         help="when --out holds a search of another configuration or space, write to a new folder "
                              "beside it (OUT-2, OUT-3, ...) instead of stopping")
-    parser.add_argument("--executor", choices=("local", "ray"), default="local",
-                        help="local: trials one after another (default); ray: --workers trials at a time as Ray tasks")
-    parser.add_argument("--workers", type=int, default=2, help="parallel trials with ray (default 2)")
-    parser.add_argument("--threads_per_worker", type=int, default=1, help="torch threads per trial with ray")
-    parser.add_argument("--ray_address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a local one)")
+    add_executor_arguments(parser, ("local", "ray"), "trial")
     args, lightning_args = parser.parse_known_args(argv)
-    if args.trials < 1 or args.workers < 1 or args.threads_per_worker < 1:
-        parser.error("--trials, --workers and --threads_per_worker must be >= 1")
+    if args.trials < 1:
+        parser.error(f"--trials must be >= 1, got {args.trials}")
+    executor = executor_options(parser, args)
     if args.folds is not None and args.folds < 2:
         parser.error(f"--folds must be >= 2, got {args.folds}")
     check_writable(args.out, "--out")
     space = load_space(args.space)
-    from ser_lightning.lightning_cli import lines_held_until_accepted
+    from ser_lightning.parser import lines_held_until_accepted
 
     with lines_held_until_accepted(release=False):  # a rejected study prints only its error
         settings = study_settings(lightning_args, args.folds)
         parse_folds(args.only, settings.num_folds)
     tuned = tuple(param.name for param in space)
     record = StudyRecord("tune", study_config(settings.config, tuned), space={p.name: asdict(p) for p in space})
-    args.out = open_study(args.out, record, new_out=args.new_out)
-    runs = plan_runs(settings, args.out, args.only, repeats=1)
+    out = open_study(args.out, record, new_out=args.new_out)
     chosen = []
-    for run in runs:
+    for run in plan_runs(settings, out, args.only, repeats=1):
         if load_result(run.folder) is not None:
             print(f"[tune] outer fold {run.fold}: complete, skipped", flush=True)
             chosen.append(json.loads((run.folder / "chosen.json").read_text()))
             continue
-        best = search_fold(args, lightning_args, space, run.fold, run.num_folds, run.base_seed)
-        final = RunSpec((*lightning_args, *overrides(best["params"])), run.out, run.fold, run.num_folds, 0, run.base_seed,
-                        tuned=tuned)
-        result = run_fold(final)
+        best = search_fold(run, space, args.trials, executor)
+        result = run_fold(replace(run, args=(*run.args, *overrides(best["params"])), tuned=tuned))
         atomic_write_text(run.folder / "chosen.json", json.dumps(best, indent=2))
         chosen.append(best)
         print(f"[tune] outer fold {run.fold}: chose {best['params']} (validation UA {100 * best['best_val_UA']:.1f} %); "
-              f"test UA {100 * result['metrics']['UA']:.1f} %", flush=True)
-    report = write_report([args.out], args.out)
+              f"test UA {100 * result.metrics['UA']:.1f} %", flush=True)
+    report = write_report([out], out)
     text = tune_markdown(chosen, report)
-    atomic_write_text(args.out / "tune_report.md", text)
-    atomic_write_text(args.out / "tune_report.json", json.dumps({"chosen": chosen, "space": [p.__dict__ for p in space],
-                                                                  "cv_report": "cv_report.json"}, indent=2, default=str))
+    atomic_write_text(out / "tune_report.md", text)
+    atomic_write_text(out / "tune_report.json", json.dumps({"chosen": chosen, "space": [p.__dict__ for p in space],
+                                                             "cv_report": "cv_report.json"}, indent=2, default=str))
     print(text)
 
 

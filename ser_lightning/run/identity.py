@@ -5,7 +5,8 @@ study from another is that configuration without the options that differ between
 study by design (``RUN_OPTIONS``: the fold, where logs go, the progress bar, the feature cache) and
 without the options a nested search chooses per fold (``tuned``). ``config_key`` hashes it (without
 the seed too, which repeats vary) for the runs of one report; ``StudyRecord`` keeps it, with the
-seed, the command and the code version, in ``OUT/study.json`` (written by ``cv.open_study``).
+seed, the command and the code version, in ``OUT/study.json`` (written by ``studies.plan.open_study``).
+Every run records its key and code version in its result, so this module sits with the run, below the studies.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from ser_lightning.run.result import RunResult
 
 STUDY_FILE = "study.json"
 FORMAT = 1
@@ -70,10 +73,10 @@ def differences(old: dict, new: dict) -> list[str]:
             for name in sorted(before.keys() | after.keys()) if before.get(name, _UNSET) != after.get(name, _UNSET)]
 
 
-def run_differences(first: dict, other: dict) -> list[str]:
-    """How the configuration of run result ``other`` differs from ``first``'s (seeds and tuned options aside)."""
-    tuned = tuple({*first.get("tuned", {}), *other.get("tuned", {})})
-    before, after = (study_config(run.get("config", {}), tuned) for run in (first, other))
+def run_differences(first: RunResult, other: RunResult) -> list[str]:
+    """How the configuration of run ``other`` differs from ``first``'s (seeds and tuned options aside)."""
+    tuned = tuple({*first.tuned, *other.tuned})
+    before, after = (study_config(run.config, tuned) for run in (first, other))
     for config in (before, after):
         config.pop(SEED, None)  # repeats differ in it by design
     return differences(before, after)
@@ -164,9 +167,8 @@ class StudyRecord:
                                 "move the folder aside or choose another --out") from error
 
     @classmethod
-    def from_result(cls, result: dict) -> StudyRecord:
+    def from_result(cls, result: RunResult) -> StudyRecord:
         """The record of a study folder without ``study.json`` (made by an earlier version), from one of its runs."""
-        config = study_config(result.get("config", {}), tuple(result.get("tuned", {})))
-        config[SEED] = result.get(SEED, 0) - result.get("repeat", 0)
-        return cls(command="tune" if result.get("tuned") else "cv", config=config, code=result.get("code", {}),
-                   created="")
+        config = study_config(result.config, tuple(result.tuned))
+        config[SEED] = result.seed_everything - result.repeat
+        return cls(command="tune" if result.tuned else "cv", config=config, code=result.code, created="")

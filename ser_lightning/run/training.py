@@ -1,6 +1,6 @@
 """Fit one fold, then evaluate the checkpoint the validation speakers chose: the one place this happens.
 
-``fit`` (the command line) and ``cv`` (every fold of a study) both call ``fit_and_test``; what they
+``fit`` (the command line) and ``run.fold.run_fold`` (every run of a study) both call ``fit_and_test``; what they
 report comes from the returned ``FitOutcome``, built from the evaluation loops' own outputs.
 """
 from __future__ import annotations
@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from ser_lightning.batch import Batch
 from ser_lightning.checkpoints import safe_loading
-from ser_lightning.data.batches import Batch
-from ser_lightning.evaluation.calibration import fit_temperature, softmax
 from ser_lightning.errors import DataError
+from ser_lightning.evaluation.calibration import fit_temperature, softmax
 from ser_lightning.evaluation.metrics import METRICS, SplitScores, split_scores
-from ser_lightning.evaluation.report import atomic_write_bytes
 from ser_lightning.models.layers import ModelOutput
+from ser_lightning.outputs import atomic_write_bytes
 
 
 @dataclass

@@ -16,19 +16,19 @@ from pathlib import Path
 import numpy as np
 
 from ser_lightning.evaluation.baseline import BASELINES
-from ser_lightning.evaluation.identity import StudyMismatch, describe, run_differences
 from ser_lightning.evaluation.metrics import METRICS, split_scores
 from ser_lightning.outputs import atomic_write_bytes, atomic_write_text
+from ser_lightning.run.identity import StudyMismatch, describe, run_differences
+from ser_lightning.run.result import RESULT_FILE, RunResult
 
 
-
-def collect_results(dirs: list[Path]) -> list[dict]:
+def collect_results(dirs: list[Path]) -> list[RunResult]:
     """Run results found under ``dirs``, checked to come from one configuration, sorted by (fold, repeat)."""
-    results: dict[tuple[int, int], dict] = {}
+    results: dict[tuple[int, int], RunResult] = {}
     for folder in dirs:
-        for path in sorted(Path(folder).glob("fold_*/result.json")):
-            result = json.loads(path.read_text())
-            key = (result["fold"], result.get("repeat", 0))
+        for path in sorted(Path(folder).glob(f"fold_*/{RESULT_FILE}")):
+            result = RunResult.read(path)
+            key = (result.fold, result.repeat)
             if key in results:
                 raise ValueError(f"fold {key[0]} repeat {key[1]} appears twice (again in {path})")
             results[key] = result
@@ -38,9 +38,9 @@ def collect_results(dirs: list[Path]) -> list[dict]:
     first = runs[0]
     for result in runs[1:]:
         for key in ("config_key", "num_folds", "class_names"):
-            if result[key] != first[key]:
+            if getattr(result, key) != getattr(first, key):
                 raise StudyMismatch(
-                    f"fold {result['fold']} and fold {first['fold']} come from different configurations and cannot "
+                    f"fold {result.fold} and fold {first.fold} come from different configurations and cannot "
                     f"be merged into one report ({describe(run_differences(first, result)) or f'{key} differs'})"
                 )
     return runs
@@ -51,45 +51,45 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _fold_entry(runs: list[dict]) -> dict:
+def _fold_entry(runs: list[RunResult]) -> dict:
     """One fold: the model's metrics averaged over its repeats, their spread, and the baselines."""
     first = runs[0]
-    metrics = {name: statistics.fmean(r["metrics"][name] for r in runs) for name in METRICS}
-    recall = {c: statistics.fmean(r["per_class_recall"][c] for r in runs) for c in first["class_names"]}
-    baselines = {name: {k: b[k] for k in ("C", "selection", "metrics", "per_class_recall")}
-                 for name, b in first.get("baselines", {}).items()}
+    metrics = {name: statistics.fmean(r.metrics[name] for r in runs) for name in METRICS}
+    recall = {c: statistics.fmean(r.per_class_recall[c] for r in runs) for c in first.class_names}
+    baselines = {name: {"C": b.C, "selection": b.selection, "metrics": b.metrics, "per_class_recall": b.per_class_recall}
+                 for name, b in first.baselines.items()}
     return {
-        "fold": first["fold"],
-        "test_speakers": first["test_speakers"],
-        "shared_speakers": first.get("shared_speakers", []),
-        "num_test_utterances": first["num_test_utterances"],
+        "fold": first.fold,
+        "test_speakers": first.test_speakers,
+        "shared_speakers": first.shared_speakers,
+        "num_test_utterances": first.num_test_utterances,
         "repeats": len(runs),
-        "seeds": [r["seed_everything"] for r in runs],
+        "seeds": [r.seed_everything for r in runs],
         "metrics": metrics,
-        "seed_std": {name: mean_std([r["metrics"][name] for r in runs])[1] for name in METRICS},
+        "seed_std": {name: mean_std([r.metrics[name] for r in runs])[1] for name in METRICS},
         "per_class_recall": recall,
-        "min_class_recall": min(min(r["per_class_recall"].values()) for r in runs),
-        "val_UA": statistics.fmean(r.get("val_metrics", {}).get("UA", float("nan")) for r in runs),
-        "epochs_trained": [r["epochs_trained"] for r in runs],
+        "min_class_recall": min(min(r.per_class_recall.values()) for r in runs),
+        "val_UA": statistics.fmean(r.val_metrics.get("UA", float("nan")) for r in runs),
+        "epochs_trained": [r.epochs_trained for r in runs],
         "baselines": baselines,
-        "test_utterances": first["test_utterances"],
-        "wall_seconds": sum(r["wall_seconds"] for r in runs),
-        "head_UA": {name: statistics.fmean(r["head_metrics"][name]["UA"] for r in runs)
-                    for name in first.get("head_metrics", {}) if all(name in r.get("head_metrics", {}) for r in runs)},
+        "test_utterances": first.test_utterances,
+        "wall_seconds": sum(r.wall_seconds for r in runs),
+        "head_UA": {name: statistics.fmean(r.head_metrics[name]["UA"] for r in runs)
+                    for name in first.head_metrics if all(name in r.head_metrics for r in runs)},
         "calibration": _calibration_entry(runs),
     }
 
 
-def _calibration_entry(runs: list[dict]) -> dict | None:
+def _calibration_entry(runs: list[RunResult]) -> dict | None:
     """The fold's calibration numbers, averaged over its runs (None for results without them)."""
-    if not all("calibration" in r for r in runs):
+    if any(r.calibration is None for r in runs):
         return None
     keys = ("temperature", "ece_before", "ece_after", "brier_before", "brier_after")
-    entry = {key: statistics.fmean(r["calibration"][key] for r in runs) for key in keys}
+    entry = {key: statistics.fmean(r.calibration[key] for r in runs) for key in keys}
     entry["selective"] = [
         {"threshold": rows[0]["threshold"], "coverage": statistics.fmean(row["coverage"] for row in rows),
          "accuracy": _nanmean([row["accuracy"] for row in rows])}
-        for rows in zip(*(r["calibration"]["selective"] for r in runs))]
+        for rows in zip(*(r.calibration["selective"] for r in runs))]
     return entry
 
 
@@ -98,37 +98,37 @@ def _nanmean(values: list[float]) -> float:
     return statistics.fmean(kept) if kept else float("nan")
 
 
-def _ensemble_entry(runs: list[dict]) -> dict | None:
+def _ensemble_entry(runs: list[RunResult]) -> dict | None:
     """The fold's seed ensemble: the mean of its runs' test probabilities, scored like a single model."""
-    if len(runs) < 2 or not all("test_probabilities" in r for r in runs):
+    if len(runs) < 2 or any(r.test_probabilities is None for r in runs):
         return None
-    probabilities = np.mean([np.asarray(r["test_probabilities"]) for r in runs], axis=0)
-    return split_scores(runs[0]["test_labels"], probabilities.argmax(1), runs[0]["class_names"]).metrics
+    probabilities = np.mean([np.asarray(r.test_probabilities) for r in runs], axis=0)
+    return split_scores(runs[0].test_labels, probabilities.argmax(1), runs[0].class_names).metrics
 
 
-def summarize(runs: list[dict]) -> dict:
+def summarize(runs: list[RunResult]) -> dict:
     first = runs[0]
-    class_names = first["class_names"]
-    by_fold: dict[int, list[dict]] = {}
+    class_names = first.class_names
+    by_fold: dict[int, list[RunResult]] = {}
     for result in runs:
-        by_fold.setdefault(result["fold"], []).append(result)
+        by_fold.setdefault(result.fold, []).append(result)
     folds = [_fold_entry(group) for _, group in sorted(by_fold.items())]
     for fold, (_, group) in zip(folds, sorted(by_fold.items())):
         fold["ensemble_metrics"] = _ensemble_entry(group)
-    confusion = np.sum([np.array(r["confusion_matrix"]) for r in runs], axis=0)
-    missing = sorted(set(range(first["num_folds"])) - set(by_fold))
+    confusion = np.sum([np.array(r.confusion_matrix) for r in runs], axis=0)
+    missing = sorted(set(range(first.num_folds)) - set(by_fold))
     summary = {
-        "protocol": first["protocol"],
-        "speaker_dependent": any(r["speaker_dependent"] for r in runs),
-        "num_folds": first["num_folds"],
+        "protocol": first.protocol,
+        "speaker_dependent": any(r.speaker_dependent for r in runs),
+        "num_folds": first.num_folds,
         "folds_reported": [f["fold"] for f in folds],
         "folds_missing": missing,
         "complete": not missing,
         "repeats": max(f["repeats"] for f in folds),
-        "seeds": {"seed_everything": sorted({r["seed_everything"] for r in runs}),
-                  "data_random_seed": first["data_random_seed"]},
+        "seeds": {"seed_everything": sorted({r.seed_everything for r in runs}),
+                  "data_random_seed": first.data_random_seed},
         "class_names": class_names,
-        "config": first["config"],
+        "config": first.config,
         "mean": {}, "std": {}, "std_over_seeds": {},
         "per_class_recall": {},
         "baselines": {},
@@ -155,8 +155,8 @@ def summarize(runs: list[dict]) -> dict:
             entry["ensemble_UA_difference"] = _paired(
                 [f["ensemble_metrics"]["UA"] - f["baselines"][name]["metrics"]["UA"] for f in present])
         summary["baselines"][name] = entry
-    if all("network_weight" in r for r in runs) and folds[0]["head_UA"]:
-        summary["network_weights"] = [r["network_weight"] for r in runs]
+    if all(r.network_weight is not None for r in runs) and folds[0]["head_UA"]:
+        summary["network_weights"] = [r.network_weight for r in runs]
     heads = [name for name in folds[0]["head_UA"] if all(name in f["head_UA"] for f in folds)]
     if heads:
         summary["heads"] = {name: dict(zip(("mean", "std"), mean_std([f["head_UA"][name] for f in folds])),
