@@ -14,7 +14,7 @@ from ser_lightning.cli import main
 from ser_lightning.evaluation.calibration import (
     brier_score, calibration_summary, expected_calibration_error, fit_temperature, selective, softmax,
 )
-from ser_lightning.training import NETWORK_WEIGHTS, SplitPredictions, choose_network_weight, store_calibration
+from ser_lightning.run.training import NETWORK_WEIGHTS, SplitPredictions, choose_network_weight, store_calibration
 
 
 def tempered(temperature: float, n: int = 4000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
