@@ -43,6 +43,7 @@ import numpy as np
 from ser_lightning.inference.stream import classify_jobs
 
 SAMPLE_FORMATS = {"f32": "<f4", "float32": "<f4", "s16": "<i2", "int16": "<i2"}
+STREAM_THREADS = 4
 WEB = files("ser_lightning.inference") / "web"
 
 
@@ -117,11 +118,20 @@ class Batcher:
         self.batches: list[int] = []  # windows per model batch (recent), for the benchmark
 
     def classify(self, recognizer: Any, jobs: list) -> list:
+        """The jobs' events, blocking this (worker) thread until the model thread has run them."""
         if not any(job.features.numel() for job in jobs):
             return [job.event for job in jobs]
         future: Future = Future()
         self.queue.put((recognizer, jobs, future))
         return future.result()
+
+    async def classify_async(self, recognizer: Any, jobs: list) -> list:
+        """The same without holding a thread: the event loop awaits the model thread's answer."""
+        if not any(job.features.numel() for job in jobs):
+            return [job.event for job in jobs]
+        future: Future = Future()
+        self.queue.put((recognizer, jobs, future))
+        return await asyncio.wrap_future(future)
 
     def close(self) -> None:
         self.queue.put(None)
@@ -226,7 +236,10 @@ def create_app(recognizer: Any, settings: ServeSettings, checkpoints: list[dict]
     from fastapi.responses import FileResponse, JSONResponse
 
     state = {"streams": 0}
-    pool = ThreadPoolExecutor(max_workers=settings.max_streams + 16, thread_name_prefix="ser-serve")
+    # streams' feature work: a few threads (the cores are what limits it; more threads only fight over them);
+    # requests hold their thread while the model thread answers, so they have more, up to the batch size
+    pool = ThreadPoolExecutor(max_workers=STREAM_THREADS, thread_name_prefix="ser-stream")
+    requests = ThreadPoolExecutor(max_workers=max(STREAM_THREADS, settings.max_batch), thread_name_prefix="ser-request")
     info = model_info(recognizer, settings, checkpoints or [])
 
     @asynccontextmanager
@@ -241,6 +254,7 @@ def create_app(recognizer: Any, settings: ServeSettings, checkpoints: list[dict]
             recognizer.classifier = classify_jobs
             batcher.close()
             pool.shutdown(wait=False, cancel_futures=True)
+            requests.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="ser-lightning", lifespan=lifespan, docs_url=None, redoc_url=None)
 
@@ -294,7 +308,7 @@ def create_app(recognizer: Any, settings: ServeSettings, checkpoints: list[dict]
         if not data:
             raise RequestError(400, "empty body: send the recording as the request body or as a multipart 'file'")
         loop = asyncio.get_running_loop()
-        record = await loop.run_in_executor(pool, predict_bytes, recognizer, data, name, settings, min_confidence)
+        record = await loop.run_in_executor(requests, predict_bytes, recognizer, data, name, settings, min_confidence)
         return JSONResponse(record)
 
     @app.websocket("/v1/stream")
@@ -309,7 +323,7 @@ def create_app(recognizer: Any, settings: ServeSettings, checkpoints: list[dict]
             return
         state["streams"] += 1
         try:
-            await _serve_stream(socket, recognizer, settings, pool)
+            await _serve_stream(socket, recognizer, settings, pool, app.state.batcher)
         except WebSocketDisconnect:
             pass
         finally:
@@ -393,7 +407,8 @@ def _start_options(text: str, settings: ServeSettings) -> dict:
     return options
 
 
-async def _serve_stream(socket: Any, recognizer: Any, settings: ServeSettings, pool: ThreadPoolExecutor) -> None:
+async def _serve_stream(socket: Any, recognizer: Any, settings: ServeSettings, pool: ThreadPoolExecutor,
+                        batcher: Batcher) -> None:
     loop = asyncio.get_running_loop()
 
     async def receive() -> dict | None:
@@ -441,7 +456,11 @@ async def _serve_stream(socket: Any, recognizer: Any, settings: ServeSettings, p
             if channels > 1:
                 samples = samples.reshape(-1, channels)
             try:
-                events = await loop.run_in_executor(pool, stream.push, samples)
+                if not stream.due(len(samples)):
+                    stream.prepare(samples)  # it only waits for more: no thread needed
+                    continue
+                jobs = await loop.run_in_executor(pool, stream.prepare, samples)
+                events = await batcher.classify_async(recognizer, jobs)
             except ValueError as exc:
                 await _send(socket, {"type": "error", "status": 422, "error": str(exc)})
                 continue
@@ -457,7 +476,8 @@ async def _serve_stream(socket: Any, recognizer: Any, settings: ServeSettings, p
             await _send(socket, {"type": "error", "status": 400,
                                  "error": 'unknown control message; send binary audio frames or {"type": "stop"}'})
             continue
-        for event in await loop.run_in_executor(pool, stream.close):
+        jobs = await loop.run_in_executor(pool, stream.finish)
+        for event in await batcher.classify_async(recognizer, jobs):
             await _send(socket, {"type": "event", **event.to_json()})
         await _send(socket, {"type": "end"})
         await socket.close()

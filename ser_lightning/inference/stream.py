@@ -367,10 +367,13 @@ class EmotionStream:
         if x.numel():
             self.pending.append(x)
             self.pending_count += x.numel()
-        # small chunks wait (cheaply) until a window is complete or enough has arrived
-        if self.received + self.pending_count < self.next_window * self.hop + self.window and self.pending_count < PENDING:
-            return []
-        return self._process()
+        return self._process() if self.due(0) else []
+
+    def due(self, count: int) -> bool:
+        """Whether ``count`` more samples would make the stream do work (a window complete, or enough gathered);
+        small chunks otherwise only wait, cheaply, so a server can take them without a worker thread."""
+        pending = self.pending_count + count
+        return self.received + pending >= self.next_window * self.hop + self.window or pending >= PENDING
 
     def _process(self) -> list[WindowJob]:
         if not self.pending:
