@@ -200,6 +200,13 @@ class EmotionRecognizer:
         normalisation with the pitch rows."""
         return self.needs_speaker_stats and bool(self.module.hparams.get("pitch_rows", False))
 
+    @property
+    def window_functionals(self) -> bool:
+        """Whether a stream computes each window's prosodic functionals (once, with those of the other windows and
+        streams at hand): for its running speaker statistics and for the model's statistics head, which takes them
+        from the job instead of computing them again."""
+        return self.speaker_functionals or bool(getattr(self.module, "reads_functionals", False))
+
     @torch.no_grad()
     def speaker_statistics(self, sources: Iterable[str | Path | Tensor]) -> Tensor:
         """(2, W) statistics of one speaker's recordings (files, or waveforms at the model's rate): the mean and std

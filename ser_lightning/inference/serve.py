@@ -12,11 +12,13 @@
 - ``GET /v1/model`` (classes, features, window settings, checkpoint SHA-256s, limits), ``GET /healthz``,
   ``GET /`` (the web page: live microphone and dropped files).
 
-Inference never runs on the event loop: decoding, features and streams run in a thread pool, and one
-thread (``Batcher``) runs the model on the windows of all requests and streams together (up to
-``max_batch`` windows, waiting at most ``max_wait_ms`` for more). Limits (upload bytes, recording
-duration, concurrent streams, idle streams) are options; every bad input gets a 4xx JSON error and the
-server goes on serving everyone else. It binds 127.0.0.1 unless told otherwise; any other address needs
+Inference never runs on the event loop: decoding and features of requests run in a thread pool; one thread
+(``StreamWorker``) prepares the windows of every stream, taking the streams that became due together (their voice
+activity, frames and functionals in a few large operations); and one thread (``Batcher``) runs the model on the
+windows of all requests and streams together (up to ``max_batch`` windows, waiting at most ``max_wait_ms`` for
+more). A stream's small frames only wait (cheaply, on the event loop) until a window or enough audio is complete.
+Limits (upload bytes, recording duration, concurrent streams, idle streams) are options; every bad input gets a
+4xx JSON error and the server goes on serving everyone else. It binds 127.0.0.1 unless told otherwise; any other address needs
 ``--token`` (clients send ``Authorization: Bearer TOKEN``; WebSocket clients may pass ``?token=TOKEN``,
 which is what the web page does) or an explicit ``--insecure``. Checkpoints are read with the safe
 loader; nothing from a request touches the file system by name.
@@ -40,10 +42,13 @@ from typing import Any
 
 import numpy as np
 
-from ser_lightning.inference.stream import classify_jobs
+from ser_lightning.inference.stream import classify_jobs, prepare_streams
 
+_timeout = getattr(asyncio, "timeout", None)
 SAMPLE_FORMATS = {"f32": "<f4", "float32": "<f4", "s16": "<i2", "int16": "<i2"}
-STREAM_THREADS = 4
+REQUEST_THREADS = 4
+"""Threads for requests' decoding and features at least (more with a larger batch: each holds its thread while the
+model thread answers)."""
 WEB = files("ser_lightning.inference") / "web"
 
 
@@ -117,21 +122,23 @@ class Batcher:
         self.thread.start()
         self.batches: list[int] = []  # windows per model batch (recent), for the benchmark
 
+    def submit(self, recognizer: Any, jobs: list, future: Future | None = None) -> Future:
+        """Queue the jobs for the model thread; ``future`` (a new one by default) gets their events (at once when none
+        needs the model)."""
+        future = Future() if future is None else future
+        if not any(job.features.numel() for job in jobs):
+            future.set_result([job.event for job in jobs])
+        else:
+            self.queue.put((recognizer, jobs, future))
+        return future
+
     def classify(self, recognizer: Any, jobs: list) -> list:
         """The jobs' events, blocking this (worker) thread until the model thread has run them."""
-        if not any(job.features.numel() for job in jobs):
-            return [job.event for job in jobs]
-        future: Future = Future()
-        self.queue.put((recognizer, jobs, future))
-        return future.result()
+        return self.submit(recognizer, jobs).result()
 
     async def classify_async(self, recognizer: Any, jobs: list) -> list:
         """The same without holding a thread: the event loop awaits the model thread's answer."""
-        if not any(job.features.numel() for job in jobs):
-            return [job.event for job in jobs]
-        future: Future = Future()
-        self.queue.put((recognizer, jobs, future))
-        return await asyncio.wrap_future(future)
+        return await asyncio.wrap_future(self.submit(recognizer, jobs))
 
     def close(self) -> None:
         self.queue.put(None)
@@ -157,6 +164,9 @@ class Batcher:
             self._serve(items, windows)
 
     def _serve(self, items: list, windows: int) -> None:
+        items = [item for item in items if _claim(item[2])]  # a client gone away cancelled its future: no work
+        if not items:
+            return
         recognizer = items[0][0]
         self.batches = (self.batches + [windows])[-1000:]
         try:
@@ -170,6 +180,69 @@ class Batcher:
             return
         for _, jobs, future in items:
             future.set_result([job.event for job in jobs])
+
+
+def _claim(future: Future) -> bool:
+    """Mark a future running before its work (its waiter can no longer cancel it, so setting its result cannot fail);
+    False when it was cancelled already (a client that went away)."""
+    return future.running() or future.set_running_or_notify_cancel()
+
+
+class StreamWorker:
+    """One thread that prepares the windows of every stream (``prepare_streams``): the streams that became due while
+    it worked are taken together, so that their voice activity, new frames, window edges and functionals are a few
+    large operations instead of many small ones (fewer, larger calls: less interpreter time, less contention for the
+    GIL); their windows then go to the ``Batcher``. A stream has at most one item queued (its handler awaits it)."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher = batcher
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="ser-streams", daemon=True)
+        self.thread.start()
+
+    async def events(self, recognizer: Any, stream: Any, samples: Any) -> list:
+        """The events of the windows that ``samples`` complete (None: the end of the stream), awaited by the event
+        loop; a ValueError for samples the stream refuses."""
+        future: Future = Future()
+        self.queue.put((recognizer, stream, samples, future))
+        return await asyncio.wrap_future(future)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            items = [item]
+            while True:  # whatever else is waiting: no waiting for more, a busy worker gathers by itself
+                try:
+                    more = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self.queue.put(None)
+                    break
+                items.append(more)
+            self._serve(items)
+
+    def _serve(self, items: list) -> None:
+        items = [item for item in items if _claim(item[3])]  # a stream whose client went away: nothing to do
+        if not items:
+            return
+        try:
+            results = prepare_streams([(stream, samples) for _, stream, samples, _ in items])
+        except Exception as error:  # noqa: BLE001 - not the client's fault: every stream waiting learns of it
+            for *_, future in items:
+                future.set_exception(error)
+            return
+        for (recognizer, _, _, future), result in zip(items, results):
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                self.batcher.submit(recognizer, result, future)
 
 
 def sha256(path: Path) -> str:
@@ -236,10 +309,8 @@ def create_app(recognizer: Any, settings: ServeSettings, checkpoints: list[dict]
     from fastapi.responses import FileResponse, JSONResponse
 
     state = {"streams": 0}
-    # streams' feature work: a few threads (the cores are what limits it; more threads only fight over them);
-    # requests hold their thread while the model thread answers, so they have more, up to the batch size
-    pool = ThreadPoolExecutor(max_workers=STREAM_THREADS, thread_name_prefix="ser-stream")
-    requests = ThreadPoolExecutor(max_workers=max(STREAM_THREADS, settings.max_batch), thread_name_prefix="ser-request")
+    # requests hold their thread while the model thread answers, so they have up to the batch size
+    requests = ThreadPoolExecutor(max_workers=max(REQUEST_THREADS, settings.max_batch), thread_name_prefix="ser-request")
     info = model_info(recognizer, settings, checkpoints or [])
 
     @asynccontextmanager
@@ -247,13 +318,13 @@ def create_app(recognizer: Any, settings: ServeSettings, checkpoints: list[dict]
         batcher = Batcher(settings.max_batch, settings.max_wait_ms)
         recognizer.batch_size = max(recognizer.batch_size, settings.max_batch)
         recognizer.classifier = lambda rec, jobs: batcher.classify(rec, jobs)
-        app.state.batcher = batcher
+        app.state.batcher, app.state.streams = batcher, StreamWorker(batcher)
         try:
             yield
         finally:
             recognizer.classifier = classify_jobs
+            app.state.streams.close()
             batcher.close()
-            pool.shutdown(wait=False, cancel_futures=True)
             requests.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="ser-lightning", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -323,7 +394,7 @@ def create_app(recognizer: Any, settings: ServeSettings, checkpoints: list[dict]
             return
         state["streams"] += 1
         try:
-            await _serve_stream(socket, recognizer, settings, pool, app.state.batcher)
+            await _serve_stream(socket, recognizer, settings, app.state.streams)
         except WebSocketDisconnect:
             pass
         finally:
@@ -407,13 +478,13 @@ def _start_options(text: str, settings: ServeSettings) -> dict:
     return options
 
 
-async def _serve_stream(socket: Any, recognizer: Any, settings: ServeSettings, pool: ThreadPoolExecutor,
-                        batcher: Batcher) -> None:
-    loop = asyncio.get_running_loop()
-
+async def _serve_stream(socket: Any, recognizer: Any, settings: ServeSettings, worker: StreamWorker) -> None:
     async def receive() -> dict | None:
         try:
-            return await asyncio.wait_for(socket.receive(), settings.idle_timeout_s)
+            if _timeout is None:  # Python 3.10
+                return await asyncio.wait_for(socket.receive(), settings.idle_timeout_s)
+            async with _timeout(settings.idle_timeout_s):  # a timer, not a task per message as wait_for makes
+                return await socket.receive()
         except asyncio.TimeoutError:
             await _fail(socket, 408, f"no data for {settings.idle_timeout_s:g} s: the stream is closed", 1001)
             return None
@@ -459,8 +530,7 @@ async def _serve_stream(socket: Any, recognizer: Any, settings: ServeSettings, p
                 if not stream.due(len(samples)):
                     stream.prepare(samples)  # it only waits for more: no thread needed
                     continue
-                jobs = await loop.run_in_executor(pool, stream.prepare, samples)
-                events = await batcher.classify_async(recognizer, jobs)
+                events = await worker.events(recognizer, stream, samples)
             except ValueError as exc:
                 await _send(socket, {"type": "error", "status": 422, "error": str(exc)})
                 continue
@@ -476,8 +546,7 @@ async def _serve_stream(socket: Any, recognizer: Any, settings: ServeSettings, p
             await _send(socket, {"type": "error", "status": 400,
                                  "error": 'unknown control message; send binary audio frames or {"type": "stop"}'})
             continue
-        jobs = await loop.run_in_executor(pool, stream.finish)
-        for event in await batcher.classify_async(recognizer, jobs):
+        for event in await worker.events(recognizer, stream, None):
             await _send(socket, {"type": "event", **event.to_json()})
         await _send(socket, {"type": "end"})
         await socket.close()
@@ -522,4 +591,6 @@ def serve_main(argv: list[str]) -> None:
     shown = f"[{settings.host}]" if ":" in settings.host else settings.host
     print(f"serving {', '.join(p.name for p in args.ckpt_path)} on http://{shown}:{settings.port}/ "
           f"(page at /, API at /v1/predict, /v1/stream, /v1/model)", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", ws_max_size=16 * 1024 * 1024)
+    # no per-message compression: audio hardly compresses, and inflating every small frame costs the event loop
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", ws_max_size=16 * 1024 * 1024,
+                ws_per_message_deflate=False)

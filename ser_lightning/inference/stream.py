@@ -104,6 +104,7 @@ class WindowJob:
     min_confidence: float | None = None
     name: str = ""  # how errors name it
     peak: float | None = None  # the largest sample magnitude, when known (for errors)
+    functionals: Tensor | None = None  # (NUM_PROSODIC,) prosodic functionals of the features, when computed already
 
 
 class IncrementalResampler:
@@ -181,19 +182,31 @@ class FrameCache:
         self.frames: list[Tensor] = []  # computed raw frames (R, n) chunks
         self.offset = 0  # global index of the first kept frame
         self.keep = keep_frames
+        self.ready = 0  # frames of the stretch ``take`` gave last
 
-    def push(self, y: Tensor) -> None:
+    def take(self, y: Tensor) -> Tensor | None:
+        """Add model-rate samples; the stretch of signal whose ``raw`` frames became computable (None: none did).
+        Its frames go to ``accept``; ``push`` does both."""
         self.signal = torch.cat([self.signal, y])
         # frame t needs samples up to t * hop + reach, i.e. signal[(t - first) * hop + pad + reach]
         ready = (self.signal.numel() - self.pad - self.extractor.reach) // self.hop + 1
         if ready <= 0:
-            return
-        chunk = self.signal[: (ready - 1) * self.hop + self.pad + self.extractor.reach]
-        skip = self.pad // self.hop
-        self.frames.append(self.extractor.raw(chunk)[:, skip : skip + ready])
+            return None
+        self.ready = ready
+        return self.signal[: (ready - 1) * self.hop + self.pad + self.extractor.reach]
+
+    def accept(self, raw: Tensor) -> None:
+        """The ``raw`` frames of the stretch ``take`` gave."""
+        skip, ready = self.pad // self.hop, self.ready
+        self.frames.append(raw[:, skip : skip + ready])
         self.first += ready
         self.signal = self.signal[ready * self.hop :]
         self._trim()
+
+    def push(self, y: Tensor) -> None:
+        chunk = self.take(y)
+        if chunk is not None:
+            self.accept(self.extractor.raw(chunk))
 
     def _trim(self) -> None:
         total = sum(part.shape[1] for part in self.frames)
@@ -228,19 +241,23 @@ class SpeechDetector:
         self.flags: list[bool] = []  # one per chunk, from the stream's start
 
     def push(self, x: Tensor) -> None:
+        self.take(x)
+        detect_speech([self])
+
+    def take(self, x: Tensor) -> None:
+        """Add input samples; ``detect_speech`` then classifies the complete chunks (of many detectors at once)."""
         self.buffer = torch.cat([self.buffer, self.resampler.push(x)])
+
+    def _chunks(self) -> np.ndarray:
+        """The complete chunks waiting (count, VAD_CHUNK), taken out of the buffer."""
         count = self.buffer.numel() // VAD_CHUNK
-        for chunk in self.buffer[: count * VAD_CHUNK].reshape(count, VAD_CHUNK):
-            self.flags.append(self._speech(chunk.numpy()))
+        chunks = self.buffer[: count * VAD_CHUNK].reshape(count, VAD_CHUNK).numpy()
         self.buffer = self.buffer[count * VAD_CHUNK :]
+        return chunks
 
     def _speech(self, chunk: np.ndarray) -> bool:
-        if self.kind == "energy":
-            return 10 * math.log10(float(np.mean(chunk.astype(np.float64) ** 2)) + 1e-12) > self.energy_floor_db
-        x = np.concatenate([self.context, chunk[None].astype(np.float32)], axis=1)
-        out, self.state = self.session.run(None, {"input": x, "state": self.state, "sr": np.array(VAD_RATE, np.int64)})
-        self.context = x[:, -64:]
-        return float(out[0, 0]) >= self.threshold
+        """The energy gate's decision for one chunk."""
+        return 10 * math.log10(float(np.mean(chunk.astype(np.float64) ** 2)) + 1e-12) > self.energy_floor_db
 
     def speech_seconds(self, start: int, end: int) -> float:
         """Seconds of speech among the chunks within input samples [start, end) that are computable from those samples
@@ -250,6 +267,33 @@ class SpeechDetector:
         last_out = end if r.identity else max(0, (end - r.width) // r.orig) * r.new
         first, last = -(-first_out // VAD_CHUNK), last_out // VAD_CHUNK
         return VAD_CHUNK / VAD_RATE * sum(self.flags[first : max(first, min(last, len(self.flags)))])
+
+
+def detect_speech(detectors: Sequence[SpeechDetector]) -> None:
+    """Classify the complete chunks every detector holds. silero-vad is stateful, so a stream's chunks run one after
+    the other; the chunks of many streams run side by side, one ONNX call per step with one row (and its own state)
+    per stream: the same decisions as one call per chunk, at a fraction of the calls."""
+    pending = [(detector, detector._chunks()) for detector in detectors]
+    for detector, chunks in pending:
+        if detector.kind == "energy":
+            detector.flags.extend(detector._speech(chunk) for chunk in chunks)
+    silero = [(detector, chunks) for detector, chunks in pending if detector.kind == "silero" and len(chunks)]
+    rate = np.array(VAD_RATE, np.int64)
+    for step in range(max((len(chunks) for _, chunks in silero), default=0)):
+        rows = [(detector, chunks[step]) for detector, chunks in silero if step < len(chunks)]
+        if len(rows) == 1:
+            detector, chunk = rows[0]
+            context, state = detector.context, detector.state
+            x = np.concatenate([context, chunk[None].astype(np.float32)], axis=1)
+        else:
+            context = np.concatenate([detector.context for detector, _ in rows])
+            x = np.concatenate([context, np.stack([chunk for _, chunk in rows]).astype(np.float32)], axis=1)
+            state = np.concatenate([detector.state for detector, _ in rows], axis=1)
+        out, state = rows[0][0].session.run(None, {"input": x, "state": state, "sr": rate})
+        for k, (detector, _) in enumerate(rows):
+            detector.state = state[:, k : k + 1]
+            detector.context = x[k : k + 1, -64:]
+            detector.flags.append(float(out[k, 0]) >= detector.threshold)
 
 
 _SILERO = None
@@ -349,6 +393,7 @@ class EmotionStream:
             raise ValueError("speaker_statistics: this model does not normalise per speaker")
         self.enrolled = speaker_statistics
         self.running = _RunningStatistics(extractor.num_features) if recognizer.needs_speaker_stats else None
+        self.functionals = recognizer.window_functionals  # each window's prosodic functionals, computed once
 
     # ----------------------------------------------------------------- input
     def push(self, samples: Any) -> list[StreamEvent]:
@@ -360,14 +405,14 @@ class EmotionStream:
         return self.recognizer.classify(self.finish())
 
     def prepare(self, samples: Any) -> list[WindowJob]:
-        """Add samples; the windows that became ready, with their features, for ``recognizer.classify``."""
-        if self.closed:
-            raise ValueError("the stream is closed")
-        x = as_mono(samples, self.channels)
-        if x.numel():
-            self.pending.append(x)
-            self.pending_count += x.numel()
-        return self._process() if self.due(0) else []
+        """Add samples; the windows that became ready, with their features, for ``recognizer.classify``
+        (``prepare_streams`` does this for many streams at once)."""
+        self._take(samples)
+        return _process([(self, False)])[0] if self.due(0) else []
+
+    def finish(self) -> list[WindowJob]:
+        """End of the stream: the jobs of the windows left (``close`` classifies them)."""
+        return [] if self.closed else _process([(self, True)])[0]
 
     def due(self, count: int) -> bool:
         """Whether ``count`` more samples would make the stream do work (a window complete, or enough gathered);
@@ -375,42 +420,52 @@ class EmotionStream:
         pending = self.pending_count + count
         return self.received + pending >= self.next_window * self.hop + self.window or pending >= PENDING
 
-    def _process(self) -> list[WindowJob]:
+    def _take(self, samples: Any) -> None:
+        """Check and keep the samples, to be processed when the stream is due."""
+        if self.closed:
+            raise ValueError("the stream is closed")
+        x = as_mono(samples, self.channels)
+        if x.numel():
+            self.pending.append(x)
+            self.pending_count += x.numel()
+
+    def _ingest(self) -> Tensor | None:
+        """The pending samples into the stream: kept raw, to the voice-activity detector, resampled to the model's
+        rate; the stretch of model-rate signal whose frames became computable (for ``FrameCache.accept``)."""
         if not self.pending:
-            return []
+            return None
         x = torch.cat(self.pending) if len(self.pending) > 1 else self.pending[0]
         self.pending, self.pending_count = [], 0
         self.received += x.numel()
         self.raw = torch.cat([self.raw, x])
         if self.vad is not None:
-            self.vad.push(x)
-        if self.incremental:
-            y = self.resampler.push(x)
-            self.frames.push(y)
-            self.model_signal = torch.cat([self.model_signal, y])
-        jobs = []
+            self.vad.take(x)
+        if not self.incremental:
+            return None
+        y = self.resampler.push(x)
+        self.model_signal = torch.cat([self.model_signal, y])
+        return self.frames.take(y)
+
+    def _windows(self, closing: bool) -> list[_Window]:
+        """The windows that became ready (and, closing, the end's), in order; their features still to assemble."""
+        windows = []
         while self.next_window * self.hop + self.window <= self.received:
-            jobs.append(self._window_job(self.next_window * self.hop, self.window, incremental=self.incremental))
+            windows.append(self._window(self.next_window * self.hop, self.window, incremental=self.incremental))
             self.next_window += 1
-        self._trim()
-        return jobs
+        if closing:
+            self.closed = True
+            windows += self._tail()
+        return windows
 
-    def finish(self) -> list[WindowJob]:
-        if self.closed:
-            return []
-        jobs = self._process()
-        self.closed = True
-        return jobs + self._tail()
-
-    def _tail(self) -> list[WindowJob]:
+    def _tail(self) -> list[_Window]:
         if self.received == 0:
             return []
         if self.next_window == 0:  # shorter than one window: all of it, as offline
-            return [self._window_job(0, self.received, incremental=False)]
+            return [self._window(0, self.received, incremental=False)]
         last_end = (self.next_window - 1) * self.hop + self.window
         if last_end >= self.received:
             return []
-        return [self._window_job(self.received - self.window, self.window, incremental=False)]
+        return [self._window(self.received - self.window, self.window, incremental=False)]
 
     def _trim(self) -> None:
         keep_from = max(0, min(self.next_window * self.hop, self.received - self.window))  # the end-aligned window too
@@ -424,53 +479,145 @@ class EmotionStream:
                 self.model_signal, self.model_offset = self.model_signal[drop:], model_from
 
     # ----------------------------------------------------------------- windows
-    def _window_job(self, start: int, length: int, *, incremental: bool) -> WindowJob:
+    def _window(self, start: int, length: int, *, incremental: bool) -> _Window:
+        """Window [start, start + length) of the input: its event and what its features need (the edge stretches
+        whose frames are computed again, see the module docstring; or its own samples, not incremental)."""
         start_s, end_s = start / self.sample_rate, (start + length) / self.sample_rate
         samples = self.raw[start - self.raw_offset : start - self.raw_offset + length]
         speech_seconds = self.vad.speech_seconds(start, start + length) if self.vad is not None else end_s - start_s
         event = StreamEvent(self.next_window, start_s, end_s, speech_seconds >= min(self.min_speech_seconds, end_s - start_s),
                             speech_seconds=speech_seconds)
+        window = _Window(self, event, start)
         if not event.speech and not self.classify_silence:
-            return self._job(event, torch.zeros(0), None)
-        features = self._features(start, samples) if incremental else self.extractor(self.resampler.window(samples))
-        stats = None
-        if self.recognizer.needs_speaker_stats:
-            stats, event.normalization = self._statistics(features, event.speech, start)
-        return self._job(event, features, stats)
-
-    def _job(self, event: StreamEvent, features: Tensor, stats: Tensor | None) -> WindowJob:
-        return WindowJob(event, features, stats, self.attention, self.keep_features, self.min_confidence,
-                         f"stream window at {event.start_s:.2f} s")
-
-    def _features(self, start: int, samples: Tensor) -> Tensor:
-        """The window's features from the cached frames plus its recomputed edge frames (see the module docstring)."""
+            return window
+        if not incremental:
+            window.features = self.extractor(self.resampler.window(samples))
+            return window
         extractor, hop = self.extractor, self.extractor.hop_length
         length = self.model_window
-        first_frame = start * self.resampler.new // self.resampler.orig // hop
-        frames = extractor.frames(length)
+        window.first_frame = start * self.resampler.new // self.resampler.orig // hop
+        window.frames = extractor.frames(length)
         edge = self.resampler.edge_blocks * self.resampler.new
-        left = min(frames, -(-(extractor.reach + edge) // hop) + 1)
-        right_from = max(left, (length - edge - extractor.reach) // hop)  # first frame whose support reaches the edge
+        window.left = min(window.frames, -(-(extractor.reach + edge) // hop) + 1)
+        window.right_from = max(window.left, (length - edge - extractor.reach) // hop)  # first frame reaching the edge
         model_start = start * self.resampler.new // self.resampler.orig - self.model_offset
         y = self.model_signal[model_start : model_start + length - edge]  # the last `edge` samples are not out yet
         if edge:
             y = torch.cat([self.resampler.left_edge(samples), y[edge:], self.resampler.right_edge(samples)])
-        parts = [extractor.raw(y[: (left - 1) * hop + extractor.reach])[:, :left]]
-        if right_from > left:
-            parts.append(self.frames.get(first_frame + left, first_frame + right_from))
-        if right_from < frames:
-            begin = max(0, right_from * hop - -(-extractor.reach // hop) * hop)
-            tail = extractor.raw(y[begin:])
-            parts.append(tail[:, right_from - begin // hop :])
-        return extractor.finish(torch.cat(parts, dim=1))
+        window.segments = [y[: (window.left - 1) * hop + extractor.reach]]
+        if window.right_from < window.frames:
+            window.begin = max(0, window.right_from * hop - -(-extractor.reach // hop) * hop)
+            window.segments.append(y[window.begin :])
+        return window
 
-    def _statistics(self, features: Tensor, speech: bool, start: int) -> tuple[Tensor, str]:
+    def _assemble(self, window: _Window, edges: list[Tensor]) -> Tensor:
+        """A window's features from its edge stretches' raw frames and the cached frames between them."""
+        hop = self.extractor.hop_length
+        parts = [edges[0][:, : window.left]]
+        if window.right_from > window.left:
+            parts.append(self.frames.get(window.first_frame + window.left, window.first_frame + window.right_from))
+        if window.right_from < window.frames:
+            parts.append(edges[1][:, window.right_from - window.begin // hop :])
+        return self.extractor.finish(torch.cat(parts, dim=1))
+
+    def _job(self, window: _Window) -> WindowJob:
+        event, features = window.event, window.features
+        stats = None
+        if features is None:
+            features = torch.zeros(0)
+        elif self.recognizer.needs_speaker_stats:
+            stats, event.normalization = self._statistics(window)
+        return WindowJob(event, features, stats, self.attention, self.keep_features, self.min_confidence,
+                         f"stream window at {event.start_s:.2f} s", functionals=window.functionals)
+
+    def _statistics(self, window: _Window) -> tuple[Tensor, str]:
         if self.enrolled is not None:
             return self.enrolled, "enrolled"
-        if speech:
-            first = start * self.resampler.new // self.resampler.orig // self.extractor.hop_length
-            self.running.add(features, first, self.recognizer.speaker_functionals)
-        return self.running.current(features, self.recognizer.speaker_functionals, self.warmup_windows)
+        functionals = window.functionals if self.recognizer.speaker_functionals else None
+        if window.event.speech:
+            first = window.start * self.resampler.new // self.resampler.orig // self.extractor.hop_length
+            self.running.add(window.features, first, functionals)
+        return self.running.current(window.features, functionals, self.warmup_windows)
+
+
+@dataclass
+class _Window:
+    """A ready window on its way to a job: its event, and its features once assembled (None: not classified)."""
+
+    stream: EmotionStream
+    event: StreamEvent
+    start: int  # first input sample
+    features: Tensor | None = None
+    functionals: Tensor | None = None  # (NUM_PROSODIC,) of the features, when the recognizer uses them
+    segments: list[Tensor] = field(default_factory=list)  # edge stretches whose raw frames the features need
+    first_frame: int = 0
+    frames: int = 0
+    left: int = 0
+    right_from: int = 0
+    begin: int = 0
+
+
+def prepare_streams(items: Sequence[tuple[EmotionStream, Any]]) -> list[list[WindowJob] | Exception]:
+    """``prepare(samples)`` of many streams at once (``finish()`` for an item whose samples are None): each item's
+    jobs, or the ValueError its samples raised (the other streams go on). The same jobs as one stream at a time,
+    from a few large operations: the voice activity of every stream in one ONNX call per 32 ms step, the new frames
+    and every window's edge frames in one ``raw_many`` call each, the prosodic functionals of every window in one
+    batch. Each stream appears at most once."""
+    if len({id(stream) for stream, _ in items}) < len(items):
+        raise ValueError("prepare_streams: a stream appears twice")
+    results: list[list[WindowJob] | Exception] = [[] for _ in items]
+    todo: list[tuple[int, EmotionStream, bool]] = []
+    for index, (stream, samples) in enumerate(items):
+        if samples is None:
+            if not stream.closed:
+                todo.append((index, stream, True))
+            continue
+        try:
+            stream._take(samples)
+        except ValueError as error:
+            results[index] = error
+            continue
+        if stream.due(0):
+            todo.append((index, stream, False))
+    for (index, _, _), jobs in zip(todo, _process([(stream, closing) for _, stream, closing in todo])):
+        results[index] = jobs
+    return results
+
+
+def _process(batch: Sequence[tuple[EmotionStream, bool]]) -> list[list[WindowJob]]:
+    """The pending audio of each (stream, closing) and the jobs of the windows it completed (see ``prepare_streams``)."""
+    streams = [stream for stream, _ in batch]
+    ingested = [(stream, stream._ingest()) for stream in streams]
+    detect_speech([stream.vad for stream in streams if stream.vad is not None])
+    ready = [(stream, chunk) for stream, chunk in ingested if chunk is not None]
+    for (stream, _), raw in zip(ready, _raw_many([(stream.extractor, chunk) for stream, chunk in ready])):
+        stream.frames.accept(raw)
+    windows = [stream._windows(closing) for stream, closing in batch]
+    pending = [window for group in windows for window in group if window.segments]
+    edges = iter(_raw_many([(window.stream.extractor, segment) for window in pending for segment in window.segments]))
+    for window in pending:
+        window.features = window.stream._assemble(window, [next(edges) for _ in window.segments])
+    measured = [window for group in windows for window in group
+                if window.features is not None and window.stream.functionals]
+    for window, row in zip(measured, prosodic_rows([window.features for window in measured])):
+        window.functionals = row
+    jobs = []
+    for stream, group in zip(streams, windows):
+        jobs.append([stream._job(window) for window in group])
+        stream._trim()
+    return jobs
+
+
+def _raw_many(requests: list[tuple[Any, Tensor]]) -> list[Tensor]:
+    """``extractor.raw(wave)`` of each (extractor, wave), one ``raw_many`` call per extractor."""
+    groups: dict[int, list[int]] = {}
+    for k, (extractor, _) in enumerate(requests):
+        groups.setdefault(id(extractor), []).append(k)
+    out: list[Tensor] = [torch.zeros(0)] * len(requests)
+    for indices in groups.values():
+        for k, raw in zip(indices, requests[indices[0]][0].raw_many([requests[k][1] for k in indices])):
+            out[k] = raw
+    return out
 
 
 class _RunningStatistics:
@@ -483,16 +630,18 @@ class _RunningStatistics:
         self.counted_until = 0  # global frame index up to which frames were added
         self.functionals: list[Tensor] = []
 
-    def add(self, features: Tensor, first_frame: int, functionals: bool) -> None:
+    def add(self, features: Tensor, first_frame: int, functionals: Tensor | None) -> None:
+        """A speech window's features (from global frame ``first_frame``) and, with the pitch rows, its functionals."""
         new = features[:, max(0, self.counted_until - first_frame) :].double()
         self.count += new.shape[1]
         self.sum += new.sum(1)
         self.square += new.pow(2).sum(1)
         self.counted_until = max(self.counted_until, first_frame + features.shape[1])
-        if functionals:
-            self.functionals.append(prosodic_rows([features])[0])
+        if functionals is not None:
+            self.functionals.append(functionals)
 
-    def current(self, features: Tensor, functionals: bool, warmup: int) -> tuple[Tensor, str]:
+    def current(self, features: Tensor, functionals: Tensor | None, warmup: int) -> tuple[Tensor, str]:
+        """The statistics for a window with these features and functionals (None: the model has no pitch rows)."""
         if self.count == 0:  # no speech heard yet: this window's own frames
             count, total, square = features.shape[1], features.double().sum(1), features.double().pow(2).sum(1)
         else:
@@ -500,11 +649,10 @@ class _RunningStatistics:
         mean = total / count
         std = (square / count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(STD_FLOOR)
         stats = torch.stack([mean, std]).float()
-        if not functionals:
+        if functionals is None:
             return stats, "running" if self.count else "warmup"
         if len(self.functionals) < warmup:
-            own = prosodic_rows([features])[0]
-            return torch.cat([stats, torch.stack([own, torch.ones_like(own)])], dim=1), "warmup"
+            return torch.cat([stats, torch.stack([functionals, torch.ones_like(functionals)])], dim=1), "warmup"
         return torch.cat([stats, functional_stats(torch.stack(self.functionals))], dim=1), "running"
 
 
@@ -527,8 +675,11 @@ def classify_jobs(recognizer: EmotionRecognizer, jobs: Sequence[WindowJob]) -> l
         stats = None
         if recognizer.needs_speaker_stats:
             stats = torch.stack([job.speaker_stats for job in group]).to(recognizer.device)
+        extra = {}
+        if all(job.functionals is not None for job in group):  # computed once already (streams)
+            extra["functionals"] = torch.stack([job.functionals for job in group]).to(recognizer.device)
         with torch.no_grad():
-            output = recognizer.module(batch, lengths, stats)
+            output = recognizer.module(batch, lengths, stats, **extra)
         probabilities = output.logits.float().softmax(dim=1).cpu()
         finite = torch.isfinite(probabilities).all(dim=1)
         if not bool(finite.all()):

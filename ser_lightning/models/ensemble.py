@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ser_lightning.functionals import prosodic_functionals
 from ser_lightning.models.layers import ModelOutput
 
 MATCHING_HPARAMS = ("arch", "class_names", "normalization")
@@ -48,8 +49,18 @@ class SeedEnsemble(nn.Module):
     def device(self) -> torch.device:
         return self.members[0].device
 
-    def forward(self, features: Tensor, lengths: Tensor | None = None, speaker_stats: Tensor | None = None) -> ModelOutput:
-        outputs = [member(features, lengths, speaker_stats) for member in self.members]
+    @property
+    def reads_functionals(self) -> bool:
+        return any(getattr(member, "reads_functionals", False) for member in self.members)
+
+    def forward(self, features: Tensor, lengths: Tensor | None = None, speaker_stats: Tensor | None = None,
+                functionals: Tensor | None = None) -> ModelOutput:
+        """The members' mean; the prosodic functionals their statistics heads read are computed once for all."""
+        if functionals is None and self.reads_functionals:
+            if lengths is None:
+                lengths = torch.full((features.shape[0],), features.shape[-1], dtype=torch.int64, device=features.device)
+            functionals = prosodic_functionals(features, lengths)
+        outputs = [member(features, lengths, speaker_stats, functionals) for member in self.members]
         probabilities = torch.stack([output.logits.float().softmax(dim=1) for output in outputs]).mean(dim=0)
         first = outputs[0]
         alpha = first.alpha

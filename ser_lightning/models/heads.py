@@ -55,14 +55,22 @@ class StatisticsHead(nn.Module):
         self.register_buffer("mean", torch.zeros(width))
         self.register_buffer("std", torch.ones(width))
 
-    def inputs(self, raw: Tensor, x: Tensor, lengths: Tensor, speaker_stats: Tensor | None) -> Tensor:
-        """(B, D) statistics before standardisation, from raw and normalised (B, F, N) features."""
+    @property
+    def reads_prosodic(self) -> bool:
+        """Whether the head reads the prosodic functionals (which a caller may compute once and pass in)."""
+        return "prosodic" in self.sets
+
+    def inputs(self, raw: Tensor, x: Tensor, lengths: Tensor, speaker_stats: Tensor | None,
+               functionals: Tensor | None = None) -> Tensor:
+        """(B, D) statistics before standardisation, from raw and normalised (B, F, N) features; ``functionals``:
+        the (B, NUM_PROSODIC) ``prosodic_functionals`` of ``raw`` when the caller has them already (computed here
+        otherwise)."""
         columns = []
         for name in self.sets:
             if name == "pooled":
                 columns.append(utterance_statistics(x, lengths))
                 continue
-            functionals = prosodic_functionals(raw, lengths).to(x.dtype)
+            functionals = (prosodic_functionals(raw, lengths) if functionals is None else functionals).to(x.dtype)
             if speaker_stats is not None and speaker_stats.shape[-1] > self.num_features:
                 own = speaker_stats[..., self.num_features :].to(x.dtype)  # (B, 2, G)
                 functionals = (functionals - own[:, 0]) / own[:, 1]
@@ -70,12 +78,13 @@ class StatisticsHead(nn.Module):
         return torch.cat(columns, dim=1)
 
     def forward(self, raw: Tensor, x: Tensor, lengths: Tensor, speaker_stats: Tensor | None,
-                index: Tensor | None = None) -> Tensor:
-        """Logits of a batch; ``index`` (the utterances' datamodule indices) selects training-time offsets, if any."""
+                index: Tensor | None = None, functionals: Tensor | None = None) -> Tensor:
+        """Logits of a batch; ``index`` (the utterances' datamodule indices) selects training-time offsets, if any;
+        ``functionals``: the prosodic functionals of ``raw``, if the caller has them (see ``inputs``)."""
         offsets = getattr(self, "offsets", None)
         if self.training and offsets is not None and index is not None:
             return offsets[index.to(offsets.device)].to(x.dtype)
-        return self.linear((self.inputs(raw, x, lengths, speaker_stats) - self.mean) / self.std)
+        return self.linear((self.inputs(raw, x, lengths, speaker_stats, functionals) - self.mean) / self.std)
 
     def standardise(self, rows: Tensor) -> np.ndarray:
         return ((rows - self.mean) / self.std).double().cpu().numpy()

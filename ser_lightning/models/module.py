@@ -264,24 +264,33 @@ class SERModule(LightningModule):
             return normalize(features, lengths, mode, speaker_stats[:, 0, :rows], speaker_stats[:, 1, :rows])
         return normalize(features, lengths, mode, self.feature_mean, self.feature_std)
 
+    @property
+    def reads_functionals(self) -> bool:
+        """Whether the statistics head reads the prosodic functionals of the raw features (``forward`` takes them
+        precomputed: a stream computes each window's once, for its running statistics too)."""
+        return self.statistics_head is not None and self.statistics_head.reads_prosodic
+
     def heads(self, features: Tensor, lengths: Tensor, speaker_stats: Tensor | None = None,
-              index: Tensor | None = None) -> StepOutput:
+              index: Tensor | None = None, functionals: Tensor | None = None) -> StepOutput:
         """Normalise raw (B, F, N) features and run the model and the statistics head (logits: their sum);
-        ``index`` (training batches) lets a frozen head give its cross-fitted logits."""
+        ``index`` (training batches) lets a frozen head give its cross-fitted logits; ``functionals``: the features'
+        (B, NUM_PROSODIC) prosodic functionals when the caller has them (computed by the head otherwise)."""
         x = self.normalize(features, lengths, speaker_stats)
         output = self.model(x, lengths)
         if self.statistics_head is None:
             return StepOutput(output, (output.logits,))
-        statistics_logits = self.statistics_head(features, x, lengths, speaker_stats, index)
+        statistics_logits = self.statistics_head(features, x, lengths, speaker_stats, index, functionals)
         combined = self.network_weight * output.logits + statistics_logits
         return StepOutput(output._replace(logits=combined), (output.logits, statistics_logits))
 
-    def forward(self, features: Tensor, lengths: Tensor | None = None, speaker_stats: Tensor | None = None) -> ModelOutput:
+    def forward(self, features: Tensor, lengths: Tensor | None = None, speaker_stats: Tensor | None = None,
+                functionals: Tensor | None = None) -> ModelOutput:
         """Calibrated logits (divided by the temperature fitted on the validation speakers) of raw (B, F, N)
-        features; lengths default to every frame. ``softmax`` of them is what predictions report."""
+        features; lengths default to every frame. ``softmax`` of them is what predictions report. ``functionals``:
+        ``prosodic_functionals(features, lengths)``, if the caller has them already."""
         if lengths is None:
             lengths = torch.full((features.shape[0],), features.shape[-1], dtype=torch.int64, device=features.device)
-        output = self.heads(features, lengths, speaker_stats).output
+        output = self.heads(features, lengths, speaker_stats, functionals=functionals).output
         return output._replace(logits=output.logits / self.temperature)
 
     def configure_optimizers(self) -> Any:
