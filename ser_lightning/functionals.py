@@ -67,16 +67,30 @@ def num_statistics(num_features: int) -> int:
     return 3 * num_features + 2
 
 
+class _Masked:
+    """Means and standard deviations of (B, N) values over one (B, N) boolean mask (0 where it is empty): its weights
+    and count computed once for all the values it is applied to."""
+
+    def __init__(self, mask: Tensor, dtype: torch.dtype) -> None:
+        self.weights = mask.to(dtype)
+        self.count = self.weights.sum(-1).clamp_min(1)
+
+    def mean(self, values: Tensor) -> Tensor:
+        return (values * self.weights).sum(-1) / self.count
+
+    def std(self, values: Tensor, mean: Tensor | None = None) -> Tensor:
+        """The standard deviation; ``mean``: ``self.mean(values)`` when known already."""
+        mean = self.mean(values) if mean is None else mean
+        return (((values - mean.unsqueeze(-1)) * self.weights).pow(2).sum(-1) / self.count).sqrt()
+
+
 def _mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of (B, N) values over a (B, N) boolean mask; 0 where the mask is empty."""
-    weights = mask.to(values.dtype)
-    return (values * weights).sum(-1) / weights.sum(-1).clamp_min(1)
+    return _Masked(mask, values.dtype).mean(values)
 
 
 def _std(values: Tensor, mask: Tensor) -> Tensor:
-    weights = mask.to(values.dtype)
-    mean = _mean(values, mask).unsqueeze(-1)
-    return (((values - mean) * weights).pow(2).sum(-1) / weights.sum(-1).clamp_min(1)).sqrt()
+    return _Masked(mask, values.dtype).std(values)
 
 
 def _quantiles(values: Tensor, mask: Tensor, quantiles: tuple[float, ...]) -> Tensor:
@@ -126,25 +140,29 @@ def prosodic_functionals(x: Tensor, lengths: Tensor) -> Tensor:
     voiced = valid & (strength > VOICING_THRESHOLD)
     zero = torch.zeros_like(energy[:, 0])
 
+    over_voiced, over_speech = _Masked(voiced, x.dtype), _Masked(speech, x.dtype)  # (each mask's weights once)
+    pitch_mean = over_voiced.mean(semitones)
+
     pitch_q = _quantiles(semitones, voiced, (0.2, 0.5, 0.8))
-    pitch = [pitch_q, _mean(semitones, voiced).unsqueeze(-1), _std(semitones, voiced).unsqueeze(-1),
+    pitch = [pitch_q, pitch_mean.unsqueeze(-1), over_voiced.std(semitones, pitch_mean).unsqueeze(-1),
              (pitch_q[:, 2] - pitch_q[:, 0]).unsqueeze(-1)]
     step = semitones[:, 1:] - semitones[:, :-1]
     pairs = voiced[:, 1:] & voiced[:, :-1]
     rises, falls = _mean(step, pairs & (step > 0)), _mean(step, pairs & (step < 0))
     curvature = (semitones[:, 2:] - 2 * semitones[:, 1:-1] + semitones[:, :-2]).abs()
-    jitter = _mean(curvature, voiced[:, 2:] & voiced[:, 1:-1] & voiced[:, :-2])
+    jitter = _mean(curvature, pairs[:, 1:] & voiced[:, :-2])
     from_end = voiced.flip(-1).long().cumsum(-1).flip(-1)  # voiced frames at or after each frame
     final = voiced & (from_end <= FINAL_FRAMES)
-    enough = voiced.sum(-1) >= 5
+    voiced_count = voiced.sum(-1)
+    enough = voiced_count >= 5
     final_slope = torch.where(enough, _slope(semitones, final), zero)
-    final_level = torch.where(enough, _mean(semitones, voiced & (from_end <= 5)) - _mean(semitones, voiced), zero)
+    final_level = torch.where(enough, _mean(semitones, voiced & (from_end <= 5)) - pitch_mean, zero)
     movement = torch.stack([rises, falls, jitter, final_slope, final_level], dim=-1)
 
-    quality = torch.stack([_mean(strength, voiced), _mean(strength, speech)], dim=-1)
+    quality = torch.stack([over_voiced.mean(strength), over_speech.mean(strength)], dim=-1)
     loudness_q = _quantiles(energy, speech, (0.2, 0.5, 0.8))
     change = _mean((energy[:, 1:] - energy[:, :-1]).abs(), speech[:, 1:] & speech[:, :-1])
-    loudness = [loudness_q, _std(energy, speech).unsqueeze(-1), change.unsqueeze(-1)]
+    loudness = [loudness_q, over_speech.std(energy).unsqueeze(-1), change.unsqueeze(-1)]
 
     index = torch.arange(frames, device=x.device)
     first = torch.where(speech, index, frames).amin(-1)
@@ -152,10 +170,11 @@ def prosodic_functionals(x: Tensor, lengths: Tensor) -> Tensor:
     duration = (last - first + 1).clamp_min(1).to(x.dtype)
     segments = _segments(voiced).to(x.dtype)
     pauses = speech & ~voiced
+    voiced_frames = voiced_count.to(x.dtype)
     rate = torch.stack([
         segments / duration,
-        voiced.sum(-1).to(x.dtype) / segments.clamp_min(1),
-        voiced.sum(-1).to(x.dtype) / duration,
+        voiced_frames / segments.clamp_min(1),
+        voiced_frames / duration,
         duration.log(),
         pauses.sum(-1).to(x.dtype) / _segments(pauses).clamp_min(1).to(x.dtype),
     ], dim=-1)
@@ -165,7 +184,9 @@ def prosodic_functionals(x: Tensor, lengths: Tensor) -> Tensor:
     tilt = (centred[None, :, None] * (spectrum - spectrum.mean(1, keepdim=True))).sum(1) / centred.pow(2).sum()
     split = max(1, round(rows * LOW_BAND_FRACTION))
     alpha = torch.logsumexp(spectrum[:, split:], dim=1) - torch.logsumexp(spectrum[:, :split], dim=1)
-    spectral = torch.stack([_mean(tilt, voiced), _std(tilt, voiced), _mean(alpha, voiced), _std(alpha, voiced)], dim=-1)
+    tilt_mean, alpha_mean = over_voiced.mean(tilt), over_voiced.mean(alpha)
+    spectral = torch.stack([tilt_mean, over_voiced.std(tilt, tilt_mean), alpha_mean, over_voiced.std(alpha, alpha_mean)],
+                           dim=-1)
     return torch.cat([*pitch, movement, quality, *loudness, rate, spectral], dim=-1)
 
 

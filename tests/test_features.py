@@ -199,3 +199,21 @@ def test_pitch_option_appends_two_aligned_rows():
     assert FeatureConfig(pitch=True).key() != FeatureConfig().key()
     with pytest.raises(ValueError, match="data.feature.pitch"):
         FeatureConfig(name="loudness_contour", pitch=True)
+
+
+def test_pitch_magnitudes_keep_the_bits_of_abs():
+    """pitch_frames takes |spectrum| as hypot of its parts (faster): the same bits as ``abs`` (else FEATURE_CODE_VERSION
+    would have to change), at every magnitude."""
+    generator = torch.Generator().manual_seed(0)
+    frames = torch.randn(400, 640, generator=generator) * torch.logspace(-6, 1, 400)[:, None]
+    spectrum = torch.fft.rfft(frames, 2048)
+    assert torch.equal(torch.hypot(spectrum.real.contiguous(), spectrum.imag.contiguous()), spectrum.abs())
+
+
+def test_raw_frames_of_many_waveforms_at_once_are_each_ones_own():
+    """``raw_many`` lays waveforms end to end with silence between them: each gets the frames of its own ``raw``."""
+    for cfg in (FeatureConfig(pitch=True), FeatureConfig(name="spectrogram"), FeatureConfig(sample_rate=8000, pitch=True)):
+        extractor = FeatureExtractor(cfg)
+        waves = [noise(n) for n in (640, 4736, 1, 161, 8000, 999)]
+        for wave, raw in zip(waves, extractor.raw_many(waves)):
+            torch.testing.assert_close(raw, extractor.raw(wave), rtol=0, atol=1e-5)

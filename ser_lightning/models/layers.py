@@ -86,14 +86,26 @@ class MaskedStack(nn.Module):
         return n
 
     def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        """Run the stack; returns the masked output and the valid output lengths."""
-        x = mask_time(x, lengths)
+        """Run the stack; returns the masked output and the valid output lengths. A batch without padding (every row
+        full, as the windows of streams) has nothing to mask at any layer, so its masks are skipped."""
+        padded = not _unpadded(lengths, x.shape[-1])
+        if padded:
+            x = mask_time(x, lengths)
         for layer, geometry in zip(self.layers, self.geometries):
             x = layer(x)
             if geometry is not None:
                 lengths = conv_output_length(lengths, *geometry)
-                x = mask_time(x, lengths)
+                if padded:
+                    x = mask_time(x, lengths)
         return x, lengths
+
+
+def _unpadded(lengths: Tensor, frames: int) -> bool:
+    """Whether every row is ``frames`` long, when that is known without waiting for a device or tracing a graph (eager
+    CPU only; elsewhere False: the masks are applied, which changes nothing)."""
+    if lengths.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    return bool((lengths == frames).all())
 
 
 def pad_to_min_length(features: Tensor, lengths: Tensor, min_length: int) -> tuple[Tensor, Tensor]:
