@@ -331,3 +331,30 @@ def test_seed_ensemble_predicts_its_members_mean_probabilities_and_rejects_mixed
     status, err = failing_command(["predict", "--ckpt_path", str(seed1d_checkpoint), "--ckpt_path",
                                    str(zhang2d_checkpoint), str(files[0])], capsys)
     assert status == 1 and re.search(r"zhang2d.*arch|arch.*zhang2d|features", err)
+
+
+def test_a_recording_decoded_once_predicts_as_its_file_with_its_own_statistics(speaker_checkpoint, speech, tmp_path):
+    """What the server does with an upload (decode it once, its own statistics from the features of its prediction)
+    gives what the file gives through ``speaker_statistics`` and ``predict_file``, short or long, at any rate."""
+    from ser_lightning.data.audio import decode
+
+    recognizer = EmotionRecognizer.from_checkpoint(speaker_checkpoint)
+    wave, rate = speech
+    files = {"short.wav": (wave, rate), "long.flac": (np.concatenate([wave, wave[::-1], wave]), rate),
+             "stereo_8k.wav": (np.stack([resample(wave, rate, 8000), 0.3 * resample(wave, rate, 8000)], axis=1), 8000),
+             "short.mp3": (wave, rate)}
+    for name, (samples, file_rate) in files.items():
+        path = tmp_path / name
+        sf.write(path, samples, file_rate)
+        expected = recognizer.predict_file(path, recognizer.speaker_statistics([path]))
+        for source in (path, decode(path)):
+            got = recognizer.predict_with_own_statistics(source)
+            if name.endswith(".mp3"):  # libsndfile's MP3 samples differ by an ulp from one read of the file to another
+                assert got.probabilities == pytest.approx(expected.probabilities, abs=1e-4), name
+                continue
+            assert got.probabilities == expected.probabilities, name
+            assert [w.probabilities for w in got.windows] == [w.probabilities for w in expected.windows], name
+            assert got.duration == expected.duration and np.array_equal(got.features, expected.features), name
+    sf.write(tmp_path / "silence.wav", np.zeros(rate, dtype=np.float32), rate)
+    with pytest.raises(ValueError, match="silence"):
+        recognizer.predict_with_own_statistics(decode(tmp_path / "silence.wav"))

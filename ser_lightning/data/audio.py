@@ -5,6 +5,7 @@ Decoding uses soundfile (libsndfile); resampling uses ``torchaudio.functional.re
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Union
 
@@ -70,8 +71,32 @@ def trim_silence_edges(wave: torch.Tensor, sample_rate: int, top_db: float) -> t
     return wave[start:stop]
 
 
-AudioSource = Union[str, Path, BinaryIO]
-"""A file name, or an open binary file (e.g. an upload in memory): read by name, never written."""
+@dataclass(frozen=True)
+class DecodedAudio:
+    """A recording decoded once (``decode``): every frame as libsndfile gives it, (frames, channels) float32, and its
+    rate. ``load_audio``, ``read_blocks`` and ``audio_duration`` read it exactly as they read the file it came from,
+    from memory: a server decodes an upload once instead of once per use (and per block)."""
+
+    data: np.ndarray
+    samplerate: int
+    name: str = "the audio data"
+
+
+AudioSource = Union[str, Path, BinaryIO, DecodedAudio]
+"""A file name, an open binary file (e.g. an upload in memory) or a decoded recording: read, never written."""
+
+
+def decode(source: AudioSource) -> DecodedAudio:
+    """All of a recording's frames, decoded once (AudioError naming it when it cannot be; see ``load_audio``)."""
+    if isinstance(source, DecodedAudio):
+        return source
+    target, name = _target(source)
+    try:
+        check_complete(target, name)
+        data, rate = sf.read(target, dtype="float32", always_2d=True)
+    except (sf.SoundFileError, RuntimeError, OSError) as err:
+        raise _unusable(target, name, err, "cannot decode audio") from err
+    return DecodedAudio(data, rate, name)
 
 
 def _target(source: AudioSource) -> tuple[Any, str]:
@@ -118,12 +143,8 @@ def load_audio(
     rejected. Silence is valid and comes back as zeros. Raises AudioError (naming the file and the
     reason) for unreadable, empty or mostly non-finite files.
     """
-    target, name = _target(path)
-    try:
-        check_complete(target, name)
-        data, rate = sf.read(target, dtype="float32", always_2d=True)
-    except (sf.SoundFileError, RuntimeError, OSError) as err:
-        raise _unusable(target, name, err, "cannot decode audio") from err
+    decoded = decode(path)
+    data, rate, name = decoded.data, decoded.samplerate, decoded.name
     if data.shape[0] == 0:
         raise AudioError(f"{name}: the file contains no samples")
     wave = _resample(torch.from_numpy(_sanitize(data, name)), rate, sample_rate)
@@ -137,6 +158,8 @@ def read_blocks(path: AudioSource, block_seconds: float) -> tuple[int, Iterator[
     ``load_audio``; bounded memory). The file is opened here, so a file that cannot be opened fails at once."""
     if block_seconds <= 0:
         raise ValueError(f"block_seconds must be positive, got {block_seconds}")
+    if isinstance(path, DecodedAudio):
+        return path.samplerate, _decoded_blocks(path, block_seconds)
     target, name = _target(path)
     try:
         check_complete(target, name)
@@ -159,6 +182,13 @@ def read_blocks(path: AudioSource, block_seconds: float) -> tuple[int, Iterator[
     return handle.samplerate, blocks()
 
 
+def _decoded_blocks(decoded: DecodedAudio, block_seconds: float) -> Iterator[torch.Tensor]:
+    """The blocks ``read_blocks`` reads from the file, cut from its decoded frames."""
+    frames = max(1, int(round(block_seconds * decoded.samplerate)))
+    for start in range(0, decoded.data.shape[0], frames):
+        yield torch.from_numpy(_sanitize(decoded.data[start : start + frames], decoded.name))
+
+
 def iter_audio_blocks(path: AudioSource, sample_rate: int, block_seconds: float) -> Iterator[torch.Tensor]:
     """Stream a (long) file as consecutive mono blocks at ``sample_rate`` with bounded memory.
 
@@ -173,6 +203,8 @@ def iter_audio_blocks(path: AudioSource, sample_rate: int, block_seconds: float)
 
 def audio_duration(path: AudioSource) -> float:
     """Duration in seconds read from the file header (no decoding)."""
+    if isinstance(path, DecodedAudio):
+        return path.data.shape[0] / path.samplerate
     target, name = _target(path)
     try:
         return float(sf.info(target).duration)

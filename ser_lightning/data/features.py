@@ -32,6 +32,9 @@ so that no cache entry of the old code is ever mixed with new ones."""
 LOG_FLOOR = 1e-6
 """Added before the log so that silence gives a finite floor instead of -inf."""
 CONTOUR_OFFSET_S, CONTOUR_WINDOW_S = 0.5, 3.0
+RAW_MANY_FRAMES = 256
+"""Frames ``FeatureExtractor.raw_many`` computes in one call at most: beyond a few MB its temporaries (the pitch
+track's 2048-point spectra) cost more in memory traffic than the calls they save."""
 
 
 @dataclass(frozen=True)
@@ -425,17 +428,31 @@ class FeatureExtractor(nn.Module):
         return torch.cat([rows, pitch_frames(wave.float(), self.sample_rate, self.hop_length).to(rows)], dim=-2)
 
     def raw_many(self, waves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """``raw`` of each mono waveform, in one call (local kinds): the waveforms laid end to end, each starting on
-        the frame grid and followed by at least ``reach`` zeros, so that every frame sees exactly the samples (and the
-        zero padding) it sees in its own waveform; a few large operations instead of many small ones (streams)."""
-        if len(waves) <= 1:
-            return [self.raw(wave) for wave in waves]
+        """``raw`` of each mono waveform, in few calls (local kinds): waveforms laid end to end, each starting on the
+        frame grid and followed by at least ``reach`` zeros, so that every frame sees exactly the samples (and the
+        zero padding) it sees in its own waveform; a few large operations instead of many small ones (streams,
+        batched requests). Up to ``RAW_MANY_FRAMES`` frames a call: larger ones only wait on memory."""
+        out: list[torch.Tensor] = []
+        group: list[torch.Tensor] = []
+        frames = 0
+        for wave in waves:
+            count = self.frames(wave.numel())
+            if group and frames + count > RAW_MANY_FRAMES:
+                out += self._packed(group)
+                group, frames = [], 0
+            group.append(wave)
+            frames += count
+        return out + (self._packed(group) if group else [])
+
+    def _packed(self, waves: list[torch.Tensor]) -> list[torch.Tensor]:
+        if len(waves) == 1:
+            return [self.raw(waves[0])]
         hop, reach = self.hop_length, self.reach
         offsets, position = [], 0
         for wave in waves:
             offsets.append(position)
             position += -(-(wave.numel() + reach) // hop) * hop
-        signal = torch.zeros(position)
+        signal = waves[0].new_zeros(position, dtype=torch.float32)
         for wave, offset in zip(waves, offsets):
             signal[offset : offset + wave.numel()] = wave
         raw = self.raw(signal)

@@ -21,15 +21,19 @@ from ser_lightning.normalization import STD_FLOOR, feature_stats
 
 
 def speaker_statistics(features: Sequence[Tensor], speakers: Sequence[Hashable], *,
-                       functionals: bool = False) -> dict[Hashable, Tensor]:
+                       functionals: bool = False, rows: Tensor | None = None) -> dict[Hashable, Tensor]:
     """Speaker id -> (2, F) per-row mean and std over all frames of that speaker's utterances; with
-    ``functionals``, (2, F + G): then also the mean and std of each utterance-level prosodic functional."""
+    ``functionals``, (2, F + G): then also the mean and std of each utterance-level prosodic functional
+    (``rows``: the utterances' ``prosodic_rows``, when computed already)."""
     if len(features) != len(speakers):
         raise ValueError(f"speaker_statistics: {len(features)} feature tensors but {len(speakers)} speaker ids")
     groups: dict[Hashable, list[int]] = {}
     for index, speaker in enumerate(speakers):
         groups.setdefault(speaker, []).append(index)
-    rows = prosodic_rows(list(features)) if functionals else None
+    if functionals and rows is None:
+        rows = prosodic_rows(list(features))
+    elif not functionals:
+        rows = None
     statistics = {}
     for speaker, indices in groups.items():
         frames = torch.stack(feature_stats([features[i] for i in indices]))

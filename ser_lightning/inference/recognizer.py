@@ -238,14 +238,17 @@ class EmotionRecognizer:
 
     @torch.no_grad()
     def _classify(self, waves: Sequence[Tensor], speaker_stats: Tensor | None = None,
-                  min_confidence: float | None = None, names: Sequence[str] = ()) -> list[StreamEvent]:
-        """Each whole waveform classified (through ``classify``, which batches); one event per waveform.
-        AudioError naming the waveform (``names``) when the model's output for it is not finite."""
-        stats = self._stats_for(speaker_stats, 1, "prediction")
-        jobs = [WindowJob(StreamEvent(k, 0.0, w.numel() / self.sample_rate, True), self.extractor(w.to(self.device)).cpu(),
+                  min_confidence: float | None = None, names: Sequence[str] = (),
+                  own_statistics: bool = False) -> list[StreamEvent]:
+        """Each whole waveform classified (through ``classify``, which batches, features included); one event per
+        waveform. AudioError naming the waveform (``names``) when the model's output for it is not finite.
+        ``own_statistics``: each normalised with the speaker statistics of its own features."""
+        stats = None if own_statistics else self._stats_for(speaker_stats, 1, "prediction")
+        jobs = [WindowJob(StreamEvent(k, 0.0, w.numel() / self.sample_rate, True), torch.zeros(0),
                           None if stats is None else stats[0].cpu(), attention=True, keep_features=True,
                           min_confidence=self.min_confidence if min_confidence is None else min_confidence,
-                          name=names[k] if k < len(names) else f"waveform {k}", peak=float(w.abs().max()))
+                          name=names[k] if k < len(names) else f"waveform {k}", peak=float(w.abs().max()), wave=w,
+                          own_statistics=own_statistics and self.needs_speaker_stats)
                 for k, w in enumerate(waves)]
         return self.classify(jobs)
 
@@ -328,6 +331,21 @@ class EmotionRecognizer:
         wave = load_audio(path, self.sample_rate, trim_silence=self.feature.trim_silence)
         _check_not_silent(wave, name)
         return self._single(name, wave.numel(), self._classify([wave], speaker_stats, min_confidence, [name])[0])
+
+    @torch.no_grad()
+    def predict_with_own_statistics(self, path: AudioSource, *, min_confidence: float | None = None) -> Prediction:
+        """``predict_file(path, speaker_statistics([path]))``: a recording normalised with its own speaker statistics
+        (plain ``predict_file`` for a model without speaker normalisation). A recording classified whole (within
+        ``window_seconds``, not trimmed) has its features computed once, for its statistics and its prediction."""
+        if not self.needs_speaker_stats:
+            return self.predict_file(path, min_confidence=min_confidence)
+        duration = audio_duration(path)
+        if self.feature.trim_silence or duration > self.window_seconds or duration == 0:
+            return self.predict_file(path, self.speaker_statistics([path]), min_confidence=min_confidence)
+        name = str(path) if isinstance(path, (str, Path)) else str(getattr(path, "name", None) or "the audio data")
+        wave = load_audio(path, self.sample_rate)  # what speaker_statistics reads too: one block of it
+        _check_not_silent(wave, name)
+        return self._single(name, wave.numel(), self._classify([wave], None, min_confidence, [name], True)[0])
 
     def predict_batch(self, waveforms: Sequence[Tensor | np.ndarray], sample_rate: int,
                       speaker_stats: Tensor | None = None) -> list[Prediction]:

@@ -126,7 +126,7 @@ class Batcher:
         """Queue the jobs for the model thread; ``future`` (a new one by default) gets their events (at once when none
         needs the model)."""
         future = Future() if future is None else future
-        if not any(job.features.numel() for job in jobs):
+        if not any(job.needs_model for job in jobs):
             future.set_result([job.event for job in jobs])
         else:
             self.queue.put((recognizer, jobs, future))
@@ -277,7 +277,7 @@ def model_info(recognizer: Any, settings: ServeSettings, checkpoints: list[dict]
 def predict_bytes(recognizer: Any, data: bytes, name: str, settings: ServeSettings,
                   min_confidence: float | None) -> dict:
     """The ``predict --output x.json`` object of one uploaded recording (read from memory only)."""
-    from ser_lightning.data.audio import AudioError, audio_duration
+    from ser_lightning.data.audio import AudioError, audio_duration, decode
     from ser_lightning.inference.commands import FileResult, json_records
 
     source = io.BytesIO(data)
@@ -289,8 +289,8 @@ def predict_bytes(recognizer: Any, data: bytes, name: str, settings: ServeSettin
     if duration > settings.max_duration_s:
         raise RequestError(413, f"the recording lasts {duration:.1f} s; the limit is {settings.max_duration_s:g} s")
     try:
-        stats = recognizer.speaker_statistics([source]) if recognizer.needs_speaker_stats else None
-        prediction = recognizer.predict_file(source, stats, min_confidence=min_confidence)
+        recording = decode(source)  # once: its statistics and its prediction read it from memory
+        prediction = recognizer.predict_with_own_statistics(recording, min_confidence=min_confidence)
     except AudioError as error:
         raise RequestError(422, str(error)) from None
     except ValueError as error:
@@ -579,6 +579,9 @@ def serve_main(argv: list[str]) -> None:
     parser.add_argument("--predict_window_seconds", type=float, default=4.0,
                         help="uploads longer than this are classified in windows, as by `predict` (default 4)")
     args = parser.parse_args(argv)
+    from ser_lightning.runtime import keep_freed_memory
+
+    keep_freed_memory()  # a long-running process allocating the same tensors again and again: no fresh pages each time
     settings = ServeSettings(args.host, args.port, args.token, args.insecure, args.max_batch, args.max_wait_ms,
                              int(args.max_upload_mb * 1024 * 1024), args.max_duration_s, args.max_streams,
                              args.idle_timeout_s, args.window_seconds, args.hop_seconds)

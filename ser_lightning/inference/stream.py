@@ -47,7 +47,7 @@ from torchaudio.functional.functional import _get_sinc_resample_kernel
 
 from ser_lightning.data.audio import AudioError
 from ser_lightning.functionals import prosodic_rows
-from ser_lightning.data.speakers import functional_stats
+from ser_lightning.data.speakers import functional_stats, speaker_statistics
 from ser_lightning.normalization import STD_FLOOR
 
 if TYPE_CHECKING:
@@ -95,8 +95,9 @@ class StreamEvent:
 
 @dataclass
 class WindowJob:
-    """A window whose features are ready for the model: the unit ``classify`` batches (also across streams and
-    requests). Empty features: nothing to classify (a window without speech)."""
+    """A window whose features are ready for the model, or a waveform whose features ``classify_jobs`` computes (with
+    the other jobs' at hand): the unit ``classify`` batches (also across streams and requests). Empty features and no
+    waveform: nothing to classify (a window without speech)."""
 
     event: StreamEvent
     features: Tensor  # (F, N)
@@ -107,6 +108,12 @@ class WindowJob:
     name: str = ""  # how errors name it
     peak: float | None = None  # the largest sample magnitude, when known (for errors)
     functionals: Tensor | None = None  # (NUM_PROSODIC,) prosodic functionals of the features, when computed already
+    wave: Tensor | None = None  # a model-rate waveform, features to compute (then features are empty)
+    own_statistics: bool = False  # normalised with the speaker statistics of its own features (a recording alone)
+
+    @property
+    def needs_model(self) -> bool:
+        return self.wave is not None or self.features.numel() > 0
 
 
 class IncrementalResampler:
@@ -690,10 +697,33 @@ def confident(probabilities: dict[str, float], min_confidence: float | None) -> 
     return min_confidence is None or max(probabilities.values()) >= min_confidence
 
 
+@torch.no_grad()
+def _features_of(recognizer: EmotionRecognizer, jobs: Sequence[WindowJob]) -> None:
+    """The features of jobs given as waveforms (frames of many in one ``raw_many`` call), their prosodic functionals
+    (in one batch) and, for those that ask, the speaker statistics of their own features."""
+    if not jobs:
+        return
+    extractor = recognizer.extractor
+    waves = [job.wave.to(recognizer.device) for job in jobs]
+    if extractor.local:
+        features = [extractor.finish(raw).cpu() for raw in extractor.raw_many(waves)]
+    else:
+        features = [f.cpu() for f in extractor.extract_many(waves)]
+    rows = prosodic_rows(features) if recognizer.window_functionals else None
+    for k, (job, job_features) in enumerate(zip(jobs, features)):
+        job.features, job.wave = job_features, None
+        if rows is not None:
+            job.functionals = rows[k]
+        if job.own_statistics:  # its functionals' statistics from the very row its head reads
+            job.speaker_stats = speaker_statistics([job_features], [0], functionals=recognizer.speaker_functionals,
+                                                   rows=None if rows is None else rows[k : k + 1])[0]
+
+
 def classify_jobs(recognizer: EmotionRecognizer, jobs: Sequence[WindowJob]) -> list[StreamEvent]:
     """Run the model on the jobs' features (in batches of equal length) and fill in their events, in order."""
     from ser_lightning.padding import pad_last
 
+    _features_of(recognizer, [job for job in jobs if job.wave is not None])
     todo = [job for job in jobs if job.features.numel()]
     for first in range(0, len(todo), recognizer.batch_size):
         group = todo[first : first + recognizer.batch_size]
