@@ -53,7 +53,7 @@ from ser_lightning.normalization import STD_FLOOR
 if TYPE_CHECKING:
     from ser_lightning.inference.recognizer import EmotionRecognizer
 
-PENDING = 4096
+PENDING = 2048
 """Samples that may wait before being processed (chunks of a few samples are gathered first)."""
 VAD_RATE = 16000
 VAD_CHUNK = 512
