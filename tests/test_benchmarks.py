@@ -45,16 +45,17 @@ def check_goals(goals: list[dict], expected: int) -> None:
 
 @pytest.mark.slow
 def test_bench_attention_quick(tmp_path):
-    data, stdout = run_script("bench_attention.py", tmp_path, "--device", "cpu", "--compile-shapes", "seed1d")
+    """Without the torch.compile contender (a cold compile costs more than the rest; tests/test_ops.py compiles the
+    operator), whose goals then read "not measured"."""
+    data, stdout = run_script("bench_attention.py", tmp_path, "--device", "cpu", "--no-compile")
     assert data["benchmark"] == "attention" and data["quick"] is True
     (run,) = data["runs"]
     check_environment(run["environment"])
     assert "saved for backward" in run["memory_measure"]
     assert [r["shape"] for r in run["results"]] == ["seed1d", "logmel-1d"]
-    assert "compiled: at seed1d only (--compile-shapes)" in stdout
+    assert run["skipped"]["compiled"] == "--no-compile"
     for r in run["results"]:
-        expected = {"eager", "compiled", "fused"} - set(run["skipped"])
-        expected -= set() if r["shape"] == "seed1d" else {"compiled"}
+        expected = {"eager", "fused"} - set(run["skipped"])
         assert set(r["contenders"]) == expected and "eager" in expected
         assert 1 <= r["lengths_mean"] <= r["L"]
         for label, e in r["contenders"].items():
@@ -62,13 +63,10 @@ def test_bench_attention_quick(tmp_path):
             assert e["max_abs_diff_vs_eager"] < 1e-3, f"{label} disagrees with eager at {r['shape']}"
             assert math.isclose(e["forward_backward_x_eager"],
                                 r["contenders"]["eager"]["forward_backward_s"] / e["forward_backward_s"])
-        if r["shape"] == "seed1d":
-            assert r["contenders"]["compiled"]["compile_forward_s"] > 0
-        else:
-            assert r["contenders"]["eager"]["forward_backward_x_compiled"] is None
+            assert e["forward_backward_x_compiled"] is None
         assert r["contenders"]["eager"]["forward_x_eager"] == 1.0
-    check_goals(run["goals"], 4)  # >= 3x eager and >= 1x compiled at both quick shapes (not measured at logmel-1d)
-    assert [g["value"] is None for g in run["goals"] if "compiled" in g["goal"]] == [False, True]
+    check_goals(run["goals"], 4)  # >= 3x eager at both quick shapes, >= 1x compiled not measured
+    assert [g["value"] is None for g in run["goals"]] == [False, False, True, True] or "fused" in run["skipped"]
     assert "goals:" in stdout and "memory = bytes kept beyond the inputs" in stdout
     if "fused" in run["skipped"]:
         assert "fused: unavailable (" in stdout
@@ -109,12 +107,13 @@ def test_bench_train_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_predict_quick(tmp_path):
-    data, stdout = run_script("bench_predict.py", tmp_path)
+def test_bench_predict_quick(tmp_path, seed1d_checkpoint):
+    """With the session's checkpoint (the script's own 1-epoch training is what `fit` tests cover)."""
+    data, stdout = run_script("bench_predict.py", tmp_path, "--ckpt", str(seed1d_checkpoint))
     assert data["benchmark"] == "predict"
     check_environment(data["environment"])
     assert data["files"] == 12 and data["audio_s"] > 12
-    assert data["checkpoint"].startswith("1-epoch demo model")
+    assert data["checkpoint"] == str(seed1d_checkpoint)
     assert len(data["modes"]) == 3
     for m in data["modes"].values():
         assert m["wall_s"] > 0 and math.isclose(m["rtf"], data["audio_s"] / m["wall_s"])
