@@ -234,7 +234,7 @@ def serve_tables(kind: str) -> str:
 # ----------------------------------------------------------------- the operator, training, prediction
 def _machine(env: dict) -> str:
     return (f"{env['device_name']} ({env['device']}), {env['threads']} thread(s), torch {env['torch']}, "
-            f"fused CPU path {env.get('cpu_capability') or '-'}; `{env['command'].replace(str(ROOT) + '/', '')}`")
+            f"fused CPU path {env.get('cpu_capability') or '-'}; `{env['command']}`")
 
 
 def attention_table() -> str:
