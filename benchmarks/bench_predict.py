@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import io
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any

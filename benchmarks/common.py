@@ -48,8 +48,15 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu_capability": cpu_capability(),  # the fused CPU kernels' instruction-set path
         "cpu_capabilities": cpu_capabilities(),
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "command": " ".join(["python", *sys.argv]),
+        "command": command_line(),
     }
+
+
+def command_line() -> str:
+    """The command that made the numbers, paths inside the checkout written relative to it (the JSON is committed:
+    it must read the same from any clone)."""
+    root = str(Path(__file__).resolve().parent.parent) + os.sep
+    return " ".join(["python", *(arg.replace(root, "") for arg in sys.argv)])
 
 
 def print_environment(env: dict[str, Any]) -> None:

@@ -195,6 +195,17 @@ def serve_tables(kind: str) -> str:
     data = load("bench_serve")
     env = data["environment"]
     machine = f"{env['device_name']}, {env['cpu_count']} cores, torch {env['torch']}"
+    if kind == "summary":
+        counts = [r["streams"] for r in next(iter(data["models"].values()))["live"]]
+        clients = next(iter(data["models"].values()))["http"]["batching on"][-1]["clients"]
+        rows = []
+        for model, entry in data["models"].items():
+            late = {r["streams"]: r["lateness_ms"]["p95"] for r in entry["live"]}
+            on, off = (entry["http"][m][-1]["requests_per_s"] for m in ("batching on", "batching off"))
+            rows.append([model, f"{entry['hop']['live_stream_ms']['p95']:.1f}",
+                         *[f"{late[n]:.0f}" for n in counts], f"{on:.0f} / {off:.0f}"])
+        return (table(["model", "live hop p95 ms", *[f"{n} streams: late p95 ms" for n in counts],
+                       f"predict requests/s, {clients} clients, batching on / off"], rows) + f"\nMachine: {machine}.\n")
     if kind == "hop":
         rows = []
         for model, entry in data["models"].items():
@@ -223,7 +234,7 @@ def serve_tables(kind: str) -> str:
 # ----------------------------------------------------------------- the operator, training, prediction
 def _machine(env: dict) -> str:
     return (f"{env['device_name']} ({env['device']}), {env['threads']} thread(s), torch {env['torch']}, "
-            f"fused CPU path {env.get('cpu_capability') or '-'}; `{env['command'].replace(str(ROOT) + '/', '')}`")
+            f"fused CPU path {env.get('cpu_capability') or '-'}; `{env['command']}`")
 
 
 def attention_table() -> str:
@@ -273,6 +284,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "abstention": lambda: abstention(["builtin4", "builtin8"]),
     "candidates": candidates,
     "serve-hop": lambda: serve_tables("hop"),
+    "serve-summary": lambda: serve_tables("summary"),
     "serve-live": lambda: serve_tables("live"),
     "serve-http": lambda: serve_tables("http"),
 }

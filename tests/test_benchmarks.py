@@ -1,30 +1,34 @@
-"""Smoke tests of the benchmark scripts: each runs with --quick and writes JSON of the documented structure.
+"""Smoke tests of the benchmark scripts: each runs with --quick (in this process) and writes JSON of the documented structure.
 
 They check structure and sanity (positive times, finite ratios), never speed: speed depends on the machine.
 """
 
 import json
 import math
-import os
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(name: str, tmp_path: Path, *args: str) -> tuple[dict, str]:
-    """Run benchmarks/<name> with --quick --json and return (the JSON, stdout)."""
+def run_in_process(name: str, tmp_path: Path, monkeypatch, capsys, *args: str) -> tuple[dict, str]:
+    """Run benchmarks/<name> with --quick --json in this process (torch is imported already: seconds saved) and
+    return (the JSON, stdout); the torch thread count is restored."""
     out = tmp_path / f"{name}.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), "--quick", "--json", str(out), *args],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(out.read_text()), proc.stdout
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [name, "--quick", "--json", str(out), *args])
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(ROOT / "benchmarks" / name), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    return json.loads(out.read_text()), capsys.readouterr().out
 
 
 def check_environment(env: dict) -> None:
@@ -44,17 +48,18 @@ def check_goals(goals: list[dict], expected: int) -> None:
 
 
 @pytest.mark.slow
-def test_bench_attention_quick(tmp_path):
-    data, stdout = run_script("bench_attention.py", tmp_path, "--device", "cpu", "--compile-shapes", "seed1d")
+def test_bench_attention_quick(tmp_path, monkeypatch, capsys):
+    """Without the torch.compile contender (a cold compile costs more than the rest; tests/test_ops.py compiles the
+    operator), whose goals then read "not measured"."""
+    data, stdout = run_in_process("bench_attention.py", tmp_path, monkeypatch, capsys, "--device", "cpu", "--no-compile")
     assert data["benchmark"] == "attention" and data["quick"] is True
     (run,) = data["runs"]
     check_environment(run["environment"])
     assert "saved for backward" in run["memory_measure"]
     assert [r["shape"] for r in run["results"]] == ["seed1d", "logmel-1d"]
-    assert "compiled: at seed1d only (--compile-shapes)" in stdout
+    assert run["skipped"]["compiled"] == "--no-compile"
     for r in run["results"]:
-        expected = {"eager", "compiled", "fused"} - set(run["skipped"])
-        expected -= set() if r["shape"] == "seed1d" else {"compiled"}
+        expected = {"eager", "fused"} - set(run["skipped"])
         assert set(r["contenders"]) == expected and "eager" in expected
         assert 1 <= r["lengths_mean"] <= r["L"]
         for label, e in r["contenders"].items():
@@ -62,21 +67,18 @@ def test_bench_attention_quick(tmp_path):
             assert e["max_abs_diff_vs_eager"] < 1e-3, f"{label} disagrees with eager at {r['shape']}"
             assert math.isclose(e["forward_backward_x_eager"],
                                 r["contenders"]["eager"]["forward_backward_s"] / e["forward_backward_s"])
-        if r["shape"] == "seed1d":
-            assert r["contenders"]["compiled"]["compile_forward_s"] > 0
-        else:
-            assert r["contenders"]["eager"]["forward_backward_x_compiled"] is None
+            assert e["forward_backward_x_compiled"] is None
         assert r["contenders"]["eager"]["forward_x_eager"] == 1.0
-    check_goals(run["goals"], 4)  # >= 3x eager and >= 1x compiled at both quick shapes (not measured at logmel-1d)
-    assert [g["value"] is None for g in run["goals"] if "compiled" in g["goal"]] == [False, True]
+    check_goals(run["goals"], 4)  # >= 3x eager at both quick shapes, >= 1x compiled not measured
+    assert [g["value"] is None for g in run["goals"]] == [False, False, True, True] or "fused" in run["skipped"]
     assert "goals:" in stdout and "memory = bytes kept beyond the inputs" in stdout
     if "fused" in run["skipped"]:
         assert "fused: unavailable (" in stdout
 
 
 @pytest.mark.slow
-def test_bench_fit_quick(tmp_path):
-    data, stdout = run_script("bench_fit.py", tmp_path, "--threads", "1")
+def test_bench_fit_quick(tmp_path, monkeypatch, capsys):
+    data, stdout = run_in_process("bench_fit.py", tmp_path, monkeypatch, capsys, "--threads", "1")
     assert data["benchmark"] == "fit" and data["cv"] is None
     check_environment(data["environment"])
     demo = data["demo"]
@@ -90,8 +92,8 @@ def test_bench_fit_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_train_quick(tmp_path):
-    data, stdout = run_script("bench_train.py", tmp_path, "--batch-size", "4", "--frames", "120")
+def test_bench_train_quick(tmp_path, monkeypatch, capsys):
+    data, stdout = run_in_process("bench_train.py", tmp_path, monkeypatch, capsys, "--batch-size", "4", "--frames", "120")
     assert data["benchmark"] == "train"
     check_environment(data["environment"])
     assert [r["arch"] for r in data["results"]] == ["seed1d", "zhang2d"]
@@ -109,12 +111,13 @@ def test_bench_train_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_predict_quick(tmp_path):
-    data, stdout = run_script("bench_predict.py", tmp_path)
+def test_bench_predict_quick(tmp_path, seed1d_checkpoint, monkeypatch, capsys):
+    """With the session's checkpoint (the script's own 1-epoch training is what `fit` tests cover)."""
+    data, stdout = run_in_process("bench_predict.py", tmp_path, monkeypatch, capsys, "--ckpt", str(seed1d_checkpoint))
     assert data["benchmark"] == "predict"
     check_environment(data["environment"])
     assert data["files"] == 12 and data["audio_s"] > 12
-    assert data["checkpoint"].startswith("1-epoch demo model")
+    assert data["checkpoint"] == str(seed1d_checkpoint)
     assert len(data["modes"]) == 3
     for m in data["modes"].values():
         assert m["wall_s"] > 0 and math.isclose(m["rtf"], data["audio_s"] / m["wall_s"])

@@ -92,11 +92,6 @@ def test_the_temperature_travels_in_the_checkpoint_to_predictions(seed1d_checkpo
     torch.testing.assert_close(calibrated_logits, raw / 4.0)
 
 
-def test_onnx_probabilities_are_the_calibrated_ones(calibrated, tmp_path):
-    pytest.importorskip("onnxruntime")
-    main(["export", f"--ckpt_path={calibrated}", "--format=onnx", str(tmp_path / "model.onnx")])  # checked inside
-
-
 def test_min_confidence_reports_uncertain_in_csv_and_json(seed1d_checkpoint, tiny_corpus, tmp_path, capsys):
     files = sorted(tiny_corpus.rglob("*.wav"))[:6]
     checkpoint = str(seed1d_checkpoint.parent / "last.ckpt")

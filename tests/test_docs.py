@@ -36,3 +36,19 @@ def test_a_changed_result_file_changes_its_table(tmp_path, monkeypatch):
     assert tables.main(["--check"]) == 1
     assert tables.main([]) == 0 and "stale" not in doc.read_text() and "| candidate" in doc.read_text()
     assert tables.main(["--check"]) == 0
+
+
+def test_result_files_name_no_path_of_the_machine_that_made_them(monkeypatch):
+    """The committed JSON reads the same from any clone: commands name paths relative to the checkout."""
+    for path in sorted((ROOT / "docs" / "results").glob("*.json")):
+        text = path.read_text()
+        assert str(ROOT) not in text and not re.search(r'"command": "python /', text), path.name
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from common import command_line
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "benchmarks" / "bench_serve.py"), "--json",
+                                      str(ROOT / "docs" / "results" / "x.json")])
+    assert command_line() == "python benchmarks/bench_serve.py --json docs/results/x.json"

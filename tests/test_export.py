@@ -29,8 +29,16 @@ def test_unfold_max_pool_equals_max_pool(pool):
 
 @pytest.mark.parametrize("kind", ["seed1d", "zhang2d", "speaker"])
 def test_onnx_export_matches_pytorch_on_real_features(kind, request, tiny_corpus, tmp_path, capsys):
-    """seed1d, zhang2d, and seed1d with speaker normalisation, pitch rows and the statistics head."""
+    """seed1d, zhang2d, and seed1d with speaker normalisation, pitch rows, the statistics head and a calibration."""
     checkpoint = request.getfixturevalue(f"{kind}_checkpoint")
+    if kind == "speaker":  # with a temperature and a network share, as fit stores them: the file must carry both
+        from ser_lightning.checkpoints import load_module
+        from ser_lightning.run.training import store_calibration
+
+        calibrated = tmp_path / "calibrated.ckpt"
+        calibrated.write_bytes(checkpoint.read_bytes())
+        store_calibration(load_module(calibrated), str(calibrated), 2.5, 0.5)
+        checkpoint = calibrated
     arch = "zhang2d" if kind == "zhang2d" else "seed1d"
     out = tmp_path / f"{kind}.onnx"
     main(["export", "--ckpt_path", str(checkpoint), "--format", "onnx", str(out)])
@@ -47,6 +55,8 @@ def test_onnx_export_matches_pytorch_on_real_features(kind, request, tiny_corpus
 
     # independent check on real features: utterances of different lengths, batched with padding
     recognizer = EmotionRecognizer.from_checkpoint(checkpoint)
+    calibration = (float(recognizer.module.temperature), float(recognizer.module.network_weight))
+    assert calibration == ((2.5, 0.5) if kind == "speaker" else (1.0, 1.0))
     waves = [torch.from_numpy(sf.read(p, dtype="float32")[0]) for p in sorted(tiny_corpus.rglob("*.wav"))[:3]]
     waves.append(torch.cat(waves))  # a longer one, so lengths vary a lot
     batch, lengths = pad_last([recognizer.extractor(w) for w in waves])

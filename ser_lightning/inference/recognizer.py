@@ -290,29 +290,48 @@ class EmotionRecognizer:
                              attention=True, features=True, min_confidence=min_confidence,
                              speaker_statistics=None if stats is None else stats[0])
         events: list[StreamEvent] = []
-        total, peak = 0, 0.0
+        best: dict[tuple[bool, str], StreamEvent] = {}  # (speech, class) -> the window most sure of that class so far
+        total, peak, padded = 0, 0.0, False
         rate = sample_rate or self.sample_rate
+
+        def keep(new: list[StreamEvent]) -> None:
+            """Remember the new windows, holding features and attention only for the ones that may be shown."""
+            nonlocal padded
+            candidates = {id(event): event for event in best.values()}
+            for event in new:
+                padded |= event.features.shape[-1] < self.module.model.min_input_frames
+                candidates[id(event)] = event
+                for name, p in event.probabilities.items():
+                    if (event.speech, name) not in best or p > best[event.speech, name].probabilities[name]:
+                        best[event.speech, name] = event
+            shown = {id(event) for event in best.values()}
+            for key, event in candidates.items():  # memory stays bounded however long the recording
+                if key not in shown:
+                    event.features = event.attention = None
+            events.extend(new)
+
         for block in blocks:
             total += block.numel()
             if block.numel():
                 peak = max(peak, float(block.abs().max()))
-            events += stream.push(block)
+            keep(stream.push(block))
         if stream.next_window == 0:
             return None
-        events += stream.close()
+        keep(stream.close())
         if peak == 0.0:
             raise AudioError(f"{path or 'waveform'}: the recording is digital silence (every sample is 0)")
         windows = [WindowPrediction(e.start_s, e.end_s, e.emotion, e.probabilities, e.speech) for e in events]
-        speech = [e for e in events if e.speech] or events
+        heard = any(e.speech for e in events)
+        speech = [e for e in events if e.speech == heard]  # the windows with speech; all of them when none has any
         mean = torch.tensor([list(e.probabilities.values()) for e in speech]).mean(dim=0)
         label, probs = self.named(mean)
-        best = max(speech, key=lambda e: e.probabilities[label])
+        shown = best[heard, label]
         label = label if confident(probs, min_confidence) else UNCERTAIN
-        notes = [] if len(speech) < len(events) or any(e.speech for e in events) else ["no speech detected"]
-        if any(e.features.shape[-1] < self.module.model.min_input_frames for e in events):
+        notes = [] if heard else ["no speech detected"]
+        if padded:
             notes.append(f"windows of {self.window_seconds} s are shorter than the model's receptive field: zero-padded")
-        return Prediction(path, label, probs, total / rate, best.attention, best.attention_grid, windows,
-                          best.features.numpy(), (best.start_s, best.end_s), "; ".join(notes))
+        return Prediction(path, label, probs, total / rate, shown.attention, shown.attention_grid, windows,
+                          shown.features.numpy(), (shown.start_s, shown.end_s), "; ".join(notes))
 
     # ----------------------------------------------------------------- public API
     def predict_file(self, path: AudioSource, speaker_stats: Tensor | None = None, *,
