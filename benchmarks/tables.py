@@ -206,6 +206,10 @@ def serve_tables(kind: str) -> str:
                          *[f"{late[n]:.0f}" for n in counts], f"{on:.0f} / {off:.0f}"])
         return (table(["model", "live hop p95 ms", *[f"{n} streams: late p95 ms" for n in counts],
                        f"predict requests/s, {clients} clients, batching on / off"], rows) + f"\nMachine: {machine}.\n")
+    if kind == "goals":
+        rows = [[g["goal"], "-" if g["value"] is None else f"{g['value']:.2f}", f"{g['comparison']} {g['threshold']:g}",
+                 {True: "met", False: "**not met**", None: "not measured"}[g["passed"]]] for g in data["goals"]]
+        return table(["goal", "measured", "target", ""], rows) + f"\nMachine: {machine}.\n"
     if kind == "hop":
         rows = []
         for model, entry in data["models"].items():
@@ -287,6 +291,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "serve-summary": lambda: serve_tables("summary"),
     "serve-live": lambda: serve_tables("live"),
     "serve-http": lambda: serve_tables("http"),
+    "serve-goals": lambda: serve_tables("goals"),
 }
 
 
