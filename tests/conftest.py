@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from lightning.pytorch import Callback
 
 # The tests run in two worker processes (pytest.ini): one thread each, for them and the processes they
@@ -25,12 +27,29 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def made_once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], Path]) -> Path:
+    """What ``make(folder)`` returns, made once per test session: the first worker to ask makes it, the others wait
+    and reuse it (the workers' temporary folders share a parent). Tests never change what it returns."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    folder, record = base / f"made-once-{name}", base / f"made-once-{name}.path"
+    with FileLock(f"{folder}.lock"):
+        if not record.exists():
+            folder.mkdir()
+            record.write_text(str(make(folder)))
+    return Path(record.read_text())
+
+
+def make_tiny_corpus(root: Path) -> Path:
+    synthesize_corpus(root, actors=6, emotions=TINY_EMOTIONS, sample_rate=16000, random_seed=0)
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     """A RAVDESS-layout synthetic corpus: 6 actors x 4 emotions (28 files per actor), 16 kHz."""
-    root = tmp_path_factory.mktemp("tiny_corpus")
-    synthesize_corpus(root, actors=6, emotions=TINY_EMOTIONS, sample_rate=16000, random_seed=0)
-    return root
+    return made_once(tmp_path_factory, "tiny_corpus", make_tiny_corpus)
 
 
 def make_utterances(num_speakers: int = 24, emotions=TINY_EMOTIONS, per_class: int = 8) -> list[Utterance]:
@@ -84,28 +103,29 @@ def train_tiny_checkpoint(corpus: Path, root: Path, *extra: str) -> Path:
     return root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
 
 
+def trained_once(tmp_path_factory: pytest.TempPathFactory, name: str, corpus: Path, *extra: str) -> Path:
+    return made_once(tmp_path_factory, name, lambda root: train_tiny_checkpoint(corpus, root, *extra))
+
+
 @pytest.fixture(scope="session")
 def seed1d_checkpoint(tiny_corpus, tmp_path_factory) -> Path:
     """A seed1d/logmel checkpoint trained for one epoch through the real CLI."""
-    return train_tiny_checkpoint(tiny_corpus, tmp_path_factory.mktemp("seed1d_run"))
+    return trained_once(tmp_path_factory, "seed1d_run", tiny_corpus)
 
 
 @pytest.fixture(scope="session")
 def zhang2d_checkpoint(tiny_corpus, tmp_path_factory) -> Path:
     """A small zhang2d/spectrogram checkpoint trained for one epoch through the real CLI."""
-    return train_tiny_checkpoint(
-        tiny_corpus, tmp_path_factory.mktemp("zhang2d_run"),
-        "--model.arch=zhang2d", "--data.feature.name=spectrogram", "--model.width=0.125",
-    )
+    return trained_once(tmp_path_factory, "zhang2d_run", tiny_corpus,
+                        "--model.arch=zhang2d", "--data.feature.name=spectrogram", "--model.width=0.125")
 
 
 @pytest.fixture(scope="session")
 def speaker_checkpoint(tiny_corpus, tmp_path_factory) -> Path:
     """seed1d with speaker normalisation, the pitch rows and the statistics head (pooled and prosodic), one epoch."""
-    return train_tiny_checkpoint(
-        tiny_corpus, tmp_path_factory.mktemp("speaker_run"), "--data.normalization=speaker", "--data.feature.pitch=true",
-        "--model.statistics_head=logistic", "--model.statistics=[pooled, prosodic]",
-    )
+    return trained_once(tmp_path_factory, "speaker_run", tiny_corpus, "--data.normalization=speaker",
+                        "--data.feature.pitch=true", "--model.statistics_head=logistic",
+                        "--model.statistics=[pooled, prosodic]")
 
 
 class FinalWeights(Callback):

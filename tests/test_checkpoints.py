@@ -2,13 +2,11 @@
 
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_args
+from conftest import failing_command, tiny_args
 
 from ser_lightning import EmotionRecognizer
 from ser_lightning.checkpoints import UnsafeCheckpointError, load_module, read_checkpoint
@@ -36,23 +34,19 @@ def malicious(seed1d_checkpoint, tmp_path) -> tuple[Path, Path]:
     return path, marker
 
 
-def run_cli(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ser_lightning", *args], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parents[1])
-
-
 @pytest.mark.parametrize("command", ["predict", "export", "test"])
 def test_every_command_refuses_a_malicious_checkpoint_without_running_it(command, malicious, tiny_corpus, feature_cache,
-                                                                      tmp_path):
+                                                                      tmp_path, capsys):
+    """Each command as a user runs it (in this process: the payload would run here just the same)."""
     path, marker = malicious
     args = {
         "predict": ["predict", f"--ckpt_path={path}", str(next(tiny_corpus.rglob("*.wav")))],
         "export": ["export", f"--ckpt_path={path}", str(tmp_path / "model.onnx")],
         "test": ["test", f"--ckpt_path={path}", *tiny_args(tiny_corpus, tmp_path, cache=feature_cache)],
     }[command]
-    result = run_cli(args)
-    assert result.returncode != 0 and not marker.exists()
-    message = result.stderr.strip().splitlines()[-1]
+    code, stderr = failing_command(args, capsys)
+    assert code != 0 and not marker.exists()
+    message = stderr.strip().splitlines()[-1]
     assert str(path) in message and "posix.system" in message and "--trust_checkpoint" in message, message
 
 
