@@ -11,7 +11,10 @@ epoch per seed on the built-in synthetic corpus (speed does not depend on traini
    real time in 20 ms frames): how late each event arrives after the last sample of its window was sent
    (p50/p95/p99/max), events dropped, and the server's memory per open stream.
 3. **HTTP predict** (`POST /v1/predict` of a 3 s recording by C concurrent clients for a fixed time): throughput
-   and p95 latency, batching on (`--max_batch 32 --max_wait_ms 5`) against off (`--max_batch 1 --max_wait_ms 0`).
+   and p95 latency, batching on (`--max_batch 32 --max_wait_ms 5`) against off (`--max_batch 1 --max_wait_ms 0`);
+   and, in process, the work of one upload (what the server does for it outside HTTP: decoding, features, its own
+   speaker statistics, the model, the JSON record) with the model's forward pass timed apart: the share that
+   batching can share.
 
     python benchmarks/bench_serve.py [--ckpt_path A.ckpt [--ckpt_path B.ckpt ...]] [--quick] [--json out.json]
 
@@ -102,6 +105,35 @@ def hop_times(recognizer: Any, audio: np.ndarray, hop_s: float = 0.5) -> dict[st
             run()
             times[name].append(1000 * (time.perf_counter() - begin))
     return {name: percentiles(values[2:]) for name, values in times.items()}
+
+
+def upload_work(recognizer: Any, body: bytes, repeats: int) -> dict[str, float]:
+    """ms of one upload's work in process (``predict_bytes``, one thread), and of the model's forward passes in it."""
+    from ser_lightning.inference.serve import ServeSettings, predict_bytes
+
+    settings, forward_s = ServeSettings(), []
+    module = recognizer.module
+    original = module.forward
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        begin = time.perf_counter()
+        out = original(*args, **kwargs)
+        forward_s.append(time.perf_counter() - begin)
+        return out
+
+    module.forward = timed
+    try:
+        for _ in range(max(2, repeats // 10)):  # warm-up
+            predict_bytes(recognizer, body, "upload.wav", settings, None)
+        forward_s.clear()
+        begin = time.perf_counter()
+        for _ in range(repeats):
+            predict_bytes(recognizer, body, "upload.wav", settings, None)
+        total_s = (time.perf_counter() - begin) / repeats
+    finally:
+        del module.forward  # the instance attribute: the class's forward again
+    model_s = sum(forward_s) / repeats
+    return {"upload_ms": 1000 * total_s, "model_ms": 1000 * model_s, "model_share": model_s / total_s}
 
 
 # ----------------------------------------------------------------- the server in a subprocess
@@ -245,12 +277,15 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32", help="concurrent HTTP clients to measure")
     parser.add_argument("--seconds", type=float, default=12.0, help="audio per live stream (default 12 s)")
     parser.add_argument("--http_seconds", type=float, default=15.0, help="duration of each HTTP load (default 15 s)")
+    parser.add_argument("--hop_seconds", type=float, default=60.0,
+                        help="audio of the one-stream hop timing (default 60 s: 116 hops timed)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: one model, 1 and 4 streams, 1 and 4 clients")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.quick:
         args.seeds, args.streams, args.clients, args.seconds, args.http_seconds = 1, "1,4", "1,4", 4.0, 2.0
+        args.hop_seconds = 6.0
     env = environment(torch.device("cpu"))
     print_environment(env)
     if env["load_average_1min"] and env["load_average_1min"] > 0.5:
@@ -260,6 +295,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoints = args.ckpt_path or train_checkpoints(Path(tmp), args.seeds)
         audio = speech(max(args.seconds, 6.0))
+        hop_audio = speech(args.hop_seconds)  # enough hops for a p95 that is not the maximum of a few
         recording = io.BytesIO()
         sf.write(recording, audio[: 3 * RATE], RATE, format="WAV", subtype="PCM_16")
         models = {"one model": checkpoints[:1]}
@@ -269,7 +305,8 @@ def main() -> None:
         goals = []
         for name, paths in models.items():
             recognizer = EmotionRecognizer.from_checkpoint(paths)
-            entry: dict[str, Any] = {"checkpoints": [p.name for p in paths], "hop": hop_times(recognizer, audio)}
+            entry: dict[str, Any] = {"checkpoints": [p.name for p in paths], "hop": hop_times(recognizer, hop_audio),
+                                     "upload_work": upload_work(recognizer, recording.getvalue(), 20 if args.quick else 200)}
             print(f"\n== {name}: stream compute per 0.5 s hop (one stream, in process), ms")
             print(format_table(["", "p50", "p95", "p99"], [
                 [k, f"{v['p50']:.2f}", f"{v['p95']:.2f}", f"{v['p99']:.2f}"] for k, v in entry["hop"].items()]))
@@ -305,6 +342,9 @@ def main() -> None:
             for mode, runs in entry["http"].items():
                 rows += [[mode, r["clients"], f"{r['requests_per_s']:.1f}", f"{r['latency_ms']['p95']:.0f}"] for r in runs]
             print(format_table(["", "clients", "requests/s", "p95 ms"], rows))
+            work = entry["upload_work"]
+            print(f"one upload's work in process: {work['upload_ms']:.1f} ms, of which the model's forward "
+                  f"{work['model_ms']:.1f} ms ({100 * work['model_share']:.0f} %: what batching can share)")
             on, off = (entry["http"][m][-1]["requests_per_s"] for m in ("batching on", "batching off"))
             entry["batching_gain"] = on / off
             goals.append(goal(f"{name}: batching gain at {args.clients.split(',')[-1]} clients", on / off,

@@ -210,6 +210,11 @@ def serve_tables(kind: str) -> str:
         rows = [[g["goal"], "-" if g["value"] is None else f"{g['value']:.2f}", f"{g['comparison']} {g['threshold']:g}",
                  {True: "met", False: "**not met**", None: "not measured"}[g["passed"]]] for g in data["goals"]]
         return table(["goal", "measured", "target", ""], rows) + f"\nMachine: {machine}.\n"
+    if kind == "work":
+        rows = [[model, f"{e['upload_work']['upload_ms']:.1f}", f"{e['upload_work']['model_ms']:.1f}",
+                 f"{100 * e['upload_work']['model_share']:.0f} %"] for model, e in data["models"].items()]
+        return (table(["model", "one 3 s upload's work, ms", "of which the model's forward, ms", "share"], rows)
+                + f"\nMachine: {machine}; one thread, in process.\n")
     if kind == "hop":
         rows = []
         for model, entry in data["models"].items():
@@ -292,6 +297,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "serve-live": lambda: serve_tables("live"),
     "serve-http": lambda: serve_tables("http"),
     "serve-goals": lambda: serve_tables("goals"),
+    "serve-work": lambda: serve_tables("work"),
 }
 
 

@@ -125,8 +125,8 @@ def test_bench_predict_quick(tmp_path, seed1d_checkpoint, monkeypatch, capsys):
     assert "real-time factor" in stdout
 
 
-def test_bench_serve_times_a_hop_both_ways(seed1d_checkpoint, tiny_corpus, monkeypatch):
-    """The serving benchmark's in-process part (its server parts are what `serve`'s own tests cover)."""
+def test_bench_serve_times_a_hop_both_ways_and_an_uploads_work(seed1d_checkpoint, tiny_corpus, monkeypatch):
+    """The serving benchmark's in-process parts (its server parts are what `serve`'s own tests cover)."""
     import soundfile as sf
 
     from ser_lightning import EmotionRecognizer
@@ -140,6 +140,10 @@ def test_bench_serve_times_a_hop_both_ways(seed1d_checkpoint, tiny_corpus, monke
     hops = 1 + (len(audio) - 32000) // 8000 - 2  # the first two hops after the first window are not timed
     for times in hop.values():
         assert times["count"] == hops and 0 < times["p50"] <= times["p95"] <= times["p99"] <= times["max"]
+    with open(sorted(tiny_corpus.rglob("*.wav"))[0], "rb") as handle:
+        work = bench_serve["upload_work"](recognizer, handle.read(), 3)
+    assert 0 < work["model_ms"] < work["upload_ms"] and work["model_share"] == pytest.approx(work["model_ms"] / work["upload_ms"])
+    assert "forward" not in vars(recognizer.module)  # the timing wrapper is gone
 
 
 @pytest.mark.parametrize("name, option", [("bench_attention.py", "--no-compile"), ("bench_train.py", "--precision"),
