@@ -31,6 +31,7 @@ import hashlib
 import io
 import ipaddress
 import json
+import math
 import queue
 import secrets
 import threading
@@ -108,7 +109,48 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class Batcher:
+class QueueThread:
+    """A daemon thread that takes its queue's items in groups: the first, then whatever else arrives within
+    ``wait_s`` while the group's size (``size`` of each item) is below ``limit``; ``_serve(items, size)`` handles a
+    group; None on the queue ends the thread."""
+
+    def __init__(self, name: str, wait_s: float = 0.0, limit: float = math.inf) -> None:
+        self.wait_s, self.limit = wait_s, limit
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=5)
+
+    def size(self, item: Any) -> int:
+        return 1
+
+    def _serve(self, items: list, size: int) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            items, size = [item], self.size(item)
+            deadline = time.monotonic() + self.wait_s
+            while size < self.limit:
+                try:  # a timeout of 0: only what is queued already
+                    more = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if more is None:
+                    self.queue.put(None)
+                    break
+                items.append(more)
+                size += self.size(more)
+            self._serve(items, size)
+
+
+class Batcher(QueueThread):
     """One thread that runs the model: the windows of every request and stream, ``max_batch`` at a time.
 
     ``classify`` (the recognizer's ``classifier``) is called from worker threads and blocks until its windows
@@ -117,11 +159,11 @@ class Batcher:
     """
 
     def __init__(self, max_batch: int, max_wait_ms: float) -> None:
-        self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
-        self.queue: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._run, name="ser-batcher", daemon=True)
-        self.thread.start()
         self.batches: list[int] = []  # windows per model batch (recent), for the benchmark
+        super().__init__("ser-batcher", max_wait_ms / 1000, max_batch)
+
+    def size(self, item: Any) -> int:
+        return len(item[1])
 
     def submit(self, recognizer: Any, jobs: list, future: Future | None = None) -> Future:
         """Queue the jobs for the model thread; ``future`` (a new one by default) gets their events (at once when none
@@ -140,29 +182,6 @@ class Batcher:
     async def classify_async(self, recognizer: Any, jobs: list) -> list:
         """The same without holding a thread: the event loop awaits the model thread's answer."""
         return await asyncio.wrap_future(self.submit(recognizer, jobs))
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            items, windows = [item], len(item[1])
-            deadline = time.monotonic() + self.max_wait
-            while windows < self.max_batch:
-                try:
-                    more = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if more is None:
-                    self.queue.put(None)
-                    break
-                items.append(more)
-                windows += len(more[1])
-            self._serve(items, windows)
 
     def _serve(self, items: list, windows: int) -> None:
         items = [item for item in items if _claim(item[2])]  # a client gone away cancelled its future: no work
@@ -189,7 +208,7 @@ def _claim(future: Future) -> bool:
     return future.running() or future.set_running_or_notify_cancel()
 
 
-class StreamWorker:
+class StreamWorker(QueueThread):
     """One thread that prepares the windows of every stream (``prepare_streams``): the streams that became due while
     it worked are taken together, so that their voice activity, new frames, window edges and functionals are a few
     large operations instead of many small ones (fewer, larger calls: less interpreter time, less contention for the
@@ -197,9 +216,7 @@ class StreamWorker:
 
     def __init__(self, batcher: Batcher) -> None:
         self.batcher = batcher
-        self.queue: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._run, name="ser-streams", daemon=True)
-        self.thread.start()
+        super().__init__("ser-streams")  # no waiting for more: a busy worker gathers by itself
 
     async def events(self, recognizer: Any, stream: Any, samples: Any) -> list:
         """The events of the windows that ``samples`` complete (None: the end of the stream), awaited by the event
@@ -208,28 +225,7 @@ class StreamWorker:
         self.queue.put((recognizer, stream, samples, future))
         return await asyncio.wrap_future(future)
 
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            items = [item]
-            while True:  # whatever else is waiting: no waiting for more, a busy worker gathers by itself
-                try:
-                    more = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self.queue.put(None)
-                    break
-                items.append(more)
-            self._serve(items)
-
-    def _serve(self, items: list) -> None:
+    def _serve(self, items: list, size: int) -> None:
         items = [item for item in items if _claim(item[3])]  # a stream whose client went away: nothing to do
         if not items:
             return
