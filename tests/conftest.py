@@ -4,24 +4,26 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
 from filelock import FileLock
-from lightning.pytorch import Callback
+
+if TYPE_CHECKING:
+    from ser_lightning.data.records import Utterance
 
 # The tests run in two worker processes (pytest.ini): one thread each, for them and the processes they
 # start, so that they do not oversubscribe the cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from ser_lightning.data.records import Utterance
-from ser_lightning.data.synth import synthesize_corpus
 
 TINY_EMOTIONS = ("neutral", "happy", "sad", "angry")
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
 
 
-def pytest_configure(config: pytest.Config) -> None:
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> None:
+    """Where tests run (not in the process that hands them out: this file imports nothing heavy at the top)."""
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -42,6 +44,8 @@ def made_once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callabl
 
 
 def make_tiny_corpus(root: Path) -> Path:
+    from ser_lightning.data.synth import synthesize_corpus
+
     synthesize_corpus(root, actors=6, emotions=TINY_EMOTIONS, sample_rate=16000, random_seed=0)
     return root
 
@@ -54,6 +58,8 @@ def tiny_corpus(tmp_path_factory) -> Path:
 
 def make_utterances(num_speakers: int = 24, emotions=TINY_EMOTIONS, per_class: int = 8) -> list[Utterance]:
     """Utterance records without audio (for fold tests): odd speakers male, even female."""
+    from ser_lightning.data.records import Utterance
+
     return [
         Utterance(
             path=Path(f"/corpus/Actor_{s:02d}/{e}_{k}.wav"),
@@ -128,12 +134,5 @@ def speaker_checkpoint(tiny_corpus, tmp_path_factory) -> Path:
                         "--model.statistics=[pooled, prosodic]")
 
 
-class FinalWeights(Callback):
-    """Saves the model's weights as ``final.pt`` in the run's log folder when fitting ends, to compare runs."""
-
-    def on_train_end(self, trainer, module) -> None:
-        torch.save(module.state_dict(), Path(trainer.log_dir) / "final.pt")
-
-
-FINAL_WEIGHTS = "--trainer.callbacks+=conftest.FinalWeights"
+FINAL_WEIGHTS = "--trainer.callbacks+=final_weights.FinalWeights"
 """The option that adds ``FinalWeights`` to a run (its process must find this file as ``conftest``)."""

@@ -158,7 +158,8 @@ def test_synth_command_writes_ravdess_layout(tmp_path, capsys):
 @pytest.mark.slow
 def test_ddp_on_cpu_with_length_buckets(tiny_corpus, feature_cache, tmp_path):
     """Two gloo processes through Lightning's DDP, started the way a user starts them, with bucketing on."""
-    args = tiny_args(tiny_corpus, tmp_path, "--test_after_fit=false", "--data.bucketing=true", cache=feature_cache)
+    args = tiny_args(tiny_corpus, tmp_path, "--test_after_fit=false", "--data.bucketing=true", "--baseline=false",
+                     "--figures.every_n_epochs=0", cache=feature_cache)  # DDP is the point: no figures, no baselines
     cmd = [sys.executable, "-m", "ser_lightning", "fit", *args,
            "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.num_nodes=1"]
     env = {**os.environ, "PL_TORCH_DISTRIBUTED_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
