@@ -1,5 +1,5 @@
-"""benchmarks/gpu_check.py: its plan fits the lent time, it runs end to end without a GPU (every GPU step
-skipped with its reason), its process groups and budget hold against steps that overrun or leave
+"""benchmarks/gpu_check.py: its plan fits the few minutes a GPU is at hand, it runs end to end without a GPU
+(every GPU step skipped with its reason), its process groups and budget hold against steps that overrun or leave
 processes behind, and its report names the step and device of every number."""
 
 import importlib.util
@@ -37,7 +37,7 @@ def context(tmp_path: Path, mode: str = "full", environment: dict | None = None)
 
 
 @pytest.mark.parametrize("mode,bound,within", [("full", 300.0, operator.le), ("quick", 120.0, operator.lt)])
-def test_plan_fits_the_lent_time(tmp_path, mode, bound, within):
+def test_plan_fits_the_time_budget(tmp_path, mode, bound, within):
     """The full check's step limits sum to at most 300 s, the quick one's to under 120 s."""
     ctx = context(tmp_path, mode)
     limits = {spec.name: spec.limit_s(spec.commands(ctx)) for spec in gc.STEPS}
