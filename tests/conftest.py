@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +39,7 @@ def made_once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callabl
     folder, record = base / f"made-once-{name}", base / f"made-once-{name}.path"
     with FileLock(f"{folder}.lock"):
         if not record.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a worker whose making failed left: made afresh
             folder.mkdir()
             record.write_text(str(make(folder)))
     return Path(record.read_text())
