@@ -30,10 +30,7 @@ def speaker_statistics(features: Sequence[Tensor], speakers: Sequence[Hashable],
     groups: dict[Hashable, list[int]] = {}
     for index, speaker in enumerate(speakers):
         groups.setdefault(speaker, []).append(index)
-    if functionals and rows is None:
-        rows = prosodic_rows(list(features))
-    elif not functionals:
-        rows = None
+    rows = (prosodic_rows(list(features)) if rows is None else rows) if functionals else None
     statistics = {}
     for speaker, indices in groups.items():
         frames = torch.stack(feature_stats([features[i] for i in indices]))
