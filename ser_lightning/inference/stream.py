@@ -489,18 +489,14 @@ class EmotionStream:
 
     # ----------------------------------------------------------------- windows
     def _window(self, start: int, length: int, *, incremental: bool) -> _Window:
-        """Window [start, start + length) of the input: its event and what its features need (the edge stretches
-        whose frames are computed again, see the module docstring; or its own samples, not incremental)."""
+        """Window [start, start + length) of the input: its event (speech still to hear, ``_hear``) and what its
+        features need: the edge stretches whose frames are computed again (see the module docstring), or its own
+        samples (not incremental)."""
         start_s, end_s = start / self.sample_rate, (start + length) / self.sample_rate
-        samples = self.raw[start - self.raw_offset : start - self.raw_offset + length]
-        speech_seconds = self.vad.speech_seconds(start, start + length) if self.vad is not None else end_s - start_s
-        event = StreamEvent(self.next_window, start_s, end_s, speech_seconds >= min(self.min_speech_seconds, end_s - start_s),
-                            speech_seconds=speech_seconds)
-        window = _Window(self, event, start)
-        if not event.speech and not self.classify_silence:
-            return window
+        event = StreamEvent(self.next_window, start_s, end_s, True, speech_seconds=end_s - start_s)
+        window = _Window(self, event, start, length)
         if not incremental:
-            window.features = self.extractor(self.resampler.window(samples))
+            window.samples = self.raw[start - self.raw_offset : start - self.raw_offset + length]
             return window
         extractor, hop = self.extractor, self.extractor.hop_length
         length = self.model_window
@@ -512,12 +508,26 @@ class EmotionStream:
         model_start = start * self.resampler.new // self.resampler.orig - self.model_offset
         y = self.model_signal[model_start : model_start + length - edge]  # the last `edge` samples are not out yet
         if edge:
+            samples = self.raw[start - self.raw_offset : start - self.raw_offset + window.length]
             y = torch.cat([self.resampler.left_edge(samples), y[edge:], self.resampler.right_edge(samples)])
         window.segments = [y[: (window.left - 1) * hop + extractor.reach]]
         if window.right_from < window.frames:
             window.begin = max(0, window.right_from * hop - -(-extractor.reach // hop) * hop)
             window.segments.append(y[window.begin :])
         return window
+
+    def _hear(self, window: _Window) -> None:
+        """The window's speech, once the voice activity is known: a window to leave unclassified loses its features;
+        one computed from its own samples gets them now (only when it is classified)."""
+        event = window.event
+        if self.vad is not None:
+            event.speech_seconds = self.vad.speech_seconds(window.start, window.start + window.length)
+            event.speech = event.speech_seconds >= min(self.min_speech_seconds, event.end_s - event.start_s)
+        if not event.speech and not self.classify_silence:
+            window.features = window.functionals = None
+        elif window.samples is not None:
+            window.features = self.extractor(self.resampler.window(window.samples))
+        window.samples = None
 
     def _assemble(self, window: _Window, edges: list[Tensor]) -> Tensor:
         """A window's features from its edge stretches' raw frames and the cached frames between them."""
@@ -556,6 +566,8 @@ class _Window:
     stream: EmotionStream
     event: StreamEvent
     start: int  # first input sample
+    length: int  # input samples
+    samples: Tensor | None = None  # its input samples, when its features are computed from them (not incremental)
     features: Tensor | None = None
     functionals: Tensor | None = None  # (NUM_PROSODIC,) of the features, when the recognizer uses them
     segments: list[Tensor] = field(default_factory=list)  # edge stretches whose raw frames the features need
@@ -593,35 +605,48 @@ def prepare_streams(items: Sequence[tuple[EmotionStream, Any]]) -> list[list[Win
     return results
 
 
+@torch.no_grad()  # features only: without autograd's bookkeeping, the many small operations take about half the time
 def _process(batch: Sequence[tuple[EmotionStream, bool]]) -> list[list[WindowJob]]:
     """The pending audio of each (stream, closing) and the jobs of the windows it completed (see ``prepare_streams``)."""
     streams = [stream for stream, _ in batch]
     ingested = [(stream, stream._ingest()) for stream in streams]
     ready = [(stream, chunk) for stream, chunk in ingested if chunk is not None]
-    detectors = [stream.vad for stream in streams if stream.vad is not None]
-    # voice activity beside the new frames (onnxruntime and the FFTs release the GIL): on two cores at once
-    aside = _aside().submit(detect_speech, detectors) if ready and _worth_aside(detectors) else None
-    if aside is None:
-        detect_speech(detectors)
-    raws = _raw_many([(stream.extractor, chunk) for stream, chunk in ready])
-    if aside is not None:
-        aside.result()
-    for (stream, _), raw in zip(ready, raws):
-        stream.frames.accept(raw)
     windows = [stream._windows(closing) for stream, closing in batch]
     pending = [window for group in windows for window in group if window.segments]
-    edges = iter(_raw_many([(window.stream.extractor, segment) for window in pending for segment in window.segments]))
+    detectors = [stream.vad for stream in streams if stream.vad is not None]
+    # voice activity beside the frames (onnxruntime and the FFTs release the GIL): on two cores at once. The frames
+    # of every window are computed meanwhile, speech or not (a few edge frames); ``_hear`` then drops the unused.
+    aside = _aside().submit(detect_speech, detectors) if (ready or pending) and _worth_aside(detectors) else None
+    if aside is None:
+        detect_speech(detectors)
+    # the new frames and every window's edge frames in one call
+    raws = _raw_many([(stream.extractor, chunk) for stream, chunk in ready]
+                     + [(window.stream.extractor, segment) for window in pending for segment in window.segments])
+    for (stream, _), raw in zip(ready, raws):
+        stream.frames.accept(raw)
+    edges = iter(raws[len(ready) :])
     for window in pending:
         window.features = window.stream._assemble(window, [next(edges) for _ in window.segments])
-    measured = [window for group in windows for window in group
-                if window.features is not None and window.stream.functionals]
-    for window, row in zip(measured, prosodic_rows([window.features for window in measured])):
-        window.functionals = row
+    every = [window for group in windows for window in group]
+    _functionals(every)  # still beside the voice activity
+    if aside is not None:
+        aside.result()
+    for window in every:
+        window.stream._hear(window)
+    _functionals(every)  # of the windows computed from their own samples
     jobs = []
     for stream, group in zip(streams, windows):
         jobs.append([stream._job(window) for window in group])
         stream._trim()
     return jobs
+
+
+def _functionals(windows: Sequence[_Window]) -> None:
+    """The prosodic functionals of the windows that have features and need them, in one batch."""
+    todo = [window for window in windows
+            if window.features is not None and window.functionals is None and window.stream.functionals]
+    for window, row in zip(todo, prosodic_rows([window.features for window in todo])):
+        window.functionals = row
 
 
 ASIDE_CHUNKS = 4
@@ -734,7 +759,7 @@ def classify_jobs(recognizer: EmotionRecognizer, jobs: Sequence[WindowJob]) -> l
         extra = {}
         if all(job.functionals is not None for job in group):  # computed once already (streams)
             extra["functionals"] = torch.stack([job.functionals for job in group]).to(recognizer.device)
-        with torch.no_grad():
+        with torch.inference_mode():  # nothing of the forward pass is kept but numbers: the lightest mode
             output = recognizer.module(batch, lengths, stats, **extra)
         probabilities = output.logits.float().softmax(dim=1).cpu()
         finite = torch.isfinite(probabilities).all(dim=1)

@@ -88,15 +88,15 @@ class MaskedStack(nn.Module):
     def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """Run the stack; returns the masked output and the valid output lengths. A batch without padding (every row
         full, as the windows of streams) has nothing to mask at any layer, so its masks are skipped."""
-        padded = not _unpadded(lengths, x.shape[-1])
-        if padded:
-            x = mask_time(x, lengths)
+        if _unpadded(lengths, x.shape[-1]):  # every row stays full: its length is the output's
+            x = self.layers(x)
+            return x, torch.full_like(lengths, x.shape[-1])
+        x = mask_time(x, lengths)
         for layer, geometry in zip(self.layers, self.geometries):
             x = layer(x)
             if geometry is not None:
                 lengths = conv_output_length(lengths, *geometry)
-                if padded:
-                    x = mask_time(x, lengths)
+                x = mask_time(x, lengths)
         return x, lengths
 
 
