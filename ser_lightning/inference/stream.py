@@ -20,7 +20,9 @@ False); the result is the same.
 
 **Speech.** A voice-activity detector (silero-vad's ONNX model on onnxruntime; an energy gate when the
 package is absent, or with ``vad="energy"``) runs over the whole stream in 32 ms chunks; a window with less
-than ``min_speech_seconds`` of speech gives a ``speech: false`` event without an emotion.
+than ``min_speech_seconds`` of speech gives a ``speech: false`` event without an emotion. It runs on a second
+thread while the frames of the new audio and of the ready windows are computed; a window's speech is decided once
+both are done (a window left unclassified then drops its frames).
 
 **Speaker normalisation.** A model trained with ``normalization: speaker`` needs a speaker's statistics:
 either enrolment statistics given up front (``speaker_statistics``, e.g. ``recognizer.speaker_statistics([...])``)
