@@ -162,7 +162,7 @@ def abstention(names: list[str]) -> str:
 def candidates() -> str:
     """How the recommendation was chosen: every candidate on the development corpus."""
     data = load("dev_candidates")
-    headers = ["candidate (development corpus, 4 classes, 1 seed)", "model UA %", "statistics head alone",
+    headers = ["candidate (development corpus, 4 classes; 1 seed unless said)", "model UA %", "statistics head alone",
                "network's contribution", "strongest baseline UA %"]
     rows = [[c["title"], mean_std(c["UA"]), mean_std(c["head"]) if c["head"] else "-",
              c["contribution"] or "-", f"{mean_std(c['baseline'])} (`{c['baseline_name']}`)"]
