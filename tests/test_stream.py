@@ -96,16 +96,27 @@ def test_events_are_ready_as_soon_as_their_window_is_complete(recognizers, speec
     assert [e.index for e in stream.push(speech[32000:40000])] == [1]
 
 
-def test_windows_without_speech_say_so_instead_of_forcing_an_emotion(recognizers, speech):
-    rate = 16000
+@pytest.mark.parametrize("model", ["plain", "speaker"])
+def test_windows_without_speech_say_so_instead_of_forcing_an_emotion(recognizers, speech, model):
+    """Silence, then speech: silent windows give no emotion and (running statistics) add nothing to the speaker's
+    statistics; the windows with speech are still exactly the offline model on their samples."""
+    recognizer, rate = recognizers[model], 16000
     noise = (10 ** (-70 / 20) * np.random.default_rng(0).standard_normal(3 * rate)).astype(np.float32)
     audio = np.concatenate([noise, speech[: 3 * rate]])
     for vad in ("silero", "energy"):
-        events = run(recognizers["plain"].stream(rate, vad=vad), audio, 4000)
+        stream = recognizer.stream(rate, vad=vad)
+        events = run(stream, audio, 4000)
         silent, voiced = events[0], events[-1]
         assert (silent.speech, silent.emotion, silent.probabilities) == (False, None, None), vad
-        assert voiced.speech and voiced.emotion in recognizers["plain"].class_names, vad
+        assert voiced.speech and voiced.emotion in recognizer.class_names, vad
         assert silent.speech_seconds < 0.25 <= voiced.speech_seconds
+        for event in (e for e in events if e.speech):
+            window = audio[round(event.start_s * rate) : round(event.end_s * rate)]
+            expected = recognizer.predict_batch([window], rate, speaker_stats=event.speaker_stats)[0]
+            assert event.probabilities == pytest.approx(expected.probabilities, abs=TOLERANCE), vad
+        if model == "speaker":  # frames counted: those of the speech windows only, each once
+            first_speech = min(e.start_s for e in events if e.speech and e.index < len(events) - 1)
+            assert stream.running.counted_until - first_speech * 100 == pytest.approx(stream.running.count, abs=1)
 
 
 def test_int16_and_interleaved_channels_equal_their_float_mono_mix(recognizers, speech):
