@@ -40,7 +40,10 @@ def test_three_fits_started_at_once_in_one_folder_get_three_version_folders(tiny
     logs = tmp_path / "lightning_logs"
     for version in range(3):  # as in the report: the next free number is version_3 for all three runs
         (logs / f"version_{version}").mkdir(parents=True)
-    context = multiprocessing.get_context("fork")  # the package is imported already: each run starts at once
+    # forked from a fresh server process that has the package imported (each run starts at once) but never ran
+    # autograd: a fork of this test process would fail in backward if an earlier test here trained in process
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["ser_lightning.cli", "test_versions"])
     start = context.Barrier(3)
     runs = [context.Process(target=_fit_when_all_ready, args=(start, [
         "fit", *tiny_args(tiny_corpus, tmp_path, f"--model.lr=0.00{run + 1}", "--test_after_fit=false",
