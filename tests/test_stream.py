@@ -8,6 +8,8 @@ import torch
 import torchaudio.functional as AF
 
 from ser_lightning import EmotionRecognizer
+from ser_lightning.data.speakers import functional_stats
+from ser_lightning.functionals import prosodic_rows
 from ser_lightning.inference.stream import IncrementalResampler, prepare_streams
 
 TOLERANCE = 1e-5
@@ -146,6 +148,29 @@ def test_running_speaker_statistics_come_from_the_streams_own_speech(recognizers
     last = regular[-1].speaker_stats
     torch.testing.assert_close(last[0, :num_rows].double(), frames.mean(1), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(last[1, :num_rows].double(), frames.std(1, unbiased=False), rtol=1e-3, atol=1e-3)
+    # the functionals' part: the moments of every speech window's functionals so far (kept as running sums)
+    torch.testing.assert_close(last[:, num_rows:], functional_stats(prosodic_rows([e.features for e in regular])),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_a_long_live_stream_holds_the_same_state_after_a_minute_as_after_twenty_seconds(recognizers, speech):
+    """Nothing a stream keeps grows with its age: samples, frames, voice-activity decisions, running statistics (their
+    functionals' moments are running sums, not a list of every window's)."""
+    recognizer, rate = recognizers["speaker"], 16000
+    audio = np.tile(speech, -(-60 * rate // len(speech)))[: 60 * rate]
+    stream = recognizer.stream(rate)
+
+    def held() -> list[int]:
+        return [stream.raw.numel(), stream.model_signal.numel(), stream.frames.signal.numel(),
+                sum(part.shape[1] for part in stream.frames.frames), len(stream.vad.flags), stream.vad.buffer.numel(),
+                stream.running.functionals.sum.numel()]
+
+    sizes = {}
+    for position in range(0, len(audio), 4000):
+        stream.push(audio[position : position + 4000])
+        if position + 4000 in (20 * rate, 60 * rate):
+            sizes[position + 4000] = held()
+    assert sizes[20 * rate] == sizes[60 * rate] and stream.running.count > 0
 
 
 def test_non_incremental_windows_are_exact_too(recognizers, speech):

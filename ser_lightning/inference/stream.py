@@ -48,8 +48,8 @@ from torch import Tensor
 from torchaudio.functional.functional import _get_sinc_resample_kernel
 
 from ser_lightning.data.audio import AudioError
-from ser_lightning.functionals import prosodic_rows
-from ser_lightning.data.speakers import functional_stats, speaker_statistics
+from ser_lightning.data.speakers import speaker_statistics
+from ser_lightning.functionals import NUM_PROSODIC, prosodic_rows
 from ser_lightning.normalization import STD_FLOOR
 
 if TYPE_CHECKING:
@@ -249,7 +249,8 @@ class SpeechDetector:
         self.kind = kind
         self.resampler = IncrementalResampler(input_rate, VAD_RATE)
         self.buffer = torch.zeros(0)
-        self.flags: list[bool] = []  # one per chunk, from the stream's start
+        self.flags: list[bool] = []  # one per chunk, from chunk ``first_flag`` on (older ones are forgotten)
+        self.first_flag = 0
 
     def push(self, x: Tensor) -> None:
         self.take(x)
@@ -274,10 +275,23 @@ class SpeechDetector:
         """Seconds of speech among the chunks within input samples [start, end) that are computable from those samples
         alone (the resampler needs ``width`` samples beyond a block), so the answer never depends on the chunking."""
         r = self.resampler
-        first_out = -(-start * r.new // r.orig)
         last_out = end if r.identity else max(0, (end - r.width) // r.orig) * r.new
-        first, last = -(-first_out // VAD_CHUNK), last_out // VAD_CHUNK
+        first, last = self._first_chunk(start) - self.first_flag, last_out // VAD_CHUNK - self.first_flag
+        if first < 0:
+            raise ValueError(f"speech_seconds: input sample {start} lies before what the detector still holds")
         return VAD_CHUNK / VAD_RATE * sum(self.flags[first : max(first, min(last, len(self.flags)))])
+
+    def forget_before(self, start: int) -> None:
+        """Drop the decisions no window starting at input sample ``start`` or later reads (bounded memory)."""
+        drop = min(len(self.flags), self._first_chunk(start) - self.first_flag)
+        if drop > 0:
+            del self.flags[:drop]
+            self.first_flag += drop
+
+    def _first_chunk(self, start: int) -> int:
+        """The first chunk that lies wholly at or after input sample ``start``."""
+        first_out = -(-start * self.resampler.new // self.resampler.orig)  # the first resampled sample (ceil)
+        return -(-first_out // VAD_CHUNK)
 
 
 def detect_speech(detectors: Sequence[SpeechDetector]) -> None:
@@ -483,6 +497,8 @@ class EmotionStream:
         drop = keep_from - self.raw_offset
         if drop > 0:
             self.raw, self.raw_offset = self.raw[drop:], keep_from
+        if self.vad is not None:
+            self.vad.forget_before(keep_from)
         if self.incremental:
             model_from = (self.next_window * self.hop) * self.resampler.new // self.resampler.orig
             drop = model_from - self.model_offset
@@ -682,38 +698,61 @@ def _raw_many(requests: list[tuple[Any, Tensor]]) -> list[Tensor]:
 
 class _RunningStatistics:
     """A stream's own speaker statistics: frame moments of its speech windows' frames (each frame once) and the
-    moments of their prosodic functionals."""
+    moments of their prosodic functionals, as running sums (float64): constant memory and time per window however
+    long the stream lives."""
 
     def __init__(self, num_features: int) -> None:
-        self.count, self.sum, self.square = 0, torch.zeros(num_features, dtype=torch.float64), torch.zeros(
-            num_features, dtype=torch.float64)
+        self.frames = _Moments(num_features)
         self.counted_until = 0  # global frame index up to which frames were added
-        self.functionals: list[Tensor] = []
+        self.functionals = _Moments(NUM_PROSODIC)
+
+    @property
+    def count(self) -> int:
+        """Frames added so far."""
+        return self.frames.count
 
     def add(self, features: Tensor, first_frame: int, functionals: Tensor | None) -> None:
         """A speech window's features (from global frame ``first_frame``) and, with the pitch rows, its functionals."""
-        new = features[:, max(0, self.counted_until - first_frame) :].double()
-        self.count += new.shape[1]
-        self.sum += new.sum(1)
-        self.square += new.pow(2).sum(1)
+        self.frames.add(features[:, max(0, self.counted_until - first_frame) :].T)
         self.counted_until = max(self.counted_until, first_frame + features.shape[1])
         if functionals is not None:
-            self.functionals.append(functionals)
+            self.functionals.add(functionals[None])
 
     def current(self, features: Tensor, functionals: Tensor | None, warmup: int) -> tuple[Tensor, str]:
         """The statistics for a window with these features and functionals (None: the model has no pitch rows)."""
-        if self.count == 0:  # no speech heard yet: this window's own frames
-            count, total, square = features.shape[1], features.double().sum(1), features.double().pow(2).sum(1)
-        else:
-            count, total, square = self.count, self.sum, self.square
-        mean = total / count
-        std = (square / count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(STD_FLOOR)
-        stats = torch.stack([mean, std]).float()
+        stats = (self.frames if self.count else _Moments.of(features.T)).stats()  # no speech yet: this window's frames
         if functionals is None:
             return stats, "running" if self.count else "warmup"
-        if len(self.functionals) < warmup:
+        if self.functionals.count < warmup:
             return torch.cat([stats, torch.stack([functionals, torch.ones_like(functionals)])], dim=1), "warmup"
-        return torch.cat([stats, functional_stats(torch.stack(self.functionals))], dim=1), "running"
+        return torch.cat([stats, self.functionals.stats()], dim=1), "running"
+
+
+class _Moments:
+    """Count, sum and sum of squares of (n, G) rows added over time (float64): ``functional_stats`` of all of them."""
+
+    def __init__(self, width: int) -> None:
+        self.count = 0
+        self.sum = torch.zeros(width, dtype=torch.float64)
+        self.square = torch.zeros(width, dtype=torch.float64)
+
+    @classmethod
+    def of(cls, rows: Tensor) -> _Moments:
+        moments = cls(rows.shape[1])
+        moments.add(rows)
+        return moments
+
+    def add(self, rows: Tensor) -> None:
+        rows = rows.double()
+        self.count += rows.shape[0]
+        self.sum += rows.sum(0)
+        self.square += rows.pow(2).sum(0)
+
+    def stats(self) -> Tensor:
+        """(2, G) mean and standard deviation (floored), as ``functional_stats`` gives for the rows added."""
+        mean = self.sum / self.count
+        std = (self.square / self.count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(STD_FLOOR)
+        return torch.stack([mean, std]).float()
 
 
 UNCERTAIN = "uncertain"
