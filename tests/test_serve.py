@@ -210,6 +210,22 @@ def test_stream_limit_and_a_client_that_disconnects_frees_its_slot(recognizer, a
             assert len(stream_events(third, audio["wave"][:40000], np.random.default_rng(2))) >= 1
 
 
+def test_a_stream_over_its_length_limit_is_closed_with_a_message(recognizer, audio):
+    """Live streams have their own limit (``--max_stream_s``), not the uploads' recording length."""
+    with client_for(recognizer, max_stream_s=1.0, max_duration_s=0.5) as client:
+        with client.websocket_connect("/v1/stream") as socket:
+            socket.send_text(json.dumps({"type": "start", "sample_rate": 16000}))
+            socket.receive_json()
+            for _ in range(2):  # 1.0 s in 0.5 s frames: within the limit, however short the uploads' is
+                socket.send_bytes(audio["wave"][:8000].astype("<f4").tobytes())
+            socket.send_bytes(audio["wave"][:8000].astype("<f4").tobytes())
+            message = socket.receive_json()
+            while message["type"] == "event":
+                message = socket.receive_json()
+            assert message["status"] == 413 and "limit of 1 s (--max_stream_s)" in message["error"]
+        assert client.get("/v1/model").json()["limits"]["max_stream_s"] == 1.0
+
+
 def test_idle_streams_are_closed_with_a_message(recognizer):
     with client_for(recognizer, idle_timeout_s=0.3) as client, client.websocket_connect("/v1/stream") as socket:
         socket.send_text(json.dumps({"type": "start", "sample_rate": 16000}))

@@ -78,6 +78,7 @@ class ServeSettings:
     idle_timeout_s: float = 30.0
     window_seconds: float = 2.0
     hop_seconds: float = 0.5
+    max_stream_s: float = 4 * 3600.0  # a live stream's state does not grow with its age: the limit is the operator's
 
     def __post_init__(self) -> None:
         checks = [
@@ -86,6 +87,7 @@ class ServeSettings:
             (self.max_wait_ms >= 0, f"--max_wait_ms must be >= 0, got {self.max_wait_ms}"),
             (self.max_upload_bytes >= 1, f"--max_upload_mb must be positive, got {self.max_upload_bytes} bytes"),
             (self.max_duration_s > 0, f"--max_duration_s must be > 0, got {self.max_duration_s}"),
+            (self.max_stream_s > 0, f"--max_stream_s must be > 0, got {self.max_stream_s}"),
             (self.max_streams >= 1, f"--max_streams must be >= 1, got {self.max_streams}"),
             (self.idle_timeout_s > 0, f"--idle_timeout_s must be > 0, got {self.idle_timeout_s}"),
             (self.window_seconds > 0, f"--window_seconds must be > 0, got {self.window_seconds}"),
@@ -265,6 +267,7 @@ def model_info(recognizer: Any, settings: ServeSettings, checkpoints: list[dict]
         "stream": {"window_seconds": settings.window_seconds, "hop_seconds": settings.hop_seconds,
                    "formats": sorted(SAMPLE_FORMATS), "vad": default_vad()},
         "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_duration_s": settings.max_duration_s,
+                   "max_stream_s": settings.max_stream_s,
                    "max_streams": settings.max_streams, "idle_timeout_s": settings.idle_timeout_s},
         "batching": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms},
         "checkpoints": checkpoints,
@@ -506,7 +509,7 @@ async def _serve_stream(socket: Any, recognizer: Any, settings: ServeSettings, w
                          "window_seconds": options["window_seconds"], "hop_seconds": options["hop_seconds"],
                          "incremental": stream.incremental})
     dtype, channels = np.dtype(options["format"]), options["channels"]
-    limit = settings.max_duration_s * options["sample_rate"]
+    limit = settings.max_stream_s * options["sample_rate"]
     while True:
         message = await receive()
         if message is None or message.get("type") == "websocket.disconnect":
@@ -517,8 +520,9 @@ async def _serve_stream(socket: Any, recognizer: Any, settings: ServeSettings, w
                 await _send(socket, {"type": "error", "status": 400, "error": f"a binary frame of {len(data)} bytes is "
                                      f"not a whole number of {channels}-channel {options['format']} samples"})
                 continue
-            if stream.received + stream.pending_count > limit:
-                await _fail(socket, 413, f"the stream exceeds {settings.max_duration_s:g} s", 1009)
+            if stream.received + stream.pending_count + len(data) // (dtype.itemsize * channels) > limit:
+                await _fail(socket, 413, f"the stream exceeds the limit of {settings.max_stream_s:g} s (--max_stream_s)",
+                            1009)
                 return
             samples = np.frombuffer(data, dtype=dtype)
             if channels > 1:
@@ -568,7 +572,9 @@ def serve_main(argv: list[str]) -> None:
     parser.add_argument("--max_batch", type=int, default=32, help="windows per model call (default 32; 1: no batching)")
     parser.add_argument("--max_wait_ms", type=float, default=5.0, help="longest wait for a batch to fill (default 5)")
     parser.add_argument("--max_upload_mb", type=float, default=50.0, help="largest upload (default 50 MB)")
-    parser.add_argument("--max_duration_s", type=float, default=600.0, help="longest recording or stream (default 600)")
+    parser.add_argument("--max_duration_s", type=float, default=600.0, help="longest uploaded recording (default 600)")
+    parser.add_argument("--max_stream_s", type=float, default=4 * 3600.0,
+                        help="longest live stream (default 14400: 4 hours; a stream's memory does not grow with time)")
     parser.add_argument("--max_streams", type=int, default=64, help="concurrent streams (default 64)")
     parser.add_argument("--idle_timeout_s", type=float, default=30.0, help="close a stream silent this long (default 30)")
     parser.add_argument("--window_seconds", type=float, default=2.0, help="stream window (default 2)")
@@ -581,7 +587,7 @@ def serve_main(argv: list[str]) -> None:
     keep_freed_memory()  # a long-running process allocating the same tensors again and again: no fresh pages each time
     settings = ServeSettings(args.host, args.port, args.token, args.insecure, args.max_batch, args.max_wait_ms,
                              int(args.max_upload_mb * 1024 * 1024), args.max_duration_s, args.max_streams,
-                             args.idle_timeout_s, args.window_seconds, args.hop_seconds)
+                             args.idle_timeout_s, args.window_seconds, args.hop_seconds, args.max_stream_s)
     recognizer = EmotionRecognizer.from_checkpoint(args.ckpt_path, device=args.device, trusted=args.trust_checkpoint,
                                                    window_seconds=args.predict_window_seconds)
     checkpoints = [{"file": path.name, "sha256": sha256(path)} for path in args.ckpt_path]
