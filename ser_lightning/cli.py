@@ -31,8 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "ser_lightning.inference.serve:serve_main"),
     "synth": ("write a synthetic corpus in the layout of a real one", "ser_lightning.data.synth:synth_main"),
 }
-TRAINING_COMMANDS = frozenset({"fit", "validate", "test", "predict-split", "cv", "tune"})
-"""Commands that run training or evaluation loops: they get the allocator settings (``runtime.keep_freed_memory``)."""
+LOOP_COMMANDS = frozenset({"fit", "validate", "test", "predict-split", "cv", "tune", "predict"})
+"""Commands that loop over many batches or files (training, evaluation, prediction): they get the allocator settings
+(``runtime.keep_freed_memory``; ``serve`` applies them itself). ``predict`` over a folder with the recommended
+features takes about a third less time with them (fresh pages for every file's pitch track otherwise)."""
 
 
 def usage() -> str:
@@ -51,7 +53,7 @@ def run_command(argv: list[str]) -> None:
     if argv[0] not in COMMANDS:
         raise UsageError(f"unknown command '{argv[0]}'; the commands are {', '.join(COMMANDS)} "
                          "(python -m ser_lightning --help)")
-    if argv[0] in TRAINING_COMMANDS:
+    if argv[0] in LOOP_COMMANDS:
         keep_freed_memory()
     module, function = COMMANDS[argv[0]][1].split(":")
     try:

@@ -172,13 +172,13 @@ def test_every_command_of_the_table_imports(name):
 
 
 @pytest.mark.parametrize("name", sorted(cli.COMMANDS))
-def test_only_the_commands_that_train_change_the_allocator(name, monkeypatch):
+def test_only_the_commands_that_loop_over_batches_or_files_change_the_allocator(name, monkeypatch):
     applied = []
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: applied.append(name))
     monkeypatch.setitem(cli.COMMANDS, name, ("", "builtins:len"))  # the command itself does nothing here
     cli.run_command([name])
-    trains = {"fit", "validate", "test", "predict-split", "cv", "tune"}
-    assert applied == ([name] if name in trains else [])
+    loops = {"fit", "validate", "test", "predict-split", "cv", "tune", "predict"}
+    assert applied == ([name] if name in loops else [])
 
 
 def test_lightnings_advertising_tips_are_not_printed(tiny_corpus, feature_cache, tmp_path):
