@@ -33,8 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 LOOP_COMMANDS = frozenset({"fit", "validate", "test", "predict-split", "cv", "tune", "predict"})
 """Commands that loop over many batches or files (training, evaluation, prediction): they get the allocator settings
-(``runtime.keep_freed_memory``; ``serve`` applies them itself). ``predict`` over a folder with the recommended
-features takes about a third less time with them (fresh pages for every file's pitch track otherwise)."""
+(``runtime.keep_freed_memory``; ``serve`` applies them itself). ``predict`` of 180 files with the recommended
+features took 7.7 s with them against 10.0 s without, start-up included (fresh pages for every file's pitch track)."""
 
 
 def usage() -> str:
