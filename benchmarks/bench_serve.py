@@ -6,7 +6,7 @@ epoch per seed on the built-in synthetic corpus (speed does not depend on traini
 1. **Stream compute per hop** (in process, one stream, 0.5 s of audio pushed per hop, 2 s windows): p50/p95/p99
    of `EmotionStream.push` (features of the new audio, the window's edge frames, voice activity, running speaker
    statistics, the model), against the obvious alternative: every window recomputed from its raw samples
-   (`predict_batch` on the window).
+   (`predict_batch` on the window); with the allocator settings `serve` runs with (``runtime.keep_freed_memory``).
 2. **Live streams through the server** (`serve` in a subprocess; N WebSocket clients, each sending its audio in
    real time in 20 ms frames): how late each event arrives after the last sample of its window was sent
    (p50/p95/p99/max), events dropped, and the server's memory per open stream.
@@ -283,6 +283,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    from ser_lightning.runtime import keep_freed_memory
+
+    keep_freed_memory()  # the allocator settings `serve` runs with (with --ckpt_path too: no training sets them here)
     if args.quick:
         args.seeds, args.streams, args.clients, args.seconds, args.http_seconds = 1, "1,4", "1,4", 4.0, 2.0
         args.hop_seconds = 6.0
