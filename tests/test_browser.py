@@ -12,14 +12,12 @@ import base64
 import json
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+from live_server import serving
 
 pytest.importorskip("playwright.sync_api",
                     reason="the browser tests need the playwright package (pip install playwright)")
@@ -104,28 +102,9 @@ def recognizer(seed1d_checkpoint):
 
 @pytest.fixture(scope="module")
 def server(recognizer):
-    """The app of ``serve`` on 127.0.0.1 and a free port (uvicorn in a thread), with a token; yields its base URL."""
-    import uvicorn
-
-    from ser_lightning.inference.serve import ServeSettings, create_app
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    settings = ServeSettings(port=port, token=TOKEN, window_seconds=WINDOW_SECONDS, hop_seconds=HOP_SECONDS)
-    app = create_app(recognizer, settings)
-    uvicorn_server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws_max_size=16 * 1024 * 1024))
-    thread = threading.Thread(target=uvicorn_server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uvicorn_server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    uvicorn_server.should_exit = True
-    thread.join(timeout=10)
-    listener.close()
+    """The app of ``serve`` on 127.0.0.1 and a free port, with a token; yields its base URL."""
+    with serving(recognizer, token=TOKEN, window_seconds=WINDOW_SECONDS, hop_seconds=HOP_SECONDS) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

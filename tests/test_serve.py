@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,6 +152,31 @@ def test_websocket_stream_in_random_frames_yields_the_offline_events(recognizer,
     for got, want in zip(events, expected):
         if want.probabilities is not None:
             assert got["probabilities"] == pytest.approx(want.probabilities, abs=1e-5)
+
+
+def test_the_documented_python_client_streams_a_file_through_a_real_server(recognizer, audio, tmp_path, capsys):
+    """The client in docs/live.md ("From another program"), run as written against uvicorn with a token: its events
+    are the offline stream's."""
+    from live_server import serving
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "live.md").read_text()
+    code = re.search(r"### From another program\n.*?```python\n(.*?)```", text, re.DOTALL).group(1)
+    path = tmp_path / "clip.wav"
+    sf.write(path, audio["wave"], 16000, subtype="FLOAT")
+    offline = recognizer.stream(16000)
+    expected = offline.push(audio["wave"]) + offline.close()
+    with serving(recognizer, token=TOKEN) as url:
+        setting = f"URL, FILE, TOKEN = {url.replace('http', 'ws') + '/v1/stream'!r}, {str(path)!r}, {TOKEN!r}"
+        code, replaced = re.subn(r"^URL, FILE, TOKEN = .*$", setting, code, flags=re.MULTILINE)
+        assert replaced == 1
+        namespace: dict = {}
+        exec(compile(code, "docs/live.md", "exec"), namespace)  # noqa: S102 - the project's own documentation
+    events = namespace["events"]
+    assert [(e["start_s"], e["end_s"], e["speech"], e["emotion"]) for e in events] == [
+        (pytest.approx(e.start_s), pytest.approx(e.end_s), e.speech, e.emotion) for e in expected]
+    for got, want in zip(events, expected):
+        assert got["probabilities"] == (None if want.probabilities is None else pytest.approx(want.probabilities, abs=1e-5))
+    assert len(capsys.readouterr().out.splitlines()) == len(expected)  # one printed line per event
 
 
 BAD_STARTS = [
