@@ -37,8 +37,13 @@ def feature_stats(features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     total = sum(f.shape[1] for f in features)
     first = sum(f.double().sum(dim=1) for f in features)
     second = sum(f.double().pow(2).sum(dim=1) for f in features)
-    mean = first / total
-    var = (second / total - mean.pow(2)).clamp_min(0.0)
+    return stats_from_sums(total, first, second)
+
+
+def stats_from_sums(count: int, first: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and std (floored at ``STD_FLOOR``, float32) from a count and the float64 sums of values and squares."""
+    mean = first / count
+    var = (second / count - mean.pow(2)).clamp_min(0.0)
     return mean.float(), var.sqrt().clamp_min(STD_FLOOR).float()
 
 

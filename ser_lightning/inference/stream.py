@@ -50,7 +50,7 @@ from torchaudio.functional.functional import _get_sinc_resample_kernel
 from ser_lightning.data.audio import AudioError
 from ser_lightning.data.speakers import speaker_statistics
 from ser_lightning.functionals import NUM_PROSODIC, prosodic_rows
-from ser_lightning.normalization import STD_FLOOR
+from ser_lightning.normalization import feature_stats, stats_from_sums
 
 if TYPE_CHECKING:
     from ser_lightning.inference.recognizer import EmotionRecognizer
@@ -720,7 +720,8 @@ class _RunningStatistics:
 
     def current(self, features: Tensor, functionals: Tensor | None, warmup: int) -> tuple[Tensor, str]:
         """The statistics for a window with these features and functionals (None: the model has no pitch rows)."""
-        stats = (self.frames if self.count else _Moments.of(features.T)).stats()  # no speech yet: this window's frames
+        # no speech heard yet: this window's own frames
+        stats = self.frames.stats() if self.count else torch.stack(feature_stats([features]))
         if functionals is None:
             return stats, "running" if self.count else "warmup"
         if self.functionals.count < warmup:
@@ -736,12 +737,6 @@ class _Moments:
         self.sum = torch.zeros(width, dtype=torch.float64)
         self.square = torch.zeros(width, dtype=torch.float64)
 
-    @classmethod
-    def of(cls, rows: Tensor) -> _Moments:
-        moments = cls(rows.shape[1])
-        moments.add(rows)
-        return moments
-
     def add(self, rows: Tensor) -> None:
         rows = rows.double()
         self.count += rows.shape[0]
@@ -749,10 +744,8 @@ class _Moments:
         self.square += rows.pow(2).sum(0)
 
     def stats(self) -> Tensor:
-        """(2, G) mean and standard deviation (floored), as ``functional_stats`` gives for the rows added."""
-        mean = self.sum / self.count
-        std = (self.square / self.count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(STD_FLOOR)
-        return torch.stack([mean, std]).float()
+        """(2, G) mean and standard deviation (floored) of the rows added."""
+        return torch.stack(stats_from_sums(self.count, self.sum, self.square))
 
 
 UNCERTAIN = "uncertain"
