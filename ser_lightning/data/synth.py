@@ -8,6 +8,14 @@ the way the literature describes (Scherer 2003; Juslin & Laukka 2003): pitch lev
 speaking rate, loudness, spectral tilt (vocal effort), jitter and breathiness; the strong
 intensity exaggerates the shift. Actor voices and per-file randomness make the classes overlap.
 
+Since generator version 2 emotions also change what global prosody does not show (each documented
+in the emotion literature): the voice quality of the glottal pulse itself (tense voice in anger,
+with a short open phase and an abrupt closure; lax, breathy voice in sadness and calm: Gobl & Ni
+Chasaide 2003), the precision of articulation (a vowel space expanded in anger and joy, reduced in
+sadness: Kienast & Sendlmeier 2000), the raised formants of smiled speech (joy: Tartter 1980), the
+first formant rising with vocal effort (Lienard & Di Benedetto 1999), and a slow vocal tremor of
+the f0 contour (4.5-7 Hz, strongest in fear, some in sadness: Scherer 1986).
+
 Every file has its own random generator seeded from (random seed, actor, file code), so a corpus
 with fewer actors or emotions is an exact subset of the full one. Each corpus module says how its
 files are named (``Corpus.synthetic_files``); this module only renders audio.
@@ -33,7 +41,7 @@ from .records import EMOTIONS
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 COMPLETE_MARKER = ".complete"
 
 
@@ -49,18 +57,27 @@ class Prosody:
     jitter: float  # relative cycle-to-cycle f0 perturbation
     breath: float  # aspiration noise relative to voicing
     final_rise: float  # semitones of terminal pitch movement
+    tension: float  # voice quality, -1 lax/breathy .. +1 tense/pressed: the glottal pulse's open and closing phases
+    articulation: float  # vowel-space scale around the neutral vowel (> 1: hyperarticulated)
+    formant_shift: float  # factor on all formants (> 1: a shorter vocal tract, as in smiled speech)
+    tremor: float  # depth in semitones of a slow (4.5-7 Hz) f0 tremor
 
 
 PROSODY = {
-    "neutral": Prosody(1.00, 1.00, 1.00, 0.0, 0.0, 0.010, 0.05, -0.5),
-    "calm": Prosody(0.96, 0.80, 0.90, -2.0, -1.0, 0.008, 0.08, -1.0),
-    "happy": Prosody(1.16, 1.50, 1.08, 2.5, 1.2, 0.012, 0.05, 1.0),
-    "sad": Prosody(0.93, 0.60, 0.82, -3.5, -2.0, 0.016, 0.12, -1.5),
-    "angry": Prosody(1.20, 1.50, 1.10, 5.0, 3.0, 0.016, 0.04, -1.0),
-    "fearful": Prosody(1.28, 1.20, 1.14, 1.0, 0.8, 0.030, 0.10, 1.0),
-    "disgust": Prosody(0.94, 1.10, 0.84, 0.0, -0.5, 0.020, 0.08, -2.0),
-    "surprised": Prosody(1.24, 1.90, 1.00, 2.5, 1.0, 0.012, 0.06, 4.0),
+    #                    f0    range rate  dB    tilt  jitter breath final tension artic shift tremor
+    "neutral": Prosody(1.00, 1.00, 1.00, 0.0, 0.0, 0.010, 0.05, -0.5, 0.0, 1.00, 1.00, 0.05),
+    "calm": Prosody(0.96, 0.80, 0.90, -2.0, -1.0, 0.008, 0.08, -1.0, -0.5, 0.94, 1.00, 0.05),
+    "happy": Prosody(1.16, 1.50, 1.08, 2.5, 1.2, 0.012, 0.05, 1.0, 0.3, 1.08, 1.04, 0.05),
+    "sad": Prosody(0.93, 0.60, 0.82, -3.5, -2.0, 0.016, 0.12, -1.5, -0.8, 0.86, 1.00, 0.25),
+    "angry": Prosody(1.20, 1.50, 1.10, 5.0, 3.0, 0.016, 0.04, -1.0, 1.0, 1.12, 1.00, 0.05),
+    "fearful": Prosody(1.28, 1.20, 1.14, 1.0, 0.8, 0.030, 0.10, 1.0, -0.2, 1.04, 1.00, 0.60),
+    "disgust": Prosody(0.94, 1.10, 0.84, 0.0, -0.5, 0.020, 0.08, -2.0, 0.3, 0.95, 0.98, 0.10),
+    "surprised": Prosody(1.24, 1.90, 1.00, 2.5, 1.0, 0.012, 0.06, 4.0, 0.2, 1.08, 1.01, 0.05),
 }
+NEUTRAL_VOWEL = np.array([500.0, 1500.0, 2500.0])
+"""F1-F3 (Hz, adult male) of the central vowel that articulation expands the vowel space around."""
+F1_PER_DB = 0.007
+"""Relative rise of F1 per dB of vocal effort (a more open jaw)."""
 STRONG_SCALE = 1.6
 """The strong intensity multiplies an emotion's deviation from neutral by this factor."""
 
@@ -122,6 +139,10 @@ def file_prosody(rng: np.random.Generator, emotion: str, strong: bool) -> Prosod
         jitter=factor(p.jitter, n.jitter, 0.3),
         breath=factor(p.breath, n.breath, 0.3),
         final_rise=offset(p.final_rise, n.final_rise, 1.0),
+        tension=float(np.clip(offset(p.tension, n.tension, 0.3), -1.5, 1.5)),
+        articulation=factor(p.articulation, n.articulation, 0.04),
+        formant_shift=factor(p.formant_shift, n.formant_shift, 0.015),
+        tremor=(n.tremor + k * (p.tremor - n.tremor)) * float(np.exp(rng.normal(0, 0.3))),
     )
 
 
@@ -184,9 +205,10 @@ def render_utterance(
     targets = accents - 2.0 * (centres - centres[0]) / max(centres[-1] - centres[0], 1e-3)
     targets[-1] += p.final_rise
     semitones = np.interp(t, centres, targets) + 0.3 * _smooth_noise(rng, total, sample_rate, 4.0)
+    semitones += p.tremor * np.sin(2 * np.pi * rng.uniform(4.5, 7.0) * t + rng.uniform(0, 2 * np.pi))
     f0 = voice.f0 * p.f0 * 2 ** (semitones / 12)
     f0 = f0 * (1 + p.jitter * _smooth_noise(rng, total, sample_rate, f0.mean()))
-    pulse = _rosenberg(np.cumsum(f0 / sample_rate) % 1.0)
+    pulse = _rosenberg(np.cumsum(f0 / sample_rate) % 1.0, 0.45 - 0.08 * p.tension, 0.15 - 0.05 * p.tension)
     shimmer = 1 + 2.5 * p.jitter * _smooth_noise(rng, total, sample_rate, f0.mean())
     source = np.diff(pulse * shimmer, prepend=0.0) * (f0 / 150.0) ** -0.5
     source += p.breath * 0.05 * rng.normal(size=total) * (0.3 + pulse)
@@ -201,7 +223,9 @@ def render_utterance(
         envelope = np.ones(b - a)
         envelope[:ramp] = np.sin(np.linspace(0, np.pi / 2, ramp)) ** 2
         envelope[-ramp:] = envelope[:ramp][::-1]
-        formants = np.array([*VOWELS[vowel], 3400.0, 4400.0]) * formant_scale * np.exp(rng.normal(0, 0.04, 5))
+        f123 = NEUTRAL_VOWEL + (np.array(VOWELS[vowel]) - NEUTRAL_VOWEL) * p.articulation
+        f123[0] *= 1 + F1_PER_DB * p.loudness_db
+        formants = np.array([*f123, 3400.0, 4400.0]) * p.formant_shift * formant_scale * np.exp(rng.normal(0, 0.04, 5))
         gain = 1.0 if stressed else 0.6
         voiced = _filter(
             source[a:b] * envelope * gain, sample_rate,
