@@ -162,22 +162,25 @@ def abstention(names: list[str]) -> str:
 def candidates() -> str:
     """How the recommendation was chosen: every candidate on the development corpus."""
     data = load("dev_candidates")
-    headers = ["candidate (development corpus, 4 classes; 1 seed unless said)", "model UA %", "statistics head alone",
-               "network's contribution", "strongest baseline UA %"]
-    rows = [[c["title"], mean_std(c["UA"]), mean_std(c["head"]) if c["head"] else "-",
+    headers = ["candidate (development corpus, 4 classes; 1 seed unless said)", "corpus generator", "model UA %",
+               "statistics head alone", "network's contribution", "strongest baseline UA %"]
+    rows = [[c["title"], c.get("generator", 1), mean_std(c["UA"]), mean_std(c["head"]) if c["head"] else "-",
              c["contribution"] or "-", f"{mean_std(c['baseline'])} (`{c['baseline_name']}`)"]
             for c in data["candidates"]]
     return table(headers, rows)
 
 
 def add_candidate(folder: Path, title: str, command: str, baseline_from: Path | None) -> None:
+    sys.path.insert(0, str(ROOT))
+    from ser_lightning.data.synth import GENERATOR_VERSION
+
     study = cv_summary(folder, command)
     reference = cv_summary(baseline_from, "") if baseline_from else study
     best = strongest(reference)
     path = RESULTS / "dev_candidates.json"
     data = json.loads(path.read_text()) if path.exists() else {"candidates": []}
     data["candidates"] = [c for c in data["candidates"] if c["title"] != title] + [{
-        "title": title, "command": command, "UA": [f["UA"] for f in study["folds"]],
+        "title": title, "generator": GENERATOR_VERSION, "command": command, "UA": [f["UA"] for f in study["folds"]],
         "head": [f["heads"]["statistics"] for f in study["folds"] if "statistics" in f["heads"]],
         "contribution": _contribution(study) if any("statistics" in f["heads"] for f in study["folds"]) else None,
         "baseline_name": best, "baseline": [f["baselines"][best] for f in reference["folds"]]}]
@@ -188,6 +191,7 @@ def add_candidate(folder: Path, title: str, command: str, baseline_from: Path | 
 
 STUDY_TITLES = {"dev4": "development corpus, 4 classes", "dev8": "development corpus, 8 classes",
                 "builtin4": "built-in corpus, 4 classes", "builtin8": "built-in corpus, 8 classes"}
+STUDY_TITLES |= {f"v1_{name}": f"{title} (generator 1)" for name, title in STUDY_TITLES.items()}
 
 
 # ----------------------------------------------------------------- serving
@@ -285,11 +289,13 @@ TABLES: dict[str, Callable[[], str]] = {
     "train": train_table,
     "predict": predict_table,
     "results-overview": lambda: results_overview(["builtin4", "builtin8", "dev4", "dev8"]),
+    "results-overview-v1": lambda: results_overview(["v1_builtin4", "v1_builtin8", "v1_dev4", "v1_dev8"]),
     "results-builtin4": lambda: per_fold("builtin4"),
     "results-builtin8": lambda: per_fold("builtin8"),
     "results-dev4": lambda: per_fold("dev4"),
     "results-dev8": lambda: per_fold("dev8"),
     "calibration": lambda: calibration(["builtin4", "builtin8", "dev4", "dev8"]),
+    "calibration-v1": lambda: calibration(["v1_builtin4", "v1_builtin8", "v1_dev4", "v1_dev8"]),
     "abstention": lambda: abstention(["builtin4", "builtin8"]),
     "candidates": candidates,
     "serve-hop": lambda: serve_tables("hop"),
