@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import soundfile as sf
 import torch
@@ -12,6 +14,7 @@ from ser_lightning.data import synth
 from ser_lightning.data.features import FeatureConfig, FeatureExtractor
 from ser_lightning.data.audio import load_audio
 from ser_lightning.data.loading import torch_threads
+from ser_lightning.data.pitch import pitch_track
 from ser_lightning.data.folds import SplitConfig, make_fold_plan
 from ser_lightning.data.ravdess import parse_ravdess_name, scan_ravdess
 from ser_lightning.data.records import EMOTIONS
@@ -112,3 +115,47 @@ def _held_out_accuracies(tmp_path, emotions) -> list[float]:
         with torch.no_grad():
             accuracies.append((linear(z[test]).argmax(dim=1) == y[test]).float().mean().item())
     return accuracies
+
+
+def _render(monkeypatch, **cue) -> np.ndarray:
+    """One neutral utterance of actor 1 with one voice setting of generator 2 replaced (the same random draws)."""
+    monkeypatch.setattr(synth, "file_prosody", lambda rng, emotion, strong: replace(synth.PROSODY["neutral"], **cue))
+    return synth.render_utterance(np.random.default_rng(3), synth.actor_voice(0, 1), "neutral", False, 1, 16000)
+
+
+def _power(wave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    frames = np.lib.stride_tricks.sliding_window_view(wave, 512)[::256] * np.hanning(512)
+    return np.fft.rfftfreq(512, 1 / 16000), (np.abs(np.fft.rfft(frames)) ** 2).mean(axis=0)
+
+
+def _high_to_low(wave: np.ndarray) -> float:
+    """Energy above 1 kHz over energy below: a flatter source spectrum (a tenser voice) raises it."""
+    freqs, power = _power(wave)
+    return power[freqs > 1000].sum() / power[freqs <= 1000].sum()
+
+
+def _centroid(wave: np.ndarray) -> float:
+    """The spectral centroid below 4 kHz: formants shifted up raise it."""
+    freqs, power = _power(wave)
+    band = freqs < 4000
+    return float((freqs[band] * power[band]).sum() / power[band].sum())
+
+
+def _tremor_power(wave: np.ndarray) -> float:
+    """The voiced f0 contour's power at 4.5-7 Hz (100 frames a second)."""
+    semitones, strength = pitch_track(torch.from_numpy(wave), 16000, 160).numpy()
+    voiced = semitones[strength > 0.45]
+    spectrum = np.abs(np.fft.rfft(voiced - voiced.mean())) ** 2
+    freqs = np.fft.rfftfreq(len(voiced), 1 / 100)
+    return float(spectrum[(freqs >= 4.5) & (freqs <= 7.0)].sum() / spectrum.sum())
+
+
+@pytest.mark.parametrize(("cue", "low", "high", "measure"), [
+    ("tension", -1.0, 1.0, _high_to_low),
+    ("formant_shift", 0.92, 1.08, _centroid),
+    ("tremor", 0.0, 1.0, _tremor_power),
+])
+def test_each_voice_cue_changes_what_it_names(monkeypatch, cue, low, high, measure):
+    """Generator 2's cues beyond global prosody are in the audio: raising one (all else and every random draw the
+    same) raises what it stands for."""
+    assert measure(_render(monkeypatch, **{cue: high})) > 1.1 * measure(_render(monkeypatch, **{cue: low}))
