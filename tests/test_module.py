@@ -154,7 +154,7 @@ class PlainHead(StatisticsHead):
 
 
 def test_a_new_statistics_head_is_one_class_and_its_registration(monkeypatch):
-    with pytest.raises(ValueError, match=r"model\.statistics_head must be one of \('none', 'joint', 'logistic'\), got 'plain'"):
+    with pytest.raises(ValueError, match=r"model\.statistics_head must be one of \('none', 'joint', 'logistic', 'stacked'\), got 'plain'"):
         make_module(statistics_head="plain")
     monkeypatch.setitem(HEADS, PlainHead.name, PlainHead)
     module = make_module(statistics_head="plain", mixup_alpha=0.4)
@@ -219,6 +219,28 @@ def test_logistic_statistics_head_is_the_validation_chosen_regression_and_stays_
     step, loss = module.model_step(batch)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(step.output.logits, batch["labels"],
                                                                        weight=module.class_weights))
+
+
+@pytest.mark.parametrize(("head", "residual"), [("logistic", True), ("stacked", False)])
+def test_a_frozen_heads_network_trains_on_the_heads_residual_or_on_its_own_logits(head, residual):
+    """``logistic``: the network's training loss is on the sum of both heads' logits (it learns what the head leaves);
+    ``stacked``: on its own logits (with and without mixup). Evaluated, both add the head's logits to the network's."""
+    module = make_module(statistics_head=head)
+    module._trainer = types.SimpleNamespace(datamodule=TinyDataModule())
+    module.setup("fit")
+    batch = fake_batch()
+    torch.manual_seed(0)
+    step, loss = module.train().model_step(batch)
+    attention_logits, statistics_logits = step.head_logits
+    target = attention_logits + statistics_logits if residual else attention_logits
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(target, batch["labels"], weight=module.class_weights))
+    assert hasattr(module.statistics_head, "offsets") == residual  # cross-fitted logits only for residual training
+    module.hparams.mixup_alpha = 0.4
+    torch.manual_seed(0)
+    mixed, _ = module._mixup_step(batch)
+    assert len(mixed.head_logits) == (2 if residual else 1)
+    step, _ = module.eval().model_step(batch)
+    torch.testing.assert_close(step.output.logits, step.head_logits[0] + step.head_logits[1])
 
 
 @pytest.mark.parametrize(

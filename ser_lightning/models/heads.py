@@ -18,6 +18,9 @@ How it is trained (``model.statistics_head``), one class each:
   the training speakers), not those of the regression that saw it: on its own training data a regression is
   more often right and surer than on a new speaker, and the network would learn to correct that optimism
   instead of the head's real errors (stacking, Wolpert 1992).
+- ``stacked`` (``StackedHead``): the same frozen regression, but the network learns the task on its own logits
+  (not what the head leaves); the two are combined afterwards, the network's share chosen on the validation
+  speakers (stacking of two models trained apart).
 """
 from __future__ import annotations
 
@@ -40,11 +43,13 @@ def set_width(name: str, num_features: int) -> int:
 class StatisticsHead(nn.Module):
     """Standardised statistics -> logits. Subclasses say how it is trained: ``trainable`` (its weights learn with
     the network), ``deep_supervision`` (its logits also get their own loss, from unmixed batches under mixup;
-    otherwise they join the mixed ones) and ``prepare`` (before training)."""
+    otherwise they join the mixed ones), ``residual`` (the network's training loss is on the sum of both heads'
+    logits; otherwise on the network's alone) and ``prepare`` (before training)."""
 
     name: ClassVar[str] = ""
     trainable: ClassVar[bool] = True
     deep_supervision: ClassVar[bool] = False
+    residual: ClassVar[bool] = True
 
     def __init__(self, num_features: int, num_classes: int, sets: Sequence[str]) -> None:
         super().__init__()
@@ -122,12 +127,21 @@ class LogisticHead(StatisticsHead):
         weight, bias = logit_weights(fitted, classes)
         self.linear.weight.copy_(torch.as_tensor(weight))
         self.linear.bias.copy_(torch.as_tensor(bias))
+        if not self.residual:  # the network never trains on the head's logits
+            return
         offsets = torch.zeros(num_utterances, classes)
         offsets[list(train_index)] = torch.as_tensor(
             cross_fitted_logits(inputs, train_labels, train_groups, fitted.C, classes), dtype=torch.float32)
         self.register_buffer("offsets", offsets, persistent=False)
 
 
-HEADS: dict[str, type[StatisticsHead]] = {head.name: head for head in (JointHead, LogisticHead)}
+class StackedHead(LogisticHead):
+    """The frozen regression of ``LogisticHead``; the network trains on its own logits, not on the head's residual."""
+
+    name = "stacked"
+    residual = False
+
+
+HEADS: dict[str, type[StatisticsHead]] = {head.name: head for head in (JointHead, LogisticHead, StackedHead)}
 """``model.statistics_head`` -> its class (``none``: no head): a new mode is one ``StatisticsHead`` subclass and its
 entry here."""

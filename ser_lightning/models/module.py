@@ -140,7 +140,8 @@ class SERModule(LightningModule):
             ``none`` for no such head. ``joint``: trained with the network, each head also getting its own loss (deep supervision).
             ``logistic``: fitted before training as a class-balanced logistic regression on the training split
             (scikit-learn; C chosen by the validation speakers' UA, as the baselines do), then frozen: the
-            attention head learns what the statistics leave.
+            attention head learns what the statistics leave. ``stacked``: the same frozen regression, the network
+            trained on its own logits; their combination (the network's share) is chosen on the validation speakers.
         statistics: what the statistics head reads: ``pooled`` (per-row mean, std and mean absolute change of
             the normalised input, loudness dynamics, log duration) and/or ``prosodic`` (voice-science
             functionals of the raw input: F0, voicing, loudness, rate, spectral slope; z-normalised per
@@ -325,7 +326,8 @@ class SERModule(LightningModule):
         """Forward pass and loss on an unmixed batch: the combined logits', plus each head's own when the statistics
         head is deep-supervised (``joint``)."""
         step = self.heads(batch["features"], batch["lengths"], batch.get("speaker_stats"), batch.get("index"))
-        loss = self._loss(step.output.logits, batch["labels"])
+        residual = self.statistics_head is None or self.statistics_head.residual or not self.training
+        loss = self._loss(step.output.logits if residual else step.head_logits[0], batch["labels"])
         if self.statistics_head is not None and self.statistics_head.deep_supervision:
             loss = loss + sum(self._loss(logits, batch["labels"]) for logits in step.head_logits)
         return step, loss
@@ -345,7 +347,7 @@ class SERModule(LightningModule):
         def mixed_loss(logits: Tensor) -> Tensor:
             return weight * self._loss(logits, labels) + (1 - weight) * self._loss(logits, labels[order])
 
-        if self.statistics_head is None:
+        if self.statistics_head is None or not self.statistics_head.residual:
             return StepOutput(output, (output.logits,)), mixed_loss(output.logits)
         statistics_logits = self.statistics_head(features, x, lengths, speaker_stats, batch.get("index"))
         if self.statistics_head.deep_supervision:
