@@ -67,6 +67,17 @@ def num_statistics(num_features: int) -> int:
     return 3 * num_features + 2
 
 
+def voiced_statistics(x: Tensor, raw: Tensor, lengths: Tensor) -> Tensor:
+    """(B, 2F): the mean and standard deviation of each row of (B, F, N) features ``x`` over the voiced frames only
+    (voicing strength, the last row of the raw features ``raw``, above ``VOICING_THRESHOLD``), as eGeMAPS computes
+    its spectral parameters over voiced segments; 0 for an utterance without a voiced frame."""
+    voiced = _Masked(length_mask(lengths, x.shape[-1]) & (raw[:, -1] > VOICING_THRESHOLD), x.dtype)
+    weights, count = voiced.weights.unsqueeze(1), voiced.count.unsqueeze(1)
+    mean = (x * weights).sum(-1) / count
+    std = (((x - mean.unsqueeze(-1)) * weights).pow(2).sum(-1) / count).sqrt()
+    return torch.cat([mean, std], dim=1)
+
+
 class _Masked:
     """Means and standard deviations of (B, N) values over one (B, N) boolean mask (0 where it is empty): its weights
     and count computed once for all the values it is applied to."""

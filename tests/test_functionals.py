@@ -7,7 +7,7 @@ import torch
 
 from ser_lightning.data.features import FeatureConfig, FeatureExtractor
 from ser_lightning.data.speakers import functional_stats, speaker_statistics
-from ser_lightning.functionals import NUM_PROSODIC, prosodic_functionals, prosodic_rows
+from ser_lightning.functionals import NUM_PROSODIC, VOICING_THRESHOLD, prosodic_functionals, prosodic_rows, voiced_statistics
 from ser_lightning.models.heads import HEADS, LogisticHead
 from ser_lightning.models.logistic import cross_fitted_logits, fit_logistic
 from ser_lightning.padding import pad_last
@@ -53,6 +53,20 @@ def test_functionals_of_a_batch_equal_each_alone_and_silence_is_finite(extractor
     for row, alone in zip(batch, features):
         torch.testing.assert_close(row, prosodic_functionals(alone.unsqueeze(0), torch.tensor([alone.shape[1]]))[0])
     torch.testing.assert_close(prosodic_rows(features, chunk=2), batch.float())
+
+
+def test_voiced_statistics_pool_the_voiced_frames_only_and_a_batch_equals_each_alone(extractor):
+    features = [extractor(voice(f0, seconds=s, seed=k)) for k, (f0, s) in enumerate([(110, 1.0), (200, 2.2)])]
+    features.append(extractor(torch.zeros(12000)))  # no voiced frame: zeros, not NaN
+    raw, lengths = pad_last(features)
+    x = raw * 2.0 - 1.0  # stands for the normalised input the head pools
+    batch = voiced_statistics(x, raw, lengths)
+    assert batch.shape == (3, 2 * raw.shape[1]) and torch.isfinite(batch).all() and not batch[2].any()
+    for k, alone in enumerate(features[:2]):
+        voiced = alone[-1] > VOICING_THRESHOLD
+        assert 0 < voiced.sum() < alone.shape[1]  # silence around the tone: frames are left out
+        rows = (alone * 2.0 - 1.0)[:, voiced]
+        torch.testing.assert_close(batch[k], torch.cat([rows.mean(1), rows.std(1, unbiased=False)]))
 
 
 def test_a_speakers_functional_statistics_come_from_that_speakers_utterances_only(extractor):

@@ -6,7 +6,9 @@ training split's mean and standard deviation):
 - ``pooled``: ``functionals.utterance_statistics`` of the normalised input;
 - ``prosodic``: ``functionals.prosodic_functionals`` of the raw input (needs the pitch rows), z-normalised
   per speaker with that speaker's functional statistics under ``normalization: speaker`` (the columns
-  after the frame rows of ``speaker_stats``).
+  after the frame rows of ``speaker_stats``);
+- ``voiced``: ``functionals.voiced_statistics``, each normalised row's mean and spread over the voiced frames
+  only (needs the pitch rows).
 
 How it is trained (``model.statistics_head``), one class each:
 
@@ -31,13 +33,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ser_lightning.functionals import NUM_PROSODIC, num_statistics, prosodic_functionals, utterance_statistics
+from ser_lightning.functionals import (NUM_PROSODIC, num_statistics, prosodic_functionals, utterance_statistics,
+                                       voiced_statistics)
 
-STATISTICS_SETS = ("pooled", "prosodic")
+STATISTICS_SETS = ("pooled", "prosodic", "voiced")
+PITCH_SETS = ("prosodic", "voiced")
+"""The sets that read the pitch rows."""
 
 
 def set_width(name: str, num_features: int) -> int:
-    return num_statistics(num_features) if name == "pooled" else NUM_PROSODIC
+    return {"pooled": num_statistics(num_features), "voiced": 2 * num_features}.get(name, NUM_PROSODIC)
 
 
 class StatisticsHead(nn.Module):
@@ -74,6 +79,9 @@ class StatisticsHead(nn.Module):
         for name in self.sets:
             if name == "pooled":
                 columns.append(utterance_statistics(x, lengths))
+                continue
+            if name == "voiced":
+                columns.append(voiced_statistics(x, raw, lengths))
                 continue
             functionals = (prosodic_functionals(raw, lengths) if functionals is None else functionals).to(x.dtype)
             if speaker_stats is not None and speaker_stats.shape[-1] > self.num_features:

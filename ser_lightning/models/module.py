@@ -20,7 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from ser_lightning.batch import Batch
 from ser_lightning.models.attention import BACKENDS
 from ser_lightning.models.layers import ModelOutput
-from ser_lightning.models.heads import HEADS, STATISTICS_SETS, StatisticsHead
+from ser_lightning.models.heads import HEADS, PITCH_SETS, STATISTICS_SETS, StatisticsHead
 from ser_lightning.normalization import Normalization, check_normalization, normalize
 from ser_lightning.models.seed1d import Seed1D
 from ser_lightning.models.zhang2d import Zhang2D
@@ -77,8 +77,8 @@ def check_options(options: Mapping[str, Any]) -> None:
          f"model.statistics_head must be one of {('none', *HEADS)}, got {o['statistics_head']!r}"),
         (len(o["statistics"]) >= 1 and all(name in STATISTICS_SETS for name in o["statistics"]),
          f"model.statistics must list one or more of {STATISTICS_SETS}, got {o['statistics']!r}"),
-        ("prosodic" not in o["statistics"] or o["statistics_head"] == "none" or o["pitch_rows"],
-         "model.statistics: prosodic reads the pitch rows: set data.feature.pitch true"),
+        (not set(PITCH_SETS) & set(o["statistics"]) or o["statistics_head"] == "none" or o["pitch_rows"],
+         f"model.statistics {o['statistics']!r}: {', '.join(PITCH_SETS)} read the pitch rows: set data.feature.pitch true"),
         (o["lr"] > 0, f"model.lr must be > 0, got {o['lr']}"),
         (o["weight_decay"] >= 0, f"model.weight_decay must be >= 0, got {o['weight_decay']}"),
         (o["lr_schedule"] in LR_SCHEDULES, f"model.lr_schedule must be one of {LR_SCHEDULES}, got {o['lr_schedule']!r}"),
@@ -145,7 +145,8 @@ class SERModule(LightningModule):
         statistics: what the statistics head reads: ``pooled`` (per-row mean, std and mean absolute change of
             the normalised input, loudness dynamics, log duration) and/or ``prosodic`` (voice-science
             functionals of the raw input: F0, voicing, loudness, rate, spectral slope; z-normalised per
-            speaker under ``normalization: speaker``; needs the pitch rows).
+            speaker under ``normalization: speaker``; needs the pitch rows) and/or ``voiced`` (each normalised row's
+            mean and spread over the voiced frames only; needs the pitch rows).
         pitch_rows: whether the input's last two rows are the pitch track; linked from data (``feature.pitch``).
         class_weighted_loss: weight the cross-entropy by inverse training-split class frequency.
         mixup_alpha: mixup of training batches (after normalisation) with a Beta(alpha, alpha) weight for the
@@ -171,7 +172,7 @@ class SERModule(LightningModule):
         backend: Literal["auto", "fused", "reference"] = "auto",
         normalization: Normalization = "global",
         statistics_head: str = "none",
-        statistics: list[Literal["pooled", "prosodic"]] | None = None,
+        statistics: list[Literal["pooled", "prosodic", "voiced"]] | None = None,
         pitch_rows: bool = False,
         class_weighted_loss: bool = True,
         mixup_alpha: float = 0.0,
