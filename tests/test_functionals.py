@@ -9,7 +9,7 @@ from ser_lightning.data.features import FeatureConfig, FeatureExtractor
 from ser_lightning.data.speakers import functional_stats, speaker_statistics
 from ser_lightning.functionals import NUM_PROSODIC, VOICING_THRESHOLD, prosodic_functionals, prosodic_rows, voiced_statistics
 from ser_lightning.models.heads import HEADS, LogisticHead
-from ser_lightning.models.logistic import cross_fitted_logits, fit_logistic
+from ser_lightning.models.logistic import C_GRID, cross_fitted_logits, fit_logistic
 from ser_lightning.padding import pad_last
 
 RATE = 16000
@@ -111,6 +111,29 @@ def test_cross_fitted_logits_never_see_their_own_speaker():
     assert not np.allclose(again[groups != "s3"], logits[groups != "s3"])  # the others', fitted on it, did
     full = fit_logistic(inputs, labels, inputs, labels, scaled=True)
     assert (logits.argmax(1) == labels).mean() <= (full.predict(inputs) == labels).mean()  # never optimistic
+
+
+@pytest.mark.parametrize(("use_speakers", "expected_c"), [(False, C_GRID[0]), (True, 3.0)])
+def test_c_is_chosen_on_the_validation_speakers_or_also_on_every_training_speaker_held_out(
+        monkeypatch, use_speakers, expected_c):
+    """Validation rows every C classifies alike leave the choice to the tie rule (the smallest C); with the training
+    speakers, their held-out predictions decide (here made right for C = 3 only)."""
+    from ser_lightning.models import logistic
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat([f"s{k}" for k in range(6)], 10)
+    labels = np.tile(np.arange(2), 30)
+    inputs = rng.normal(size=(60, 3)) + 2 * labels[:, None]
+    val_labels = np.array([0, 1])
+    val_inputs = np.array([[-10.0] * 3, [10.0] * 3])  # far from any boundary
+
+    def held_out(inputs, targets, groups, c, classes):
+        return np.eye(classes)[np.asarray(targets) if c == 3.0 else 1 - np.asarray(targets)]
+
+    monkeypatch.setattr(logistic, "cross_fitted_logits", held_out)
+    fitted = fit_logistic(inputs, labels, val_inputs, val_labels, scaled=True,
+                          train_groups=groups if use_speakers else None)
+    assert fitted.C == expected_c
 
 
 def test_the_frozen_head_gives_cross_fitted_logits_while_training_and_its_own_otherwise():

@@ -259,6 +259,7 @@ def test_a_frozen_heads_network_trains_on_the_heads_residual_or_on_its_own_logit
         ({"lr_schedule": "step"}, "model.lr_schedule"),
         ({"attention_dim": 0}, "model.attention_dim"),
         ({"arch": "zhang2d", "num_features": 8}, "zhang2d needs at least"),
+        ({"statistics_c": "test"}, "model.statistics_c"),
         ({"statistics_head": "logistic", "statistics": ["pooled", "voiced"], "pitch_rows": False},
          "prosodic, voiced read the pitch rows: set data.feature.pitch true"),
     ],

@@ -56,9 +56,9 @@ class StatisticsHead(nn.Module):
     deep_supervision: ClassVar[bool] = False
     residual: ClassVar[bool] = True
 
-    def __init__(self, num_features: int, num_classes: int, sets: Sequence[str]) -> None:
+    def __init__(self, num_features: int, num_classes: int, sets: Sequence[str], c_choice: str = "validation") -> None:
         super().__init__()
-        self.num_features, self.sets = num_features, tuple(sets)
+        self.num_features, self.sets, self.c_choice = num_features, tuple(sets), c_choice
         width = sum(set_width(name, num_features) for name in self.sets)
         self.linear = nn.Linear(width, num_classes)
         self.linear.requires_grad_(self.trainable)
@@ -118,7 +118,8 @@ class JointHead(StatisticsHead):
 
 
 class LogisticHead(StatisticsHead):
-    """A logistic regression fitted before training (C by the validation speakers' UA) and then frozen."""
+    """A logistic regression fitted before training and then frozen; C by the validation speakers' UA, or with
+    ``c_choice="speakers"`` by the UA over the validation speakers and every training speaker held out in turn."""
 
     name = "logistic"
     trainable = False
@@ -130,7 +131,8 @@ class LogisticHead(StatisticsHead):
 
         super().prepare(train, train_labels, val, val_labels, train_groups, train_index, num_utterances)
         inputs = self.standardise(train)
-        fitted = fit_logistic(inputs, train_labels, self.standardise(val), val_labels, scaled=True)
+        fitted = fit_logistic(inputs, train_labels, self.standardise(val), val_labels, scaled=True,
+                              train_groups=train_groups if self.c_choice == "speakers" else None)
         classes = self.linear.out_features
         weight, bias = logit_weights(fitted, classes)
         self.linear.weight.copy_(torch.as_tensor(weight))

@@ -27,10 +27,22 @@ def unweighted_accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
 
 
 def fit_logistic(train_inputs: np.ndarray, train_targets: Sequence[int], val_inputs: np.ndarray,
-                 val_targets: Sequence[int], *, scaled: bool = False) -> Any:
-    """The classifier fitted on the training rows whose C maximises the validation UA (ties: the smaller C)."""
+                 val_targets: Sequence[int], *, scaled: bool = False, train_groups: Sequence[str] | None = None) -> Any:
+    """The classifier fitted on the training rows whose C maximises the validation UA (ties: the smaller C).
+
+    With ``train_groups`` (the training rows' speakers; ``scaled`` inputs, targets 0..K-1), C maximises the UA over
+    the validation rows and the training rows together, each training row predicted by a regression fitted without
+    its speaker (``cross_fitted_logits``): many speakers' predictions instead of the few validation speakers'."""
     fitted = [classifier(c, scaled).fit(train_inputs, train_targets) for c in C_GRID]
-    scores = [unweighted_accuracy(np.asarray(val_targets), model.predict(val_inputs)) for model in fitted]
+    val_targets = np.asarray(val_targets)
+    if train_groups is None:
+        scores = [unweighted_accuracy(val_targets, model.predict(val_inputs)) for model in fitted]
+    else:
+        classes = int(max(np.max(train_targets), np.max(val_targets))) + 1
+        targets = np.concatenate([np.asarray(train_targets), val_targets])
+        scores = [unweighted_accuracy(targets, np.concatenate([
+            cross_fitted_logits(train_inputs, train_targets, train_groups, c, classes).argmax(1),
+            model.predict(val_inputs)])) for c, model in zip(C_GRID, fitted)]
     return fitted[int(np.argmax(scores))]
 
 

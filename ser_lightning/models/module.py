@@ -29,6 +29,7 @@ ARCHS = ("seed1d", "zhang2d")
 DEFAULT_LAM = {"seed1d": 0.8, "zhang2d": 0.3}
 DEFAULT_DROPOUT = {"seed1d": 0.0, "zhang2d": 0.5}
 LR_SCHEDULES = ("constant", "cosine")
+C_CHOICES = ("validation", "speakers")
 MONITOR = "val/UA"
 CHECKPOINT_FILENAME = "epoch{epoch:03d}-valUA{val/UA:.4f}"
 
@@ -79,6 +80,7 @@ def check_options(options: Mapping[str, Any]) -> None:
          f"model.statistics must list one or more of {STATISTICS_SETS}, got {o['statistics']!r}"),
         (not set(PITCH_SETS) & set(o["statistics"]) or o["statistics_head"] == "none" or o["pitch_rows"],
          f"model.statistics {o['statistics']!r}: {', '.join(PITCH_SETS)} read the pitch rows: set data.feature.pitch true"),
+        (o["statistics_c"] in C_CHOICES, f"model.statistics_c must be one of {C_CHOICES}, got {o['statistics_c']!r}"),
         (o["lr"] > 0, f"model.lr must be > 0, got {o['lr']}"),
         (o["weight_decay"] >= 0, f"model.weight_decay must be >= 0, got {o['weight_decay']}"),
         (o["lr_schedule"] in LR_SCHEDULES, f"model.lr_schedule must be one of {LR_SCHEDULES}, got {o['lr_schedule']!r}"),
@@ -147,6 +149,8 @@ class SERModule(LightningModule):
             functionals of the raw input: F0, voicing, loudness, rate, spectral slope; z-normalised per
             speaker under ``normalization: speaker``; needs the pitch rows) and/or ``voiced`` (each normalised row's
             mean and spread over the voiced frames only; needs the pitch rows).
+        statistics_c: how a frozen head's C is chosen: ``validation`` (the validation speakers' UA, as the baselines)
+            or ``speakers`` (the UA over the validation speakers and every training speaker held out in turn).
         pitch_rows: whether the input's last two rows are the pitch track; linked from data (``feature.pitch``).
         class_weighted_loss: weight the cross-entropy by inverse training-split class frequency.
         mixup_alpha: mixup of training batches (after normalisation) with a Beta(alpha, alpha) weight for the
@@ -173,6 +177,7 @@ class SERModule(LightningModule):
         normalization: Normalization = "global",
         statistics_head: str = "none",
         statistics: list[Literal["pooled", "prosodic", "voiced"]] | None = None,
+        statistics_c: Literal["validation", "speakers"] = "validation",
         pitch_rows: bool = False,
         class_weighted_loss: bool = True,
         mixup_alpha: float = 0.0,
@@ -199,7 +204,8 @@ class SERModule(LightningModule):
         self.register_buffer("feature_std", torch.ones(num_features))
         self.statistics_head: StatisticsHead | None = None
         if statistics_head != "none":
-            self.statistics_head = HEADS[statistics_head](num_features, num_classes, self.hparams.statistics)
+            self.statistics_head = HEADS[statistics_head](num_features, num_classes, self.hparams.statistics,
+                                                          c_choice=statistics_c)
         self.register_buffer("temperature", torch.ones(()))  # fitted on the validation speakers after training
         self.register_buffer("network_weight", torch.ones(()))  # the attention head's share, chosen likewise
         self.register_load_state_dict_pre_hook(_upgrade_state_dict)
