@@ -47,19 +47,23 @@ def utterance_statistics(x: Tensor, lengths: Tensor) -> Tensor:
     deviation of the row-mean contour (loudness dynamics for log spectra) and the log number of
     frames (duration). The linear baseline and the models' statistics head use exactly these.
     """
-    mask = length_mask(lengths, x.shape[-1]).unsqueeze(1).to(x.dtype)
+    valid = length_mask(lengths, x.shape[-1])
+    mask = valid.unsqueeze(1).to(x.dtype)
     count = lengths.to(x.dtype).clamp_min(1).unsqueeze(1)  # (B, 1)
-
-    def masked_mean_std(values: Tensor) -> tuple[Tensor, Tensor]:
-        mean = (values * mask).sum(-1) / count
-        var = ((values - mean.unsqueeze(-1)).pow(2) * mask).sum(-1) / count
-        return mean, var.clamp_min(0).sqrt()
-
-    mean, std = masked_mean_std(x)
+    mean, std = _row_mean_std(x, valid)
     pairs = mask[..., 1:] * mask[..., :-1]
     change = ((x[..., 1:] - x[..., :-1]).abs() * pairs).sum(-1) / (count - 1).clamp_min(1)
-    _, contour_std = masked_mean_std(x.mean(dim=1, keepdim=True))
+    _, contour_std = _row_mean_std(x.mean(dim=1, keepdim=True), valid)
     return torch.cat([mean, std, change, contour_std, count.log()], dim=1)
+
+
+def _row_mean_std(x: Tensor, frames: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's mean and standard deviation of (B, F, N) values over the (B, N) boolean ``frames`` (0 where none)."""
+    mask = frames.unsqueeze(1).to(x.dtype)
+    count = mask.sum(-1).clamp_min(1)
+    mean = (x * mask).sum(-1) / count
+    var = ((x - mean.unsqueeze(-1)).pow(2) * mask).sum(-1) / count
+    return mean, var.clamp_min(0).sqrt()
 
 
 def num_statistics(num_features: int) -> int:
@@ -71,11 +75,7 @@ def voiced_statistics(x: Tensor, raw: Tensor, lengths: Tensor) -> Tensor:
     """(B, 2F): the mean and standard deviation of each row of (B, F, N) features ``x`` over the voiced frames only
     (voicing strength, the last row of the raw features ``raw``, above ``VOICING_THRESHOLD``), as eGeMAPS computes
     its spectral parameters over voiced segments; 0 for an utterance without a voiced frame."""
-    voiced = _Masked(length_mask(lengths, x.shape[-1]) & (raw[:, -1] > VOICING_THRESHOLD), x.dtype)
-    weights, count = voiced.weights.unsqueeze(1), voiced.count.unsqueeze(1)
-    mean = (x * weights).sum(-1) / count
-    std = (((x - mean.unsqueeze(-1)) * weights).pow(2).sum(-1) / count).sqrt()
-    return torch.cat([mean, std], dim=1)
+    return torch.cat(_row_mean_std(x, length_mask(lengths, x.shape[-1]) & (raw[:, -1] > VOICING_THRESHOLD)), dim=1)
 
 
 class _Masked:
