@@ -206,15 +206,40 @@ def test_reference_attention_matches_per_sample_loop(batch, positions, channels,
     torch.testing.assert_close(alpha.sum(dim=1), torch.ones(batch))
 
 
-def test_attention_pool_module_gradients():
-    pool = AttentionPool(8, dim=5, lam=0.8, backend="reference")
+@pytest.mark.parametrize("pooling, size", [("mean", 8), ("mean_std", 16)])
+def test_attention_pool_module_gradients(pooling, size):
+    pool = AttentionPool(8, dim=5, lam=0.8, backend="reference", pooling=pooling)
     assert pool.weight.shape == (5, 8) and pool.bias.shape == (5,) and pool.u.shape == (5,)
+    assert pool.out_features == size
     a = torch.randn(3, 6, 8, requires_grad=True)
     context, alpha = pool(a, torch.tensor([6, 2, 4]))
-    assert context.shape == (3, 8) and alpha.shape == (3, 6)
+    assert context.shape == (3, size) and alpha.shape == (3, 6)
     context.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in pool.parameters())
     assert torch.all(a.grad[1, 2:] == 0)  # padded positions get no gradient
+
+
+def test_attentive_statistics_are_the_weighted_mean_and_spread_of_the_valid_positions():
+    pool = AttentionPool(4, lam=0.8, backend="reference", pooling="mean_std")
+    a = torch.randn(2, 7, 4, dtype=torch.float64)
+    pool.double()
+    lengths = torch.tensor([7, 3])
+    context, alpha = pool(a, lengths)
+    for b, n in enumerate(lengths.tolist()):
+        w = alpha[b, :n].unsqueeze(1)
+        mean = (w * a[b, :n]).sum(0)
+        std = (w * (a[b, :n] - mean) ** 2).sum(0).sqrt()
+        torch.testing.assert_close(context[b], torch.cat([mean, std]))
+    padded = a.clone()
+    padded[1, 3:] = 100.0  # what lies past a row's length changes nothing
+    torch.testing.assert_close(pool(padded, lengths)[0], context)
+    with pytest.raises(ValueError, match="attention pooling"):
+        AttentionPool(4, pooling="max")
+    from ser_lightning.models.module import SERModule
+
+    with pytest.raises(ValueError, match=r"model\.attention_pooling must be one of \('mean', 'mean_std'\), got 'max'"):
+        SERModule(attention_pooling="max")
+    assert SERModule(attention_pooling="mean_std").model.classifier.in_features == 60  # 30 channels, mean and spread
 
 
 def test_attention_pool_follows_the_annotation_dtype_under_mixed_precision():

@@ -18,7 +18,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from ser_lightning.batch import Batch
-from ser_lightning.models.attention import BACKENDS
+from ser_lightning.models.attention import BACKENDS, POOLINGS
 from ser_lightning.models.layers import ModelOutput
 from ser_lightning.models.heads import HEADS, PITCH_SETS, STATISTICS_SETS, StatisticsHead
 from ser_lightning.normalization import Normalization, check_normalization, normalize
@@ -73,6 +73,8 @@ def check_options(options: Mapping[str, Any]) -> None:
          f"model.pretrained_alexnet needs model.arch zhang2d and model.width 1.0, got {o['arch']} at {o['width']}"),
         (o["dropout"] is None or 0 <= o["dropout"] < 1, f"model.dropout must be in [0, 1) or null, got {o['dropout']}"),
         (o["backend"] in BACKENDS, f"model.backend must be one of {BACKENDS}, got {o['backend']!r}"),
+        (o["attention_pooling"] in POOLINGS,
+         f"model.attention_pooling must be one of {POOLINGS}, got {o['attention_pooling']!r}"),
         (o["mixup_alpha"] >= 0, f"model.mixup_alpha must be >= 0, got {o['mixup_alpha']}"),
         (o["statistics_head"] == "none" or o["statistics_head"] in HEADS,
          f"model.statistics_head must be one of {('none', *HEADS)}, got {o['statistics_head']!r}"),
@@ -136,6 +138,8 @@ class SERModule(LightningModule):
         pretrained_alexnet: zhang2d: local torchvision AlexNet state dict to initialise the convs from (read when
             the module is built; give pretrained_alexnet=None to load_from_checkpoint where the file is absent).
         backend: attention implementation: "auto", "fused" or "reference".
+        attention_pooling: what the attention gives the classifier: ``mean`` (the attention-weighted mean of the
+            last map's positions) or ``mean_std`` (attentive statistics pooling: their weighted mean and spread).
         normalization: "global", "speaker", "utterance" or "none" (see ``ser_lightning.normalization``); linked from data.
         statistics_head: a linear head on utterance statistics, standardised with training-split statistics,
             whose logits are added to the attention head's: a key of ``ser_lightning.models.heads.HEADS``, or
@@ -174,6 +178,7 @@ class SERModule(LightningModule):
         lrn: bool = True,
         pretrained_alexnet: str | None = None,
         backend: Literal["auto", "fused", "reference"] = "auto",
+        attention_pooling: Literal["mean", "mean_std"] = "mean",
         normalization: Normalization = "global",
         statistics_head: str = "none",
         statistics: list[Literal["pooled", "prosodic", "voiced"]] | None = None,
@@ -196,10 +201,11 @@ class SERModule(LightningModule):
         self.model: Seed1D | Zhang2D
         if arch == "seed1d":
             self.model = Seed1D(num_features, num_classes, lam=lam, attention_dim=attention_dim, width=width,
-                                dropout=dropout, backend=backend)
+                                dropout=dropout, backend=backend, pooling=attention_pooling)
         else:
             self.model = Zhang2D(num_features, num_classes, width=width, lam=lam, lrn=lrn, dropout=dropout,
-                                 attention_dim=attention_dim, pretrained_alexnet=pretrained_alexnet, backend=backend)
+                                 attention_dim=attention_dim, pretrained_alexnet=pretrained_alexnet, backend=backend,
+                                 pooling=attention_pooling)
         self.register_buffer("feature_mean", torch.zeros(num_features))
         self.register_buffer("feature_std", torch.ones(num_features))
         self.statistics_head: StatisticsHead | None = None

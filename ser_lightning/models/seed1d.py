@@ -3,7 +3,7 @@ attention over the time positions of one utterance."""
 
 from torch import Tensor, nn
 
-from ser_lightning.models.attention import AttentionPool, Backend
+from ser_lightning.models.attention import AttentionPool, Backend, Pooling
 from ser_lightning.models.layers import MaskedStack, ModelOutput, check_lengths, pad_to_min_length
 
 
@@ -13,8 +13,8 @@ CHANNELS = (5, 10, 20, 30)
 
 class Seed1D(nn.Module):
     """Conv 5/10/20/30 channels times ``width`` (kernels 11, 5, 3, 3; strides 4, 1, 1, 1; valid padding;
-    ReLU; max-pool 3/2 after convs 1, 2, 4), attention over time positions, dropout and a linear
-    classifier on the context.
+    ReLU; max-pool 3/2 after convs 1, 2, 4), attention over time positions (``pooling``: the weighted mean, or
+    mean and spread), dropout and a linear classifier on the context.
 
     Input features (B, F, N) are read with the F feature rows as input channels.
     """
@@ -28,6 +28,7 @@ class Seed1D(nn.Module):
         width: float = 1.0,
         dropout: float = 0.0,
         backend: Backend = "auto",
+        pooling: Pooling = "mean",
     ) -> None:
         super().__init__()
         c1, c2, c3, c4 = (max(1, round(channels * width)) for channels in CHANNELS)
@@ -46,9 +47,9 @@ class Seed1D(nn.Module):
                 nn.MaxPool1d(3, 2),
             ]
         )
-        self.attention = AttentionPool(c4, attention_dim, lam=lam, backend=backend)
+        self.attention = AttentionPool(c4, attention_dim, lam=lam, backend=backend, pooling=pooling)
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(c4, num_classes)
+        self.classifier = nn.Linear(self.attention.out_features, num_classes)
 
     @property
     def min_input_frames(self) -> int:

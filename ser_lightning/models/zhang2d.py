@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ser_lightning.models.attention import AttentionPool, Backend
+from ser_lightning.models.attention import AttentionPool, Backend, Pooling
 from ser_lightning.models.layers import MaskedStack, ModelOutput, check_lengths, pad_to_min_length
 
 PAPER_CHANNELS = (96, 256, 384, 384, 256)  # the original AlexNet, as in the paper
@@ -32,6 +32,7 @@ class Zhang2D(nn.Module):
             channel counts (64, 192, 384, 256, 256) so the weights fit, and conv 1's RGB filters are
             summed into one input channel. Requires width 1.0. Nothing is ever downloaded.
         backend: attention backend ("auto", "fused", "reference").
+        pooling: the attention's context: "mean" (weighted mean) or "mean_std" (weighted mean and spread).
     """
 
     def __init__(
@@ -45,6 +46,7 @@ class Zhang2D(nn.Module):
         attention_dim: int | None = None,
         pretrained_alexnet: str | Path | None = None,
         backend: Backend = "auto",
+        pooling: Pooling = "mean",
     ) -> None:
         super().__init__()
         base = PAPER_CHANNELS if pretrained_alexnet is None else TORCHVISION_CHANNELS
@@ -78,9 +80,9 @@ class Zhang2D(nn.Module):
                 f"zhang2d needs at least {self.stack.min_input_length} frequency bins (feature rows), got {num_features}"
             )
         self.freq_positions = int(self.stack.output_length(num_features))
-        self.attention = AttentionPool(c5, attention_dim, lam=lam, backend=backend)
+        self.attention = AttentionPool(c5, attention_dim, lam=lam, backend=backend, pooling=pooling)
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(c5, num_classes)
+        self.classifier = nn.Linear(self.attention.out_features, num_classes)
         if pretrained_alexnet is not None:
             self.load_alexnet(pretrained_alexnet)
 
