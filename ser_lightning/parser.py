@@ -101,7 +101,8 @@ class SERLightningCLI(LightningCLI):
                                  f"{list(BASELINES)}).")
         parser.add_argument("--baseline_extra", type=list[str], default=[],
                             help="Baselines added to --baselines (e.g. egemaps, compare: openSMILE functionals with C "
-                                 "chosen by speaker-grouped inner cross-validation).")
+                                 "chosen by speaker-grouped inner cross-validation; egemaps_svm, egemaps_speaker_svm: "
+                                 "eGeMAPS functionals with an RBF SVM).")
         parser.add_lightning_class_args(FigureCallback, "figures")
         parser.link_arguments("data.normalization", "model.normalization")
         parser.link_arguments("data.num_features", "model.num_features", apply_on="instantiate")

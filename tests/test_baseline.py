@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from ser_lightning.data.folds import FoldPlan
-from ser_lightning.evaluation.baseline import linear_baseline, pooled_statistics
+from ser_lightning.evaluation.baseline import SVM_C_GRID, linear_baseline, pooled_statistics, rbf_svm
 from ser_lightning.functionals import utterance_statistics
+from ser_lightning.models.logistic import C_GRID
 
 CLASSES = ["a", "b", "c"]
 
@@ -26,16 +27,19 @@ def data(seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return inputs, labels, speakers
 
 
+@pytest.mark.parametrize("estimator", ["logistic", "rbf_svm"])
 @pytest.mark.parametrize("selection", ["validation", "inner_cv"])
-def test_choices_never_depend_on_the_test_split(selection):
+def test_choices_never_depend_on_the_test_split(selection, estimator):
+    model = {"logistic": {}, "rbf_svm": {"estimator": rbf_svm, "grid": SVM_C_GRID}}[estimator]
     inputs, labels, speakers = data()
-    first = linear_baseline("pooled", inputs, labels, plan(), CLASSES, selection=selection, groups=speakers)
+    first = linear_baseline("pooled", inputs, labels, plan(), CLASSES, selection=selection, groups=speakers, **model)
     scrambled_inputs, scrambled_labels = inputs.copy(), labels.copy()
     scrambled_inputs[75:] = np.random.default_rng(5).normal(size=(15, 6)) * 10
     scrambled_labels[75:] = scrambled_labels[75:][::-1]
     second = linear_baseline("pooled", scrambled_inputs, scrambled_labels, plan(), CLASSES, selection=selection,
-                             groups=speakers)
+                             groups=speakers, **model)
     assert first.C == second.C and first.selection == selection
+    assert first.C in model.get("grid", C_GRID)
     assert (first.val is None) == (selection == "inner_cv")
     if first.val is not None:
         assert first.val.metrics == second.val.metrics

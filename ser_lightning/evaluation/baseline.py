@@ -14,7 +14,9 @@ The baselines (``BASELINES``; ``DEFAULT_BASELINES`` run in every report):
   no labels: exactly as ``normalization: speaker`` treats a speaker) -- the field's standard recipe;
 - ``egemaps`` / ``compare`` (``--baseline_extra``): the same functionals without speaker normalisation,
   with C chosen by speaker-grouped 5-fold CV on the training and validation speakers and the final model
-  refitted on both: the field's classical recipe.
+  refitted on both: the field's classical recipe;
+- ``egemaps_svm`` / ``egemaps_speaker_svm`` (``--baseline_extra``): eGeMAPSv02 functionals (as ``egemaps`` /
+  as ``egemaps_speaker``) with a class-balanced RBF support vector machine instead of the logistic regression.
 """
 from __future__ import annotations
 
@@ -30,11 +32,21 @@ from torch import Tensor
 from ser_lightning.data.folds import FoldPlan
 from ser_lightning.evaluation.metrics import SplitScores, split_scores
 from ser_lightning.functionals import utterance_statistics
-from ser_lightning.models.logistic import C_GRID, classifier, fit_logistic, unweighted_accuracy
+from ser_lightning.models.logistic import C_GRID, classifier, unweighted_accuracy
 from ser_lightning.normalization import normalize
 
 OPENSMILE_SETS = {"egemaps": "eGeMAPSv02", "compare": "ComParE_2016"}
 INNER_FOLDS = 5
+SVM_C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+
+
+def rbf_svm(c: float) -> Any:
+    """Class-balanced RBF support vector machine (gamma "scale") after a StandardScaler."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    return make_pipeline(StandardScaler(), SVC(C=c, kernel="rbf", gamma="scale", class_weight="balanced"))
 
 
 @dataclass(frozen=True)
@@ -62,27 +74,29 @@ def pooled_statistics(features: Sequence[Tensor], speaker_stats: Sequence[Tensor
 
 
 def linear_baseline(name: str, inputs: np.ndarray, labels: Sequence[int], plan: FoldPlan, class_names: list[str],
-                    *, selection: str = "validation", groups: Sequence[str] | None = None) -> BaselineResult:
+                    *, selection: str = "validation", groups: Sequence[str] | None = None,
+                    estimator: Callable[[float], Any] = classifier, grid: Sequence[float] = C_GRID) -> BaselineResult:
     """Fit the baseline on ``plan.train`` (C by ``selection``) and score validation and test.
 
-    ``inputs`` (N, D) holds one row per utterance of the datamodule. selection ``validation``: C
-    maximises the validation split's UA, the model is the one fitted on the training split.
-    ``inner_cv``: C maximises the mean UA of a speaker-grouped ``INNER_FOLDS``-fold CV over the
-    training and validation utterances (``groups``: their speakers), and the final model is
-    refitted on both. The test split never takes part in a choice.
+    ``inputs`` (N, D) holds one row per utterance of the datamodule; ``estimator(C)`` makes the (unfitted)
+    scikit-learn model, C taken from ``grid``. selection ``validation``: C maximises the validation split's UA
+    (ties: the smaller C), the model is the one fitted on the training split. ``inner_cv``: C maximises the mean
+    UA of a speaker-grouped ``INNER_FOLDS``-fold CV over the training and validation utterances (``groups``:
+    their speakers), and the final model is refitted on both. The test split never takes part in a choice.
     """
     targets = np.asarray(labels)
     train, val, test = (np.asarray(indices) for indices in (plan.train, plan.val, plan.test))
 
     def fit(rows: np.ndarray, c: float) -> Any:
-        return classifier(c).fit(inputs[rows], targets[rows])
+        return estimator(c).fit(inputs[rows], targets[rows])
 
     def ua(model: Any, rows: np.ndarray) -> float:
         return unweighted_accuracy(targets[rows], model.predict(inputs[rows]))
 
     if selection == "validation":
-        model = fit_logistic(inputs[train], targets[train], inputs[val], targets[val])
-        best_c = model[-1].C
+        fitted = [fit(train, c) for c in grid]
+        best = int(np.argmax([ua(model, val) for model in fitted]))
+        model, best_c = fitted[best], grid[best]
         val_scores = split_scores(targets[val], model.predict(inputs[val]), class_names)
     elif selection == "inner_cv":
         from sklearn.model_selection import GroupKFold
@@ -91,8 +105,8 @@ def linear_baseline(name: str, inputs: np.ndarray, labels: Sequence[int], plan: 
         speakers = np.asarray(groups)[pool]
         splits = list(GroupKFold(n_splits=min(INNER_FOLDS, len(set(speakers)))).split(pool, groups=speakers))
         means = [np.mean([ua(fit(pool[inner_train], c), pool[inner_val]) for inner_train, inner_val in splits])
-                 for c in C_GRID]
-        best_c = C_GRID[int(np.argmax(means))]
+                 for c in grid]
+        best_c = grid[int(np.argmax(means))]
         model, val_scores = fit(pool, best_c), None
     else:
         raise ValueError(f"baseline selection must be 'validation' or 'inner_cv', got {selection!r}")
@@ -130,6 +144,8 @@ class Baseline:
     title: str
     inputs: Callable[[Any], np.ndarray]  # datamodule (after setup) -> (N, D)
     selection: str = "validation"
+    estimator: Callable[[float], Any] = classifier  # C -> unfitted scikit-learn model
+    grid: tuple[float, ...] = C_GRID
 
 
 def _speakers(datamodule) -> list[str]:
@@ -177,6 +193,10 @@ BASELINES: dict[str, Baseline] = {
                         "inner_cv"),
     "compare": Baseline("openSMILE ComParE_2016 functionals + logistic regression", _opensmile("compare", False),
                         "inner_cv"),
+    "egemaps_svm": Baseline("openSMILE eGeMAPSv02 functionals + RBF SVM", _opensmile("egemaps", False), "inner_cv",
+                            rbf_svm, SVM_C_GRID),
+    "egemaps_speaker_svm": Baseline("openSMILE eGeMAPSv02 functionals, z-normalised per speaker, + RBF SVM",
+                                    _opensmile("egemaps", True), "validation", rbf_svm, SVM_C_GRID),
 }
 DEFAULT_BASELINES = ("pooled", "pooled_speaker", "egemaps_speaker", "compare_speaker")
 
@@ -191,5 +211,6 @@ def run_baselines(datamodule, names: Sequence[str] = DEFAULT_BASELINES) -> list[
     for name in names:
         baseline = BASELINES[name]
         results.append(linear_baseline(name, baseline.inputs(datamodule), labels, plan, class_names,
-                                       selection=baseline.selection, groups=_speakers(datamodule)))
+                                       selection=baseline.selection, groups=_speakers(datamodule),
+                                       estimator=baseline.estimator, grid=baseline.grid))
     return results
