@@ -109,6 +109,22 @@ def results_overview(names: list[str]) -> str:
     return table(headers, rows)
 
 
+def recipes(names: list[str]) -> str:
+    """The model against every baseline, the field's other recipes (``--baseline_extra``) included: per study, the
+    baseline's UA and the model's paired difference to it with its wins."""
+    studies = {name: load(f"cv_{name}") for name in names}
+    headers = ["UA % (mean +- std); recommended minus it (points; folds won)"] + [
+        STUDY_TITLES.get(n.removesuffix("_recipes"), n) for n in names]
+    rows = [["**recommended**, single runs (mean of 3 seeds)"] + [mean_std([f["UA"] for f in s["folds"]])
+                                                                 for s in studies.values()]]
+    titles = next(iter(studies.values()))["baseline_titles"]
+    for name, title in titles.items():
+        rows.append([f"`{name}`: {title}"] + [
+            "{}; {} ({})".format(mean_std([f["baselines"][name] for f in s["folds"]]),
+                                 *paired(s, lambda f: f["UA"], name)) for s in studies.values()])
+    return table(headers, rows)
+
+
 def _contribution(study: dict) -> str:
     diffs = [f["UA"] - f["heads"]["statistics"] for f in study["folds"] if "statistics" in f["heads"]]
     if not diffs:
@@ -290,6 +306,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "predict": predict_table,
     "results-overview": lambda: results_overview(["builtin4", "builtin8", "dev4", "dev8"]),
     "results-overview-v1": lambda: results_overview(["v1_builtin4", "v1_builtin8", "v1_dev4", "v1_dev8"]),
+    "results-recipes": lambda: recipes(["builtin4_recipes", "builtin8_recipes", "dev4_recipes", "dev8_recipes"]),
     "results-builtin4": lambda: per_fold("builtin4"),
     "results-builtin8": lambda: per_fold("builtin8"),
     "results-dev4": lambda: per_fold("dev4"),
