@@ -32,7 +32,7 @@ from torch import Tensor
 from ser_lightning.data.folds import FoldPlan
 from ser_lightning.evaluation.metrics import SplitScores, split_scores
 from ser_lightning.functionals import utterance_statistics
-from ser_lightning.models.logistic import C_GRID, classifier, unweighted_accuracy
+from ser_lightning.models.logistic import C_GRID, best_on_validation, classifier, unweighted_accuracy
 from ser_lightning.normalization import normalize
 
 OPENSMILE_SETS = {"egemaps": "eGeMAPSv02", "compare": "ComParE_2016"}
@@ -94,9 +94,7 @@ def linear_baseline(name: str, inputs: np.ndarray, labels: Sequence[int], plan: 
         return unweighted_accuracy(targets[rows], model.predict(inputs[rows]))
 
     if selection == "validation":
-        fitted = [fit(train, c) for c in grid]
-        best = int(np.argmax([ua(model, val) for model in fitted]))
-        model, best_c = fitted[best], grid[best]
+        model, best_c = best_on_validation(estimator, grid, inputs[train], targets[train], inputs[val], targets[val])
         val_scores = split_scores(targets[val], model.predict(inputs[val]), class_names)
     elif selection == "inner_cv":
         from sklearn.model_selection import GroupKFold

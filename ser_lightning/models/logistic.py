@@ -2,7 +2,7 @@
 and the linear baselines fit it the same way."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,17 +33,27 @@ def fit_logistic(train_inputs: np.ndarray, train_targets: Sequence[int], val_inp
     With ``train_groups`` (the training rows' speakers; ``scaled`` inputs, targets 0..K-1), C maximises the UA over
     the validation rows and the training rows together, each training row predicted by a regression fitted without
     its speaker (``cross_fitted_logits``): many speakers' predictions instead of the few validation speakers'."""
+    if train_groups is None:
+        return best_on_validation(lambda c: classifier(c, scaled), C_GRID, train_inputs, train_targets, val_inputs,
+                                  val_targets)[0]
     fitted = [classifier(c, scaled).fit(train_inputs, train_targets) for c in C_GRID]
     val_targets = np.asarray(val_targets)
-    if train_groups is None:
-        scores = [unweighted_accuracy(val_targets, model.predict(val_inputs)) for model in fitted]
-    else:
-        classes = int(max(np.max(train_targets), np.max(val_targets))) + 1
-        targets = np.concatenate([np.asarray(train_targets), val_targets])
-        scores = [unweighted_accuracy(targets, np.concatenate([
-            cross_fitted_logits(train_inputs, train_targets, train_groups, c, classes).argmax(1),
-            model.predict(val_inputs)])) for c, model in zip(C_GRID, fitted)]
+    classes = int(max(np.max(train_targets), np.max(val_targets))) + 1
+    targets = np.concatenate([np.asarray(train_targets), val_targets])
+    scores = [unweighted_accuracy(targets, np.concatenate([
+        cross_fitted_logits(train_inputs, train_targets, train_groups, c, classes).argmax(1),
+        model.predict(val_inputs)])) for c, model in zip(C_GRID, fitted)]
     return fitted[int(np.argmax(scores))]
+
+
+def best_on_validation(make: Callable[[float], Any], grid: Sequence[float], train_inputs: np.ndarray,
+                       train_targets: Sequence[int], val_inputs: np.ndarray, val_targets: Sequence[int]) -> tuple[Any, float]:
+    """``make(C)`` fitted on the training rows for each C of ``grid``: the one with the best validation UA (ties: the
+    earlier C) and its C."""
+    fitted = [make(c).fit(train_inputs, train_targets) for c in grid]
+    val_targets = np.asarray(val_targets)
+    best = int(np.argmax([unweighted_accuracy(val_targets, model.predict(val_inputs)) for model in fitted]))
+    return fitted[best], grid[best]
 
 
 def logit_weights(model: Any, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
